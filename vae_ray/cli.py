@@ -1,0 +1,158 @@
+"""The `vae-ray` command line: one function per command (Typer), Rich output.
+
+Human-facing progress and tables go to stderr; machine-readable results
+(`--json`, final paths) go to stdout. A `UserError` anywhere ends the command
+with one red line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import UserError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+app = typer.Typer(
+    name="vae-ray",
+    help="Variational autoencoders trained, tuned and sampled at cluster scale on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Prepare datasets as Parquet shards and look at them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def user_errors(fn):
+    """Turn a UserError into one line on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"vae-ray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Variational autoencoders trained, tuned and sampled at cluster scale on Ray."""
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    dataset: str = typer.Argument(..., help="mnist, fashion-mnist, cifar10, imagefolder or synthetic."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write (must be new or empty)."),
+    source: Optional[str] = typer.Option(None, "--source", "-s",
+                                         help="Local files: a folder or .tar.gz (else env var, system path, cache, download)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Keep only the first N images of each split."),
+    shards: Optional[int] = typer.Option(None, "--shards", help="Parquet files for the train split (default: one per 10,000 images)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="imagefolder: square size in pixels."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="imagefolder: 1 (grey) or 3 (RGB)."),
+    test_fraction: float = typer.Option(0.1, "--test-fraction", help="imagefolder without train/test folders: share held out."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="imagefolder: skip unreadable images (counted) instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset at --out (only once the new one is complete)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the synthetic source and random splits."),
+) -> None:
+    """Turn dataset files into Parquet shards that Ray Data streams."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .data import prepare
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(split: str, done: int, total: int) -> None:
+            if split not in tasks:
+                tasks[split] = bar.add_task(f"{dataset} {split}", total=total)
+            bar.update(tasks[split], completed=done)
+
+        meta = prepare(dataset, out_dir, source, limit=limit, shards=shards, overwrite=overwrite,
+                       image_size=image_size, channels=channels, test_fraction=test_fraction,
+                       skip_corrupt=skip_corrupt, seed=seed, progress=progress)
+    label = " (synthetic)" if meta["synthetic"] else ""
+    h, w, c = meta["shape"]
+    console.print(f"[green]prepared[/] {meta['name']}{label}: {meta['splits']['train']['count']:,} train + "
+                  f"{meta['splits']['test']['count']:,} test images, {h}x{w}x{c}, from {meta['source']}")
+    if meta.get("skipped_corrupt"):
+        console.print(f"[yellow]skipped {len(meta['skipped_corrupt'])} corrupt image(s)[/], listed in dataset.json")
+    out.print(str(out_dir))
+
+
+@data_app.command("show")
+@user_errors
+def data_show(
+    data_dir: str = typer.Argument(..., help="A prepared dataset folder (or s3:// URI)."),
+    png: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: DIR/preview.png)."),
+    split: str = typer.Option("train", "--split", help="train or test."),
+    num: int = typer.Option(64, "--num", "-n", help="Images in the grid."),
+) -> None:
+    """Write a grid of sample images (PNG) and print the counts per class."""
+    from .data import read_arrays, read_meta
+    from .plots import save_grid
+
+    if num < 1:
+        raise UserError(f"--num must be at least 1 (got {num})")
+    meta = read_meta(data_dir)
+    images, _ = read_arrays(data_dir, split, limit=num, meta=meta)
+    if png is None:
+        if "://" in data_dir:
+            raise UserError("--out is needed when the dataset is not on local disk")
+        png = Path(data_dir) / "preview.png"
+    save_grid(images, png)
+    table = Table(title=f"{meta['name']}{' (synthetic)' if meta['synthetic'] else ''}  "
+                        f"{'x'.join(map(str, meta['shape']))}")
+    table.add_column("class")
+    for s in meta["splits"]:
+        table.add_column(s, justify="right")
+    for name in meta["classes"]:
+        table.add_row(name, *(f"{meta['splits'][s]['class_counts'].get(name, 0):,}" for s in meta["splits"]))
+    table.add_row("[bold]total", *(f"[bold]{meta['splits'][s]['count']:,}" for s in meta["splits"]))
+    console.print(table)
+    out.print(str(png))
+
+
+@data_app.command("verify")
+@user_errors
+def data_verify(data_dir: Path = typer.Argument(..., help="A prepared dataset folder.")) -> None:
+    """Check every shard against the checksums in dataset.json."""
+    from .data import verify
+
+    meta = verify(data_dir)
+    n = sum(len(s["shards"]) for s in meta["splits"].values())
+    console.print(f"[green]ok[/] {data_dir}: {n} shards match dataset.json")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

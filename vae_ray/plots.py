@@ -1,0 +1,106 @@
+"""Pictures a person would rather look at than read, written as PNG files.
+
+Grids are assembled with Pillow (exact pixels, no resampling surprises);
+curves and scatter plots use matplotlib's non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1,
+               background: int = 40) -> np.ndarray:
+    """Tile (n, H, W, C) uint8 images into one (rows*H, cols*W, C) array."""
+    n, h, w, c = images.shape
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), background, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 (H, W) / (H, W, 1) / (H, W, 3) array as PNG, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_grid(images: np.ndarray, path: str | Path, cols: int | None = None) -> Path:
+    """A grid of images, scaled up so that 28-pixel digits are readable."""
+    scale = max(1, 96 // max(images.shape[1], 1))
+    return save_png(image_grid(images, cols=cols, scale=min(scale, 4)), path)
+
+
+def pairs_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: int = 10) -> np.ndarray:
+    """Originals above their reconstructions, in pairs of rows."""
+    rows = []
+    for start in range(0, len(originals), cols):
+        rows.append(originals[start:start + cols])
+        rows.append(reconstructions[start:start + cols])
+    stacked = []
+    for r in rows:
+        if len(r) < cols:  # pad a short last row with black tiles
+            r = np.concatenate([r, np.zeros((cols - len(r), *r.shape[1:]), dtype=np.uint8)])
+        stacked.append(r)
+    return image_grid(np.concatenate(stacked), cols=cols)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curves(history: Sequence[dict], path: str | Path, title: str = "Training") -> Path:
+    """Train and test loss per epoch (and the MATLAB-unit test ELBO beside it)."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    axes[0].plot(epochs, [h["test_loss"] for h in history], "s-", label="test loss")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss per image (training objective)")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    axes[1].plot(epochs, [h["test_matlab_elbo"] for h in history], "o-", color="tab:green")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("test MATLAB ELBO (0.5*SSE + KL)")
+    axes[1].grid(alpha=0.3)
+    if history:
+        elapsed = sum(h.get("epoch_seconds", 0.0) for h in history)
+        fig.suptitle(f"{title}: {len(history)} epochs, {elapsed:.0f} s of training")
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _save_fig(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
