@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import UserError
+from .errors import RunFailed, UserError
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -43,6 +43,9 @@ def user_errors(fn):
         except UserError as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2) from None
+        except RunFailed as exc:
+            console.print(f"[bold red]failed:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -148,6 +151,92 @@ def data_verify(data_dir: Path = typer.Argument(..., help="A prepared dataset fo
     meta = verify(data_dir)
     n = sum(len(s["shards"]) for s in meta["splits"].values())
     console.print(f"[green]ok[/] {data_dir}: {n} shards match dataset.json")
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+# Settings that define the model: a resumed run must keep them.
+MODEL_FIELDS = ("arch", "latent_dim", "conditional", "loss", "data")
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prepared dataset folder (or s3:// URI)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder to create (or resume)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML or JSON file of settings; flags override it."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training split."),
+    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Size K of the latent vector."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global mini-batch size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant, cosine or onecycle."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="matlab, bernoulli, gaussian (default: by channels)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the KL term."),
+    kl_warmup: Optional[int] = typer.Option(None, "--kl-warmup", help="Epochs of linear KL warm-up."),
+    binarize: Optional[bool] = typer.Option(None, "--binarize/--no-binarize", help="Dynamic binarisation (bernoulli)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="mnist or cifar (default: by image shape)."),
+    conditional: Optional[bool] = typer.Option(None, "--conditional/--unconditional", help="Class-conditional VAE."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Ray Train workers (DDP ranks)."),
+    cpus_per_worker: Optional[int] = typer.Option(None, "--cpus-per-worker", help="CPUs (and torch threads) per worker."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per worker (default: when the cluster has GPUs)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Train the VAE with Ray Train: Ray Data streams the shards to DDP workers."""
+    from .config import TrainConfig, load_config, read_mapping
+    from .train import fit
+
+    flags = dict(data=data, out=out_dir, epochs=epochs, latent_dim=latent_dim, batch_size=batch_size, lr=lr,
+                 lr_schedule=lr_schedule, loss=loss, beta=beta, kl_warmup_epochs=kl_warmup, binarize=binarize,
+                 arch=arch, conditional=conditional, workers=workers, cpus_per_worker=cpus_per_worker,
+                 gpu=gpu, precision=precision, seed=seed)
+    if resume:
+        if out_dir is None:
+            raise UserError("--resume needs --out RUN")
+        saved_path = Path(out_dir) / "config.json"
+        if not saved_path.is_file():
+            raise UserError(f"{out_dir}: nothing to resume (no config.json)")
+        saved = TrainConfig.from_dict(read_mapping(saved_path).get("config", {}), source=str(saved_path))
+        for name in MODEL_FIELDS:
+            if flags.get(name) is not None and flags[name] != getattr(saved, name) \
+                    and not (name == "data" and Path(flags[name]).resolve() == Path(saved.data).resolve()):
+                raise UserError(f"--resume keeps the run's {name} ({getattr(saved, name)!r}); "
+                                f"start a new run to change it")
+        cfg = saved.replace(**flags)
+    else:
+        cfg = load_config(config_file, **flags)
+        if not cfg.data:
+            raise UserError("--data is required (a folder made by `vae-ray data prepare`)")
+    summary = fit(cfg, resume=resume, show=not as_json, address=address)
+    if as_json:
+        out.print(json.dumps(summary))
+        return
+    final = summary["final"]
+    if final:
+        console.print(f"[green]done[/] {summary['epochs']} epochs: test MATLAB ELBO "
+                      f"{final['test_matlab_elbo']:.3f}, test -ELBO {final['test_neg_elbo_nats']:.2f} nats/image")
+    console.print(f"checkpoint {summary['checkpoint']}")
+    console.print(f"plots      {summary['plots']}")
+    out.print(summary["samples"])
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(out_dir: Path = typer.Option(Path(".demo"), "--out", "-o", help="Folder for the demo's data and run."),
+             epochs: int = typer.Option(5, "--epochs", help="Training epochs."),
+             images: int = typer.Option(15000, "--images", help="Training images to use.")) -> None:
+    """Prepare the best dataset available, train on a local Ray cluster, print the samples folder."""
+    from .demo import run_demo
+
+    summary = run_demo(out_dir, lambda line: console.print(line), epochs=epochs, images=images)
+    final = summary["final"]
+    console.print(f"[green]done[/]: test MATLAB ELBO {final['test_matlab_elbo']:.3f} per image after "
+                  f"{summary['epochs']} epochs; pictures in {summary['plots']}")
+    out.print(str(Path(summary["samples"]).resolve()))
 
 
 def main() -> None:

@@ -7,3 +7,9 @@ status 2 (see `cli.py`); everything else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input: a bad path, a corrupt file, an impossible value."""
+
+
+class RunFailed(Exception):
+    """A run that could not finish (a worker crashed, the loss went non-finite).
+
+    Reaches the terminal as one line and exit status 1."""

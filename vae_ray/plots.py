@@ -50,7 +50,7 @@ def save_grid(images: np.ndarray, path: str | Path, cols: int | None = None) -> 
     return save_png(image_grid(images, cols=cols, scale=min(scale, 4)), path)
 
 
-def pairs_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: int = 10) -> np.ndarray:
+def pairs_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: int = 10, scale: int = 1) -> np.ndarray:
     """Originals above their reconstructions, in pairs of rows."""
     rows = []
     for start in range(0, len(originals), cols):
@@ -61,7 +61,7 @@ def pairs_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: int = 1
         if len(r) < cols:  # pad a short last row with black tiles
             r = np.concatenate([r, np.zeros((cols - len(r), *r.shape[1:]), dtype=np.uint8)])
         stacked.append(r)
-    return image_grid(np.concatenate(stacked), cols=cols)
+    return image_grid(np.concatenate(stacked), cols=cols, scale=scale)
 
 
 def _pyplot():

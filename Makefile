@@ -1,0 +1,44 @@
+# Set-up and everyday commands. `make test` and `make demo` work on a fresh
+# clone with nothing installed: they create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Where a CPU-only torch comes from when no GPU is present (the default PyPI
+# build for Linux pulls several GB of CUDA packages).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: install test demo bench quality clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: installing the default (CUDA) torch build"; \
+		$(PY) -m pip install -q "torch>=2.3"; \
+	else \
+		echo "no GPU: installing the CPU torch build first"; \
+		$(PY) -m pip install -q --no-deps --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(PY) -m pip install -q --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/vae-ray demo --out .demo
+
+bench: install
+	$(PY) benchmarks/prepare_throughput.py
+	$(PY) benchmarks/train_throughput.py
+
+quality: install
+	$(PY) benchmarks/quality_mnist.py
+
+clean:
+	rm -rf $(VENV) .demo .bench .pytest_cache

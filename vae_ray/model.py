@@ -1,0 +1,219 @@
+"""The VAE and its losses. Plain PyTorch, no Ray: usable on its own.
+
+Two networks from the source documents:
+- `mnist`: the MATLAB example (conv 3x3/2 with 32 and 64 filters, one fully
+  connected layer to 2K; "project and reshape" then three transposed convs).
+  Generalised to any H x W divisible by 4 and any channel count.
+- `cifar`: the PyTorch tutorial (three conv 4x4/2 + BatchNorm, 1024 hidden,
+  mirrored decoder). Any H x W divisible by 8.
+
+The decoder returns logits; each loss reads them its own way (sigmoid mean
+for `matlab` and `gaussian`, Bernoulli logits for `bernoulli`). Inputs are
+always pixels in [0, 1], so the MATLAB-unit ELBO is comparable for any model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_2PI = math.log(2 * math.pi)
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # keeps exp(logvar) finite in fp32
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -6.0, 2.0
+
+
+class VAE(nn.Module):
+    def __init__(self, arch: str, shape: tuple[int, int, int], latent_dim: int,
+                 num_classes: int = 0, loss: str = "matlab"):
+        super().__init__()
+        h, w, c = shape
+        self.arch, self.shape, self.latent_dim = arch, (h, w, c), latent_dim
+        self.num_classes, self.loss = num_classes, loss
+        if arch == "mnist":
+            self.encoder, self.decoder = _mnist_encoder(c), _MnistDecoder(latent_dim + num_classes, h, w, c)
+            feat = 64 * (h // 4) * (w // 4)
+            self.head = nn.Linear(feat + num_classes, 2 * latent_dim)
+        elif arch == "cifar":
+            self.encoder, self.decoder = _cifar_encoder(c), _CifarDecoder(latent_dim + num_classes, h, w, c)
+            feat = 128 * (h // 8) * (w // 8)
+            self.head = _CifarHead(feat + num_classes, latent_dim)
+        else:
+            raise ValueError(f"unknown arch {arch!r}")
+        # sigma-VAE: one learned log standard deviation per channel.
+        self.log_sigma = nn.Parameter(torch.zeros(c)) if loss == "gaussian" else None
+
+    # -- the four methods -------------------------------------------------
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [0, 1], (N, C, H, W) -> (mu, logvar), each (N, K)."""
+        if self.arch == "cifar":
+            x = x * 2 - 1  # the tutorial normalises to [-1, 1]
+        feats = self.encoder(x)
+        if self.num_classes:
+            feats = torch.cat([feats, self._one_hot(y, feats)], dim=1)
+        mu, logvar = self.head(feats).chunk(2, dim=1)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + eps * sigma, eps ~ N(0, I) (Kingma & Welling, section 2.4)."""
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """z (N, K) -> logits (N, C, H, W)."""
+        if self.num_classes:
+            z = torch.cat([z, self._one_hot(y, z)], dim=1)
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        mu, logvar = self.encode(x, y)
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z, y), mu, logvar
+
+    # -- helpers ----------------------------------------------------------
+    def _one_hot(self, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        if y is None:
+            raise ValueError("this is a class-conditional model: pass labels")
+        return F.one_hot(y.long(), self.num_classes).to(like.dtype)
+
+    def mean_image(self, logits: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean in [0, 1] for every likelihood used here."""
+        return torch.sigmoid(logits.float())
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decode z ~ N(0, temperature^2 I); returns images in [0, 1], (n, C, H, W)."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
+        return self.mean_image(self.decode(z, labels))
+
+
+class _CifarHead(nn.Module):
+    """flatten -> 1024 -> ReLU -> two heads (mu, logvar), as in the tutorial."""
+
+    def __init__(self, features: int, latent_dim: int):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(features, 1024), nn.ReLU())
+        self.mu, self.logvar = nn.Linear(1024, latent_dim), nn.Linear(1024, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        return torch.cat([self.mu(h), self.logvar(h)], dim=1)
+
+
+def _mnist_encoder(c: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c, 32, 3, stride=2, padding=1), nn.ReLU(),   # "same": H/2
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),  # H/4
+        nn.Flatten())
+
+
+class _MnistDecoder(nn.Module):
+    def __init__(self, z_dim: int, h: int, w: int, c: int):
+        super().__init__()
+        self.h4, self.w4 = h // 4, w // 4
+        self.project = nn.Linear(z_dim, 64 * self.h4 * self.w4)
+        nn.init.xavier_uniform_(self.project.weight)  # MATLAB: Glorot weights, zero bias
+        nn.init.zeros_(self.project.bias)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(64, 64, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(32, c, 3, stride=1, padding=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.project(z).view(-1, 64, self.h4, self.w4))
+
+
+def _cifar_encoder(c: int) -> nn.Module:
+    def block(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 4, stride=2, padding=1), nn.ReLU(), nn.BatchNorm2d(o)]
+    return nn.Sequential(*block(c, 32), *block(32, 64), *block(64, 128), nn.Flatten())
+
+
+class _CifarDecoder(nn.Module):
+    def __init__(self, z_dim: int, h: int, w: int, c: int):
+        super().__init__()
+        self.h8, self.w8 = h // 8, w // 8
+        self.fc = nn.Sequential(nn.Linear(z_dim, 1024), nn.Linear(1024, 128 * self.h8 * self.w8), nn.ReLU())
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), nn.ReLU(), nn.BatchNorm2d(64),
+            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(), nn.BatchNorm2d(32),
+            nn.ConvTranspose2d(32, c, 4, stride=2, padding=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fc(z).view(-1, 128, self.h8, self.w8))
+
+
+# ---------------------------------------------------------------------------
+# Losses. All per image, computed in fp32 whatever the autocast dtype.
+# ---------------------------------------------------------------------------
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per image (Kingma & Welling, appendix B)."""
+    mu, logvar = mu.float(), logvar.float()
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+def matlab_recon(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The MATLAB example's reconstruction term: 0.5 * summed squared error per image."""
+    return 0.5 * (torch.sigmoid(logits.float()) - x.float()).pow(2).flatten(1).sum(1)
+
+
+def recon_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x | z) in nats per image, for the model's own likelihood."""
+    logits, x = logits.float(), x.float()
+    d = x[0].numel()
+    if model.loss == "matlab":  # a Gaussian with sigma = 1
+        return matlab_recon(logits, x) + 0.5 * d * LOG_2PI
+    if model.loss == "bernoulli":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+    if model.loss == "gaussian":
+        log_sigma = model.log_sigma.float().clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).view(1, -1, 1, 1)
+        z = (x - torch.sigmoid(logits)) * torch.exp(-log_sigma)
+        return (0.5 * z.pow(2) + log_sigma + 0.5 * LOG_2PI).flatten(1).sum(1)
+    raise ValueError(f"unknown loss {model.loss!r}")
+
+
+def recon_term(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What training minimises for reconstruction: the NLL without constants
+    for `matlab` (so losses read in the documents' unit), the full NLL otherwise."""
+    if model.loss == "matlab":
+        return matlab_recon(logits, x)
+    return recon_nll(model, logits, x)
+
+
+@dataclass
+class BatchTerms:
+    """Per-image terms of one batch, all fp32 tensors of shape (N,)."""
+    loss: torch.Tensor        # the training objective, weights and warm-up applied
+    recon: torch.Tensor       # reconstruction term of the training objective
+    kl: torch.Tensor
+    neg_elbo_nats: torch.Tensor
+    matlab_elbo: torch.Tensor
+
+
+def batch_terms(model: VAE, x: torch.Tensor, target: torch.Tensor, logits: torch.Tensor,
+                mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0,
+                recon_weight: float = 1.0) -> BatchTerms:
+    """Every per-image quantity training and evaluation report, from one forward pass.
+
+    `x` is the [0, 1] input; `target` is what the likelihood scores (the
+    binarised input under dynamic binarisation, else `x`).
+    """
+    kl = kl_divergence(mu, logvar)
+    recon = recon_term(model, logits, target)
+    nll = recon_nll(model, logits, target)
+    matlab = matlab_recon(logits, x) + kl
+    return BatchTerms(loss=recon_weight * recon + beta * kl, recon=recon, kl=kl,
+                      neg_elbo_nats=nll + kl, matlab_elbo=matlab)
+
+
+def build_model(arch: str, shape, latent_dim: int, num_classes: int = 0, loss: str = "matlab") -> VAE:
+    h, w, _ = shape
+    step = 4 if arch == "mnist" else 8
+    if h % step or w % step:
+        raise ValueError(f"the {arch} network needs image sides divisible by {step}, got {h}x{w}")
+    return VAE(arch, tuple(shape), latent_dim, num_classes, loss)
