@@ -1,0 +1,70 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from conftest import write_fake_idx_dataset
+from vae_ray.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("data", "train", "demo"):
+        assert command in result.output
+    assert "--source" in runner.invoke(app, ["data", "prepare", "--help"]).output
+
+
+def test_prepare_and_show(tmp_path):
+    src = write_fake_idx_dataset(tmp_path / "src", n_train=30, n_test=12)
+    result = runner.invoke(app, ["data", "prepare", "mnist", "--source", str(src), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith(str(tmp_path / "d"))
+    shown = runner.invoke(app, ["data", "show", str(tmp_path / "d"), "--num", "9"])
+    assert shown.exit_code == 0, shown.output
+    from PIL import Image
+
+    with Image.open(tmp_path / "d" / "preview.png") as im:
+        assert im.size[0] > 28 * 3
+    assert "total" in shown.output and "30" in shown.output
+
+
+def _one_error_line(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    _one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path / "nope"),
+                                        "--out", str(tmp_path / "o")]), "nope", "not found")
+    _one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path),
+                                        "--out", str(tmp_path / "o")]), "missing IDX file")
+    _one_error_line(runner.invoke(app, ["data", "prepare", "pets", "--out", str(tmp_path / "o")]),
+                    "unknown dataset 'pets'")
+    _one_error_line(runner.invoke(app, ["data", "prepare", "synthetic", "--limit", "0",
+                                        "--out", str(tmp_path / "o")]), "--limit")
+    _one_error_line(runner.invoke(app, ["data", "show", str(tmp_path)]), "not a prepared dataset")
+    _one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                        "--latent-dim", "0"]), "latent_dim must be at least 1")
+    _one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                        "--lr", "-1"]), "lr must be a positive number")
+    _one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")]),
+                    "not a prepared dataset")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    version = subprocess.run([sys.executable, "-m", "vae_ray", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("vae-ray ")
+    exe = __import__("shutil").which("vae-ray") or str(__import__("pathlib").Path(sys.executable).parent / "vae-ray")
+    bad = subprocess.run([exe, "data", "prepare", "mnist", "--source", str(tmp_path / "x"), "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

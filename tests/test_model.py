@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from vae_ray.model import LOG_2PI, batch_terms, build_model, kl_divergence, matlab_recon
+
+
+@pytest.mark.parametrize("arch, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3)), ("mnist", (32, 48, 3))])
+def test_shapes(arch, shape):
+    model = build_model(arch, shape, latent_dim=7)
+    h, w, c = shape
+    x = torch.rand(5, c, h, w)
+    logits, mu, logvar = model(x)
+    assert logits.shape == x.shape and mu.shape == logvar.shape == (5, 7)
+    assert model.sample(3).shape == (3, c, h, w)
+
+
+def test_mnist_network_is_the_matlab_example():
+    model = build_model("mnist", (28, 28, 1), latent_dim=16)
+    convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size, m.stride) for m in convs] == [(32, (3, 3), (2, 2)), (64, (3, 3), (2, 2))]
+    assert model.head.out_features == 32  # 2K: means and log-variances
+    assert model.decoder.project.out_features == 7 * 7 * 64
+    assert torch.count_nonzero(model.decoder.project.bias) == 0
+
+
+def test_bad_image_sides_are_refused():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        build_model("cifar", (28, 28, 1), 4)
+
+
+def test_kl_by_hand():
+    mu = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    logvar = torch.tensor([[0.0, 0.0], [0.0, math.log(4.0)]])
+    # KL = 0.5 * sum(sigma^2 + mu^2 - 1 - log sigma^2)
+    expected = torch.tensor([0.0, 0.5 * (1 + 0) + 0.5 * (4 - 1 - math.log(4.0))])
+    assert torch.allclose(kl_divergence(mu, logvar), expected)
+
+
+def test_matlab_units_and_nats():
+    model = build_model("mnist", (28, 28, 1), 2, loss="matlab")
+    x = torch.zeros(1, 1, 28, 28)
+    logits = torch.zeros(1, 1, 28, 28)  # sigmoid(0) = 0.5 everywhere
+    assert matlab_recon(logits, x).item() == pytest.approx(0.5 * 784 * 0.25)
+    mu, logvar = torch.zeros(1, 2), torch.zeros(1, 2)
+    terms = batch_terms(model, x, x, logits, mu, logvar)
+    assert terms.matlab_elbo.item() == pytest.approx(98.0)
+    assert terms.neg_elbo_nats.item() == pytest.approx(98.0 + 0.5 * 784 * LOG_2PI)  # ~720.5 nats apart
+
+
+def test_bernoulli_and_weights():
+    model = build_model("mnist", (28, 28, 1), 2, loss="bernoulli")
+    x = torch.ones(2, 1, 28, 28)
+    logits = torch.zeros(2, 1, 28, 28)
+    mu, logvar = torch.ones(2, 2), torch.zeros(2, 2)
+    t = batch_terms(model, x, x, logits, mu, logvar, beta=0.1, recon_weight=0.9)
+    assert t.recon[0].item() == pytest.approx(784 * math.log(2))
+    assert t.kl[0].item() == pytest.approx(1.0)
+    assert t.loss[0].item() == pytest.approx(0.9 * 784 * math.log(2) + 0.1)
+
+
+def test_gaussian_learned_sigma_is_a_density():
+    model = build_model("cifar", (8, 8, 3), 2, loss="gaussian")
+    x = torch.full((1, 3, 8, 8), 0.5)
+    logits = torch.zeros(1, 3, 8, 8)
+    t = batch_terms(model, x, x, logits, torch.zeros(1, 2), torch.zeros(1, 2))
+    assert t.neg_elbo_nats.item() == pytest.approx(0.5 * 192 * LOG_2PI)  # sigma = 1, zero error
+
+
+def test_conditional_model_needs_labels():
+    model = build_model("mnist", (28, 28, 1), 4, num_classes=10)
+    x = torch.rand(3, 1, 28, 28)
+    y = torch.tensor([0, 5, 9])
+    assert model(x, y)[0].shape == x.shape
+    with pytest.raises(ValueError, match="pass labels"):
+        model(x)
