@@ -160,6 +160,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "global_step": global_step,
             "workers": world,
             "cached": train_feed.cached,
+            "started_at_epoch": start_epoch,  # > 1 after a resume or a restart from a checkpoint
         }
 
         # 7. Report (a barrier on every rank); rank 0 alone writes the checkpoint.
