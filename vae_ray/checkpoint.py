@@ -76,7 +76,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     try:
         state = json.loads((directory / "state.json").read_text())
         weights = torch.load(directory / "model.pt", map_location=device, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, Exception) as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
         raise UserError(f"{directory}: corrupt checkpoint ({_first_line(exc)})") from None
     model = build_model(config.arch, dataset["shape"], config.latent_dim,
                         dataset["num_classes"] if config.conditional else 0, config.loss)

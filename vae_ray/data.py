@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -282,7 +281,3 @@ def verify(uri: str | Path) -> dict[str, Any]:
             if sha256_file(path) != shard["sha256"]:
                 raise UserError(f"{path}: checksum does not match {META_FILE} (corrupt shard)")
     return meta
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="vae-ray-"))

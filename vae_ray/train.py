@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import tempfile
 import time
@@ -347,7 +346,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def fit(cfg: TrainConfig, resume: bool = False, show: bool = True, address: str | None = None) -> dict[str, Any]:
     """Train with Ray Train; return a summary. The config must be validated."""
-    from .data import load_split, read_meta
+    from .data import read_meta
 
     meta = read_meta(cfg.data)
     cfg = resolve(cfg, meta)
@@ -360,7 +359,7 @@ def fit(cfg: TrainConfig, resume: bool = False, show: bool = True, address: str 
     (run_dir / "stopped.json").unlink(missing_ok=True)
 
     if done < cfg.epochs:
-        _run_trainer(cfg, dataset, run_dir, meta, show, address, load_split)
+        _run_trainer(cfg, dataset, run_dir, meta, show, address)
     stopped = run_dir / "stopped.json"
     if stopped.exists():
         reason = json.loads(stopped.read_text())["stopped"]
@@ -375,7 +374,8 @@ def fit(cfg: TrainConfig, resume: bool = False, show: bool = True, address: str 
             "checkpoint": str((run_dir / "latest").resolve()), **pictures}
 
 
-def _run_trainer(cfg, dataset, run_dir, meta, show, address, load_split) -> None:
+def _run_trainer(cfg: TrainConfig, dataset: dict, run_dir: Path, meta: dict, show: bool,
+                 address: str | None) -> None:
     import threading
     import uuid
 
@@ -384,6 +384,7 @@ def _run_trainer(cfg, dataset, run_dir, meta, show, address, load_split) -> None
     from ray.train.torch import TorchTrainer
 
     from .cluster import copy_ray_logs, ensure_ray
+    from .data import load_split
     from .progress import ProgressBoard, TrainingDisplay
 
     resources = ensure_ray(cfg.workers * cfg.cpus_per_worker + 1, address)
