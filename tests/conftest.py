@@ -14,6 +14,23 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The loopback S3 server's address and its dummy credentials are set before
+# any Ray worker starts, so the workers (which inherit the driver's
+# environment) reach the same server.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 SHARED_DATA = REPO.parent / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"
 CIFAR_JPEG = SHARED_DATA / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
@@ -30,6 +47,39 @@ def ray_cluster():
     import ray
 
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3-compatible server (moto) on loopback with one empty bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="vae-ray-test")
+    yield "vae-ray-test"
+    server.stop()
+
+
+def make_checkpoint(folder: Path, conditional: bool = False, seed: int = 0) -> Path:
+    """A checkpoint of an untrained (randomly initialised) model: generation
+    mechanics do not depend on how good the weights are."""
+    import torch
+
+    from vae_ray import checkpoint as ckpt
+    from vae_ray.config import TrainConfig
+    from vae_ray.model import build_model
+
+    torch.manual_seed(seed)
+    cfg = TrainConfig(arch="mnist", loss="matlab", latent_dim=4, conditional=conditional).validate()
+    dataset = {"name": "digits", "shape": [28, 28, 1], "classes": [str(i) for i in range(10)],
+               "num_classes": 10, "counts": {"train": 100, "test": 10}}
+    model = build_model("mnist", (28, 28, 1), 4, 10 if conditional else 0)
+    directory = ckpt.save(folder / "checkpoint_epoch_0001", model, None, {"epoch": 1, "global_step": 1},
+                          cfg.to_dict(), dataset)
+    ckpt.point_latest(folder, directory)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -156,6 +157,7 @@ def data_verify(data_dir: Path = typer.Argument(..., help="A prepared dataset fo
 # train
 # ---------------------------------------------------------------------------
 # Settings that define the model: a resumed run must keep them.
+MANIFEST_NAME = "manifest.json"
 MODEL_FIELDS = ("arch", "latent_dim", "conditional", "loss", "data")
 
 
@@ -221,6 +223,59 @@ def train_cmd(
     console.print(f"checkpoint {summary['checkpoint']}")
     console.print(f"plots      {summary['plots']}")
     out.print(summary["samples"])
+
+
+# ---------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    checkpoint: Optional[str] = typer.Argument(None, help="A checkpoint folder, or a run folder (its latest)."),
+    num: int = typer.Option(1000, "--num", "-n", help="Images to generate."),
+    out_uri: Optional[str] = typer.Option(None, "--out", "-o", help="Destination folder or s3://bucket/prefix."),
+    fmt: str = typer.Option("png", "--format", "-f", help="png, parquet or npz."),
+    seed: int = typer.Option(0, "--seed", help="Seed: image i depends only on checkpoint, seed, i and label."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images decoded per model call."),
+    shard_size: int = typer.Option(10000, "--shard-size", help="Images per shard: one PNG sub-folder, Parquet or NPZ file (at most 10,000)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="Decoder actors (default: one per CPU, or per GPU)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="GPU actors (default: when the cluster has GPUs)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Scale of z ~ N(0, T^2 I)."),
+    label: Optional[int] = typer.Option(None, "--label", help="Class-conditional models: generate this class only."),
+    per_class: bool = typer.Option(False, "--per-class", help="Class-conditional models: N split evenly over classes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever the destination holds."),
+    verify_uri: Optional[str] = typer.Option(None, "--verify", help="Check a finished set against its manifest and exit."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
+) -> None:
+    """Write a synthetic image set with a Ray Data batch-inference job, exactly once and resumable."""
+    from .generate import Generation, verify
+
+    if verify_uri is not None:
+        manifest = verify(verify_uri)
+        console.print(f"[green]ok[/] {verify_uri}: {manifest['count']:,} {manifest['image_format']} images "
+                      f"in {len(manifest['shards'])} shards match {MANIFEST_NAME}")
+        return
+    if checkpoint is None or out_uri is None:
+        raise UserError("generate needs a CHECKPOINT_OR_RUN argument and --out (or --verify URI)")
+    job = Generation(checkpoint, num, out_uri, fmt=fmt, seed=seed, actors=actors, gpu=gpu,
+                     temperature=temperature, label=label, per_class=per_class, overwrite=overwrite,
+                     batch_size=batch_size, shard_size=shard_size)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    started = time.perf_counter()
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("generate", total=num, rate="")
+
+        def progress(done: int, total: int) -> None:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=done, rate=f"{rate:,.0f} img/s")
+
+        manifest = job.run(address, progress)
+    console.print(f"[green]wrote[/] {manifest['count']:,} {fmt} images in {manifest['seconds']:.1f} s "
+                  f"({manifest['count'] / max(manifest['seconds'], 1e-9):,.0f} img/s) to {out_uri}")
+    out.print(out_uri)
 
 
 @app.command("demo")

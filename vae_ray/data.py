@@ -153,8 +153,9 @@ def _write_split(src: Source, split: str, count: int, n_shards: int, root: Path,
                 path = folder / f"part-{len(shard_infos):05d}.parquet"
                 writer = pq.ParquetWriter(path, schema, compression="zstd")
             take = min(per_shard - shard_rows, len(labels) - pos)
-            writer.write_table(_to_table(images[pos:pos + take], labels[pos:pos + take],
-                                         written, schema), row_group_size=ROW_GROUP)
+            table = images_table(images[pos:pos + take], labels[pos:pos + take],
+                                 np.arange(written, written + take))
+            writer.write_table(table, row_group_size=ROW_GROUP)
             np.add.at(label_counts, labels[pos:pos + take], 1)
             pos, written, shard_rows = pos + take, written + take, shard_rows + take
             if shard_rows == per_shard:
@@ -175,13 +176,14 @@ def image_schema(h: int, w: int, c: int) -> pa.Schema:
                      metadata={b"vae_ray.shape": f"{h},{w},{c}".encode()})
 
 
-def _to_table(images: np.ndarray, labels: np.ndarray, first_index: int, schema: pa.Schema) -> pa.Table:
-    n = len(labels)
+def images_table(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> pa.Table:
+    """(N, H, W, C) uint8 images with labels and row indices as an Arrow table."""
+    n, h, w, c = images.shape
+    schema = image_schema(h, w, c)
     flat = np.ascontiguousarray(images).reshape(n, -1)
     image_col = pa.FixedSizeBinaryArray.from_buffers(schema.field("image").type, n,
                                                      [None, pa.py_buffer(flat.tobytes())])
-    return pa.table([image_col, pa.array(labels, pa.int16()),
-                     pa.array(np.arange(first_index, first_index + n), pa.int64())], schema=schema)
+    return pa.table([image_col, pa.array(labels, pa.int16()), pa.array(indices, pa.int64())], schema=schema)
 
 
 def sha256_file(path: Path) -> str:

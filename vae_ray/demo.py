@@ -26,7 +26,7 @@ def choose_dataset(say: Callable[[str], None]) -> tuple[str, str | None]:
         try:
             path = locate(name, None, download=True)
         except UserError as exc:
-            say(f"{name}: {exc}")
+            say(f"skipping {exc}")
             continue
         return name, str(path)
     return "synthetic", None

@@ -1,0 +1,166 @@
+"""Bulk generation on the shared local cluster: counts, determinism,
+exactly-once restarts, formats, S3, class-conditional layouts, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_checkpoint
+from vae_ray.cli import app
+from vae_ray.errors import UserError
+from vae_ray.generate import generate, latent_normals, verify
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cmodel"), conditional=True)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_latents_are_standard_normal_and_index_keyed():
+    z = latent_normals(7, np.arange(20000), 16)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert np.array_equal(latent_normals(7, np.array([123, 5]), 16), z[[123, 5]])
+    assert not np.array_equal(latent_normals(8, np.array([5]), 16), z[[5]])
+
+
+def test_png_counts_layout_and_determinism_across_actor_counts(ray_cluster, model_run, tmp_path):
+    a = generate(str(model_run), 57, str(tmp_path / "a"), shard_size=20, actors=1, seed=3)
+    generate(str(model_run), 57, str(tmp_path / "b"), shard_size=20, actors=2, seed=3, batch_size=256)
+    files = _files(tmp_path / "a")
+    assert len(files) == 57 and a["count"] == 57 and len(a["shards"]) == 3
+    assert "00000/000000000.png" in files and "00002/000000056.png" in files
+    assert files == _files(tmp_path / "b")  # byte-identical whatever the actor count
+    with Image.open(tmp_path / "a" / "00001" / "000000021.png") as im:
+        assert im.mode == "L" and im.size == (28, 28)
+    assert not [f for f in files if ".tmp-" in f or f.startswith(".progress")]
+    verify(str(tmp_path / "a"))
+    (tmp_path / "a" / "00001" / "000000021.png").write_bytes(b"\x89PNG damaged")
+    with pytest.raises(UserError, match="shard 1 does not match its checksum"):
+        verify(str(tmp_path / "a"))
+
+
+def test_formats_hold_the_same_images(ray_cluster, model_run, tmp_path):
+    import ray
+
+    generate(str(model_run), 30, str(tmp_path / "png"), shard_size=16, seed=1)
+    generate(str(model_run), 30, str(tmp_path / "pq"), fmt="parquet", shard_size=16, seed=1)
+    generate(str(model_run), 30, str(tmp_path / "npz"), fmt="npz", shard_size=16, seed=1)
+    table = pq.read_table(tmp_path / "pq" / "part-00001.parquet")
+    assert table.num_rows == 14 and table.column("index").to_pylist()[0] == 16
+    pixels = np.frombuffer(table.column("image").combine_chunks().buffers()[1], np.uint8)[:784].reshape(28, 28)
+    with Image.open(tmp_path / "png" / "00001" / "000000016.png") as im:
+        assert np.array_equal(np.asarray(im), pixels)
+    with np.load(tmp_path / "npz" / "part-00001.npz") as npz:
+        assert npz["images"].shape == (14, 28, 28, 1) and np.array_equal(npz["images"][0, ..., 0], pixels)
+    ds = ray.data.read_parquet(str(tmp_path / "pq"), file_extensions=["parquet"])
+    assert ds.count() == 30
+
+
+def test_killed_run_restarts_to_the_same_bytes(ray_cluster, model_run, tmp_path):
+    """A real `vae-ray generate` process (with its own local Ray cluster) is
+    killed mid-way, then run again; the result equals an uninterrupted run."""
+    resumed = tmp_path / "resumed"
+    exe = str(Path(sys.executable).parent / "vae-ray")
+    command = [exe, "generate", str(model_run), "--num", "1500", "--shard-size", "100", "--seed", "5",
+               "--actors", "1", "--out", str(resumed)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((resumed / ".progress").glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((resumed / "manifest.json").read_text())["status"] == "running"
+    assert 2 <= len(list((resumed / ".progress").glob("*.json"))) < 15
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    # The uninterrupted reference runs here, on the shared cluster with two actors.
+    reference = generate(str(model_run), 1500, str(tmp_path / "ref"), shard_size=100, seed=5, actors=2)
+    assert _files(resumed) == _files(tmp_path / "ref") and len(_files(resumed)) == 1500
+    assert json.loads((resumed / "manifest.json").read_text())["shards"] == reference["shards"]
+
+
+def test_s3_round_trip(ray_cluster, s3_bucket, model_run):
+    import pyarrow.fs as pafs
+
+    uri = f"s3://{s3_bucket}/sets/run1"
+    manifest = generate(str(model_run), 40, uri, fmt="parquet", shard_size=25, seed=2)
+    assert manifest["count"] == 40
+    verify(uri)
+    fs, root = pafs.FileSystem.from_uri(uri)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)))
+    assert names == ["manifest.json", "part-00000.parquet", "part-00001.parquet"]
+    table = pq.read_table(f"{root}/part-00001.parquet", filesystem=fs)
+    assert table.num_rows == 15
+    # The same command again finds the set complete and rewrites nothing.
+    again = generate(str(model_run), 40, uri, fmt="parquet", shard_size=25, seed=2)
+    assert again["shards"] == manifest["shards"]
+
+
+def test_conditional_per_class_is_an_image_folder(ray_cluster, conditional_run, tmp_path):
+    from vae_ray.data import prepare
+
+    generate(str(conditional_run), 50, str(tmp_path / "set"), per_class=True, shard_size=20)
+    counts = {d.name: len(list(d.rglob("*.png"))) for d in (tmp_path / "set").iterdir() if d.is_dir()}
+    assert counts == {str(k): 5 for k in range(10)}
+    assert (tmp_path / "set" / "3" / "00000" / "000000013.png").is_file()  # image i has label i mod 10
+    meta = prepare("imagefolder", tmp_path / "back", str(tmp_path / "set"), test_fraction=0.2)
+    assert meta["classes"] == [str(k) for k in range(10)]
+    assert meta["splits"]["train"]["count"] + meta["splits"]["test"]["count"] == 50
+    one = generate(str(conditional_run), 12, str(tmp_path / "sevens"), label=7)
+    assert one["count"] == 12 and len(list((tmp_path / "sevens" / "7").rglob("*.png"))) == 12
+
+
+def _one_error_line(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_generate_user_errors(ray_cluster, model_run, tmp_path):
+    runner = CliRunner()
+    _one_error_line(runner.invoke(app, ["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]),
+                    "no such checkpoint")
+    broken = make_checkpoint(tmp_path / "broken")
+    (broken / "latest" / "model.pt").write_bytes(b"garbage")
+    _one_error_line(runner.invoke(app, ["generate", str(broken), "--out", str(tmp_path / "o")]),
+                    "corrupt checkpoint")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(foreign)]),
+                    "holds other files", "--overwrite")
+    assert (foreign / "notes.txt").read_text() == "mine"
+    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--label", "3"]),
+                    "not a class-conditional model")
+    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--num", "0"]),
+                    "--num must be at least 1")
+    _one_error_line(runner.invoke(app, ["generate", "--verify", str(foreign)]), "not a generated set")
+    # A finished set refuses a run with a different seed, unless --overwrite.
+    assert runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(tmp_path / "s")]).exit_code == 0
+    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9",
+                                        "--out", str(tmp_path / "s")]), "a different generation run")
+    ok = runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9", "--overwrite",
+                             "--out", str(tmp_path / "s")])
+    assert ok.exit_code == 0 and json.loads((tmp_path / "s" / "manifest.json").read_text())["seed"] == 9
