@@ -110,3 +110,16 @@ def test_impossible_runs_exit_2(ray_cluster, tiny_data, tmp_path):
     greedy = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "c"),
                                  "--workers", "2", "--cpus-per-worker", "8"])
     assert greedy.exit_code == 2 and "need 16 CPUs" in greedy.output
+
+
+def test_conditional_training_feeds_per_class_generation(ray_cluster, tiny_data, tmp_path):
+    runner = CliRunner()
+    trained = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                  "--latent-dim", "4", "--batch-size", "64", "--conditional", "--json"])
+    assert trained.exit_code == 0, trained.output
+    assert ckpt.load(tmp_path / "run").model.num_classes == 10
+    made = runner.invoke(app, ["generate", str(tmp_path / "run"), "--num", "40", "--per-class",
+                               "--out", str(tmp_path / "set")])
+    assert made.exit_code == 0, made.output
+    counts = sorted(len(list(d.rglob("*.png"))) for d in (tmp_path / "set").iterdir() if d.is_dir())
+    assert counts == [4] * 10
