@@ -87,10 +87,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     return Loaded(model.to(device).eval(), config, dataset, state, directory)
 
 
-def point_latest(run_dir: Path, checkpoint_dir: Path) -> None:
-    """Atomically make RUN/latest a relative symlink to `checkpoint_dir`."""
-    link = run_dir / "latest"
-    tmp = run_dir / ".latest.tmp"
+def point_latest(run_dir: Path, checkpoint_dir: Path, name: str = "latest") -> None:
+    """Atomically make RUN/<name> a relative symlink to `checkpoint_dir`."""
+    link = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(os.path.relpath(checkpoint_dir, run_dir), tmp)

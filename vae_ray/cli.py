@@ -226,6 +226,65 @@ def train_cmd(
 
 
 # ---------------------------------------------------------------------------
+# tune
+# ---------------------------------------------------------------------------
+@app.command("tune")
+@user_errors
+def tune_cmd(
+    data: str = typer.Option(..., "--data", "-d", help="Prepared dataset folder (or s3:// URI)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Search folder: results.csv, best, trials/."),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="Base settings for every trial."),
+    latent_dims: str = typer.Option("2,5,10,20", "--latent-dims", help="Grid of latent sizes."),
+    lrs: Optional[str] = typer.Option(None, "--lrs", help="Grid of learning rates, e.g. 1e-3,3e-3."),
+    lr_min: Optional[float] = typer.Option(None, "--lr-min", help="Random search: lowest learning rate."),
+    lr_max: Optional[float] = typer.Option(None, "--lr-max", help="Random search: highest learning rate."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Random draws (or repeats of the grid)."),
+    betas: str = typer.Option("1.0", "--betas", help="Grid of KL weights."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs per trial (ASHA's maximum)."),
+    grace_period: int = typer.Option(1, "--grace-period", help="Epochs before ASHA may stop a trial."),
+    workers_per_trial: int = typer.Option(1, "--workers-per-trial", help="Ray Train workers per trial."),
+    cpus_per_worker: int = typer.Option(1, "--cpus-per-worker", help="CPUs per worker."),
+    gpus_per_trial: int = typer.Option(0, "--gpus-per-trial", help="GPUs per trial (one per worker)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (default: what fits)."),
+    metric: str = typer.Option("test_matlab_elbo", "--metric", help="test_matlab_elbo or test_neg_elbo_nats."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search in --out."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
+) -> None:
+    """Search latent dimension, learning rate and KL weight with Ray Tune and ASHA early stopping."""
+    from .config import load_config
+    from .tune import SearchSpec, parse_list, search
+
+    if lrs is None and lr_min is None and lr_max is None:
+        lrs = "1e-3"
+    if (lr_min is None) != (lr_max is None):
+        raise UserError("random search needs both --lr-min and --lr-max")
+    if gpus_per_trial and gpus_per_trial != workers_per_trial:
+        raise UserError("--gpus-per-trial must equal --workers-per-trial (one GPU per worker)")
+    base = load_config(config_file, data=data, out=str(out_dir), epochs=epochs, workers=workers_per_trial,
+                       cpus_per_worker=cpus_per_worker, batch_size=None)
+    spec = SearchSpec(latent_dims=parse_list(latent_dims, int, "--latent-dims"),
+                      lrs=parse_list(lrs, float, "--lrs"),
+                      lr_range=(lr_min, lr_max) if lr_min is not None else None,
+                      num_samples=num_samples, betas=parse_list(betas, float, "--betas"))
+    rows = search(base, spec, out_dir, grace_period=grace_period, metric=metric, max_concurrent=max_concurrent,
+                  gpus_per_trial=gpus_per_trial, resume=resume, address=address)
+    _trial_table(rows, metric)
+    console.print(f"results {out_dir / 'results.csv'}  curves {out_dir / 'curves.png'}")
+    out.print(str(out_dir / "best"))
+
+
+def _trial_table(rows: list, metric: str) -> None:
+    table = Table(title=f"trials by final {metric}")
+    for column in ("trial", "latent", "lr", "beta", "final", "best", "epochs", "status"):
+        table.add_column(column, justify="right" if column not in ("trial", "status") else "left", no_wrap=True)
+    for r in rows:
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"  # noqa: E731
+        table.add_row(str(r["trial_id"]), str(r["latent_dim"]), f"{r['lr']:.2e}", f"{r['beta']:g}",
+                      fmt(r[f"final_{metric}"]), fmt(r[f"best_{metric}"]), str(r["epochs"]), r["status"])
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------
 @app.command("generate")

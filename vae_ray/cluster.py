@@ -40,7 +40,10 @@ def ensure_ray(cpus_needed: int = 1, address: str | None = None) -> dict:
         if address:
             ray.init(address=address, **common)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False, **common)
+            try:  # like ray.init(): a cluster started here with `ray start` is used
+                ray.init(address="auto", **common)
+            except ConnectionError:
+                ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), **common)
         from ray.data import DataContext
 
         ctx = DataContext.get_current()

@@ -219,7 +219,9 @@ def read_meta(uri: str | Path) -> dict[str, Any]:
         raise UserError(f"{uri}: cannot read {META_FILE} ({str(exc).splitlines()[0]})") from None
     if not isinstance(meta, dict) or meta.get("format") != "vae-ray-dataset/1":
         raise UserError(f"{uri}: {META_FILE} is not a vae-ray dataset description")
-    meta["root"] = uri
+    # Absolute, so that code running in another working directory (Tune
+    # trials, Ray workers) finds the same files.
+    meta["root"] = uri if "://" in uri else str(Path(uri).expanduser().resolve())
     return meta
 
 

@@ -95,6 +95,25 @@ def loss_curves(history: Sequence[dict], path: str | Path, title: str = "Trainin
     return _save_fig(fig, path)
 
 
+def trial_curves(rows: Sequence[dict], metric: str, path: str | Path) -> Path:
+    """The search's metric per epoch, one line per trial, labelled by its parameters."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        if row["history"]:
+            label = f"K={row['latent_dim']} lr={row['lr']:.1e}" + (f" beta={row['beta']}" if row["beta"] != 1 else "")
+            style = "-" if row["status"] == "completed" else ":"
+            ax.plot(range(1, len(row["history"]) + 1), row["history"], style, marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("search: dotted lines were stopped early")
+    ax.grid(alpha=0.3)
+    if any(row["history"] for row in rows):
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
 def _save_fig(fig, path: str | Path) -> Path:
     plt = _pyplot()
     path = Path(path)

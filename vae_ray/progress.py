@@ -75,3 +75,72 @@ class TrainingDisplay:
         except Exception:  # noqa: BLE001 - a missed poll only delays the bar
             time.sleep(0.1)
             return {}
+
+
+class SearchDisplay:
+    """A Tune callback (it runs in the driver) that draws the search's progress:
+    epochs reported over all trials, and trials finished, stopped or failed."""
+
+    def __init__(self, total: int, epochs: int, metric: str, enabled: bool = True, console: Console | None = None):
+        from ray.tune import Callback
+
+        class _Callback(Callback):
+            """Forwards trial events to the display. Tune pickles its run
+            config (callbacks included) into the experiment state, so the
+            display itself (a live terminal) is left out of the pickle."""
+
+            def __init__(self, display):
+                self.display = display
+
+            def __getstate__(self):
+                return {"display": None}
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if self.display:
+                    self.display.result(trial.trial_id, result)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                if self.display:
+                    self.display.finished(trial.trial_id, "done")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                if self.display:
+                    self.display.finished(trial.trial_id, "failed")
+
+        self.callback = _Callback(self)
+        self.total, self.epochs, self.metric, self.enabled = total, epochs, metric, enabled
+        self.console = console or Console(stderr=True, highlight=False)
+        self.best: float | None = None
+        self.done: dict[str, str] = {}
+        self.reported = 0
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> "SearchDisplay":
+        if self.enabled:
+            self.bar = Progress(TextColumn("[bold]search"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("search", total=self.total * self.epochs, detail="starting trials")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def result(self, trial_id: str, result: dict) -> None:
+        self.reported += 1
+        value = result.get(self.metric)
+        if value is not None and (self.best is None or value < self.best):
+            self.best = value
+        self._draw()
+
+    def finished(self, trial_id: str, how: str) -> None:
+        self.done[trial_id] = how
+        self._draw()
+
+    def _draw(self) -> None:
+        if self.bar is None:
+            return
+        best = f"best {self.metric} {self.best:.3f}" if self.best is not None else ""
+        self.bar.update(self.task, completed=self.reported,
+                        detail=f"{len(self.done)}/{self.total} trials ended  {best}")

@@ -291,7 +291,7 @@ def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
                         f"{meta['num_classes']}")
     if cfg.binarize and loss != "bernoulli":
         raise UserError("binarize applies to the bernoulli loss only")
-    return cfg.replace(arch=arch, loss=loss)
+    return cfg.replace(arch=arch, loss=loss, data=meta["root"])
 
 
 def dataset_summary(meta: dict[str, Any]) -> dict[str, Any]:
@@ -374,20 +374,33 @@ def fit(cfg: TrainConfig, resume: bool = False, show: bool = True, address: str 
             "checkpoint": str((run_dir / "latest").resolve()), **pictures}
 
 
-def _run_trainer(cfg: TrainConfig, dataset: dict, run_dir: Path, meta: dict, show: bool,
-                 address: str | None) -> None:
-    import threading
-    import uuid
-
-    import ray
+def build_trainer(cfg: TrainConfig, dataset: dict, run_dir: Path, meta: dict, use_gpu: bool,
+                  callbacks: list | None = None, progress_actor: str | None = None):
+    """The TorchTrainer for one run: `vae-ray train` and every Tune trial use this."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .cluster import copy_ray_logs, ensure_ray
     from .data import load_split
-    from .progress import ProgressBoard, TrainingDisplay
 
-    resources = ensure_ray(cfg.workers * cfg.cpus_per_worker + 1, address)
+    train_ds = load_split(cfg.data, "train", meta).randomize_block_order(seed=cfg.seed)
+    test_ds = load_split(cfg.data, "test", meta)
+    resources_per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.to_dict(), "dataset": dataset, "progress_actor": progress_actor},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources_per_worker),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=[_make_run_dir_callback(run_dir), *(callbacks or [])]),
+        datasets={"train": train_ds, "test": test_ds},
+    )
+
+
+def check_resources(cfg: TrainConfig, resources: dict) -> bool:
+    """Whether the run uses GPUs; a UserError if the cluster cannot hold it."""
     use_gpu = cfg.gpu if cfg.gpu is not None else resources.get("GPU", 0) >= cfg.workers
     if use_gpu and resources.get("GPU", 0) < cfg.workers:
         raise UserError(f"--gpu asks for {cfg.workers} GPU worker(s) but the cluster has "
@@ -398,24 +411,24 @@ def _run_trainer(cfg: TrainConfig, dataset: dict, run_dir: Path, meta: dict, sho
     if cfg.workers * cfg.cpus_per_worker > cpus:
         raise UserError(f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs need "
                         f"{cfg.workers * cfg.cpus_per_worker} CPUs; the cluster has {int(cpus)}")
+    return use_gpu
 
+
+def _run_trainer(cfg: TrainConfig, dataset: dict, run_dir: Path, meta: dict, show: bool,
+                 address: str | None) -> None:
+    import threading
+    import uuid
+
+    import ray
+
+    from .cluster import copy_ray_logs, ensure_ray
+    from .progress import ProgressBoard, TrainingDisplay
+
+    resources = ensure_ray(cfg.workers * cfg.cpus_per_worker + 1, address)
+    use_gpu = check_resources(cfg, resources)
     board_name = f"vae-ray-progress-{uuid.uuid4().hex[:8]}"
     board = ProgressBoard.options(name=board_name).remote()
-    train_ds = load_split(cfg.data, "train", meta).randomize_block_order(seed=cfg.seed)
-    test_ds = load_split(cfg.data, "test", meta)
-    resources_per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": cfg.to_dict(), "dataset": dataset, "progress_actor": board_name},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources_per_worker),
-        run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[_make_run_dir_callback(run_dir)]),
-        datasets={"train": train_ds, "test": test_ds},
-    )
+    trainer = build_trainer(cfg, dataset, run_dir, meta, use_gpu, progress_actor=board_name)
     outcome: dict[str, Any] = {}
 
     def run() -> None:
