@@ -1,0 +1,87 @@
+"""Ray Tune searches on the shared local cluster, each trial a real TorchTrainer."""
+
+import csv
+import os
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from vae_ray import checkpoint as ckpt
+from vae_ray.cli import app
+from vae_ray.config import TrainConfig
+from vae_ray.errors import UserError
+from vae_ray.tune import SearchSpec, search
+
+
+@pytest.fixture(scope="module")
+def finished_search(ray_cluster, tiny_data, tmp_path_factory):
+    """Four trials, two at a time: two good learning rates first, then two
+    hopeless ones that ASHA should stop after the grace period."""
+    out = tmp_path_factory.mktemp("search") / "s"
+    base = TrainConfig(data=str(tiny_data), out=str(out), epochs=3, batch_size=64, seed=0).validate()
+    spec = SearchSpec(latent_dims=[2, 4], lrs=[3e-3, 1e-7])
+    rows = search(base, spec, out, grace_period=1, max_concurrent=2, show=False)
+    return out, rows
+
+
+def test_grid_runs_to_completion_with_early_stopping(ray_cluster, finished_search):
+    import ray
+
+    out, rows = finished_search
+    with open(out / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 4 and {(r["latent_dim"], r["lr"]) for r in table} == \
+        {("2", "0.003"), ("4", "0.003"), ("2", "1e-07"), ("4", "1e-07")}
+    statuses = [r["status"] for r in rows]
+    assert "stopped early" in statuses and "error" not in statuses
+    assert rows[0]["lr"] == 3e-3  # sorted by the metric: a good learning rate wins
+    best = ckpt.load(out / "best")
+    assert best.config.latent_dim == rows[0]["latent_dim"] and best.state["epoch"] == rows[0]["epochs"]
+    assert (out / "curves.png").stat().st_size > 5000
+    for row in rows:  # each trial is a full run folder, as `vae-ray train` leaves
+        assert os.path.isdir(row["checkpoint"]) and (ckpt.resolve(row["checkpoint"]) / "config.json").is_file()
+    # Stopped trials gave their workers back.
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_resume_reruns_no_finished_trial(ray_cluster, tiny_data, finished_search):
+    out, rows = finished_search
+    stamps = {r["trial_id"]: os.stat(out / "trials" / r["trial_id"] / "metrics.jsonl").st_mtime_ns for r in rows}
+    base = TrainConfig(data=str(tiny_data), out=str(out), epochs=3, batch_size=64, seed=0).validate()
+    again = search(base, SearchSpec(latent_dims=[2, 4], lrs=[3e-3, 1e-7]), out, resume=True, show=False)
+    assert {r["trial_id"] for r in again} == set(stamps)
+    for r in again:
+        assert os.stat(out / "trials" / r["trial_id"] / "metrics.jsonl").st_mtime_ns == stamps[r["trial_id"]]
+    with pytest.raises(UserError, match="already holds a search"):
+        search(base, SearchSpec(latent_dims=[2], lrs=[1e-3]), out, show=False)
+
+
+def test_random_search_space():
+    from ray import tune
+
+    space = SearchSpec(latent_dims=[2, 5], lr_range=(1e-4, 1e-2), num_samples=3).param_space()
+    assert isinstance(space["lr"], tune.search.sample.Float)
+    assert space["latent_dim"] == {"grid_search": [2, 5]}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--latent-dims", "2,x"], "--latent-dims: expected comma-separated int"),
+    (["--latent-dims", "0,4"], "latent_dim must be at least 1"),
+    (["--lrs", "1e-3,-1"], "lr must be a positive number"),
+    (["--lrs", "1e-3", "--lr-min", "1e-4", "--lr-max", "1e-2"], "either --lrs"),
+    (["--lr-min", "1e-2", "--lr-max", "1e-4"], "0 < min < max"),
+    (["--lr-min", "1e-4"], "needs both --lr-min and --lr-max"),
+    (["--metric", "accuracy"], "--metric must be one of"),
+    (["--grace-period", "9", "--epochs", "3"], "--grace-period must be between 1 and --epochs"),
+    (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+])
+def test_invalid_search_specs_exit_2(tiny_data, tmp_path, args, words):
+    result = CliRunner().invoke(app, ["tune", "--data", str(tiny_data), "--out", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and words in lines[0], result.output
+    assert not (tmp_path / "s").exists()
