@@ -40,10 +40,12 @@ def ensure_ray(cpus_needed: int = 1, address: str | None = None) -> dict:
         if address:
             ray.init(address=address, **common)
         else:
-            try:  # like ray.init(): a cluster started here with `ray start` is used
-                ray.init(address="auto", **common)
-            except ConnectionError:
-                ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), **common)
+            # A private local cluster, even when another one runs on this
+            # machine: two commands must never share (and starve) one cluster
+            # by accident. Use --address auto to join a `ray start` cluster.
+            # Ray's dashboard stays on (127.0.0.1): Train's and Tune's resource
+            # clean-up between trials depends on it.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), **common)
         from ray.data import DataContext
 
         ctx = DataContext.get_current()

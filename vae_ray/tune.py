@@ -29,6 +29,7 @@ from .errors import UserError
 METRICS = ("test_matlab_elbo", "test_neg_elbo_nats")
 SEARCHED = ("latent_dim", "lr", "beta", "recon_weight")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
+STOPPED_TRIAL_GRACE_S = 5
 
 
 @dataclass
@@ -171,11 +172,18 @@ def search(base: TrainConfig, spec: SearchSpec, out: str | Path, *, grace_period
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0, callbacks=[display.callback]))
     import logging
 
+    # A trial stopped by ASHA is blocked inside trainer.fit(), so it never
+    # returns on its own; Tune force-kills such a trial actor only after this
+    # many seconds (600 by default), and until then its Train workers keep
+    # their CPUs and the search stalls. Killing the trial actor takes its Train
+    # controller with it, and Train's placement-group cleaner frees the workers.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))
     # Failed trials are reported in results.csv and the table, with the
     # traceback in the trial's folder; Tune's own logging stays off the terminal.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     with display:
         results = tuner.fit()
+    release_leftover_placement_groups()
     rows = collect(results, trials_dir, metric, base.epochs)
     write_outputs(rows, out, metric)
     if rows and all(r["status"] == "error" for r in rows):
@@ -183,6 +191,25 @@ def search(base: TrainConfig, spec: SearchSpec, out: str | Path, *, grace_period
 
         raise RunFailed(f"search failed: all {len(rows)} trials errored; first error: {rows[0]['error']}")
     return rows
+
+
+def release_leftover_placement_groups() -> int:
+    """Remove the placement groups this driver's job still holds once the
+    search is over. Train workers of trials that ASHA stopped are killed with
+    their trial, but their reservations can outlive them on the cluster;
+    with no trial left running, anything still reserved by this job is such a
+    leftover. (A placement group's ID ends with its creator's job ID.)"""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info["state"] == "CREATED" and pg_id.endswith(job):
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    return removed
 
 
 def derive_concurrency(resources: dict, cpus_per_trial: int, gpus_per_trial: int) -> int:
