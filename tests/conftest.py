@@ -142,3 +142,14 @@ def _no_download(monkeypatch, tmp_path):
     for var in ("VAE_RAY_MNIST_DIR", "VAE_RAY_FASHION_MNIST_DIR", "VAE_RAY_CIFAR10_DIR"):
         monkeypatch.delenv(var, raising=False)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def assert_one_error_line(result, *words):
+    """A CLI result that failed as a user's mistake should: exit 2, one line
+    starting with 'error:' that names the problem, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.output

@@ -3,7 +3,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from conftest import write_fake_idx_dataset
+from conftest import assert_one_error_line, write_fake_idx_dataset
 from vae_ray.cli import app
 
 runner = CliRunner()
@@ -31,30 +31,21 @@ def test_prepare_and_show(tmp_path):
     assert "total" in shown.output and "30" in shown.output
 
 
-def _one_error_line(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert "Traceback" not in result.output
-
-
 def test_user_errors_are_one_line_exit_2(tmp_path):
-    _one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path / "nope"),
+    assert_one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path / "nope"),
                                         "--out", str(tmp_path / "o")]), "nope", "not found")
-    _one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path),
+    assert_one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path),
                                         "--out", str(tmp_path / "o")]), "missing IDX file")
-    _one_error_line(runner.invoke(app, ["data", "prepare", "pets", "--out", str(tmp_path / "o")]),
+    assert_one_error_line(runner.invoke(app, ["data", "prepare", "pets", "--out", str(tmp_path / "o")]),
                     "unknown dataset 'pets'")
-    _one_error_line(runner.invoke(app, ["data", "prepare", "synthetic", "--limit", "0",
+    assert_one_error_line(runner.invoke(app, ["data", "prepare", "synthetic", "--limit", "0",
                                         "--out", str(tmp_path / "o")]), "--limit")
-    _one_error_line(runner.invoke(app, ["data", "show", str(tmp_path)]), "not a prepared dataset")
-    _one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+    assert_one_error_line(runner.invoke(app, ["data", "show", str(tmp_path)]), "not a prepared dataset")
+    assert_one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                                         "--latent-dim", "0"]), "latent_dim must be at least 1")
-    _one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+    assert_one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                                         "--lr", "-1"]), "lr must be a positive number")
-    _one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")]),
+    assert_one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")]),
                     "not a prepared dataset")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 

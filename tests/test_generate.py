@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_checkpoint
+from conftest import assert_one_error_line, make_checkpoint
 from vae_ray.cli import app
 from vae_ray.errors import UserError
 from vae_ray.generate import generate, latent_normals, verify
@@ -130,36 +130,28 @@ def test_conditional_per_class_is_an_image_folder(ray_cluster, conditional_run, 
     assert one["count"] == 12 and len(list((tmp_path / "sevens" / "7").rglob("*.png"))) == 12
 
 
-def _one_error_line(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def test_generate_user_errors(ray_cluster, model_run, tmp_path):
     runner = CliRunner()
-    _one_error_line(runner.invoke(app, ["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]),
+    assert_one_error_line(runner.invoke(app, ["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]),
                     "no such checkpoint")
     broken = make_checkpoint(tmp_path / "broken")
     (broken / "latest" / "model.pt").write_bytes(b"garbage")
-    _one_error_line(runner.invoke(app, ["generate", str(broken), "--out", str(tmp_path / "o")]),
+    assert_one_error_line(runner.invoke(app, ["generate", str(broken), "--out", str(tmp_path / "o")]),
                     "corrupt checkpoint")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(foreign)]),
+    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(foreign)]),
                     "holds other files", "--overwrite")
     assert (foreign / "notes.txt").read_text() == "mine"
-    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--label", "3"]),
+    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--label", "3"]),
                     "not a class-conditional model")
-    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--num", "0"]),
+    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--num", "0"]),
                     "--num must be at least 1")
-    _one_error_line(runner.invoke(app, ["generate", "--verify", str(foreign)]), "not a generated set")
+    assert_one_error_line(runner.invoke(app, ["generate", "--verify", str(foreign)]), "not a generated set")
     # A finished set refuses a run with a different seed, unless --overwrite.
     assert runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(tmp_path / "s")]).exit_code == 0
-    _one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9",
+    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9",
                                         "--out", str(tmp_path / "s")]), "a different generation run")
     ok = runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9", "--overwrite",
                              "--out", str(tmp_path / "s")])

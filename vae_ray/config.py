@@ -168,27 +168,16 @@ def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise bad
-    if "int" in kind:
+    for word, number in (("int", int), ("float", float)):
+        if word not in kind:
+            continue
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        if isinstance(value, (int, float)) and (number is float or float(value).is_integer()):
+            return number(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if "float" in kind:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return number(value)
             except ValueError:
                 raise bad from None
         raise bad
