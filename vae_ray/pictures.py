@@ -60,7 +60,6 @@ def write_run_pictures(run_dir: Path, data_uri: str) -> dict[str, Any]:
     if history:
         loss_curves(history, plots / "loss_curves.png", title=run_dir.name)
     loaded = ckpt.load(run_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     images, labels = read_arrays(data_uri, "test", limit=MAX_TEST_ROWS)
     pick = two_per_class(labels, loaded.dataset["num_classes"], seed=loaded.config.seed)
     recon = reconstruct(loaded.model, images[pick], labels[pick])

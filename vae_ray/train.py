@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .ingest import ShardFeeder, to_float
 from .model import VAE, batch_terms, build_model
 
@@ -318,15 +318,19 @@ def _make_run_dir_callback(run_dir: Path):
 
         def __init__(self, run_dir: str):
             self.run_dir = Path(run_dir)
+            self.last_epoch: int | None = None  # read from metrics.jsonl once, on the controller
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
             if "stopped" in m:
                 (self.run_dir / "stopped.json").write_text(json.dumps(m) + "\n")
                 return
-            if m["epoch"] > max((h["epoch"] for h in read_history(self.run_dir)), default=0):
+            if self.last_epoch is None:
+                self.last_epoch = max((h["epoch"] for h in read_history(self.run_dir)), default=0)
+            if m["epoch"] > self.last_epoch:
                 with open(self.run_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(m) + "\n")
+                self.last_epoch = m["epoch"]
             if checkpoint is not None:
                 ckpt.point_latest(self.run_dir, Path(checkpoint.path))
 
@@ -363,8 +367,6 @@ def fit(cfg: TrainConfig, resume: bool = False, show: bool = True, address: str 
     stopped = run_dir / "stopped.json"
     if stopped.exists():
         reason = json.loads(stopped.read_text())["stopped"]
-        from .errors import RunFailed
-
         raise RunFailed(f"training stopped: {reason}; the last good checkpoint is {run_dir / 'latest'}")
     from .pictures import write_run_pictures
 
@@ -447,12 +449,10 @@ def _run_trainer(cfg: TrainConfig, dataset: dict, run_dir: Path, meta: dict, sho
         ray.kill(board)
     error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
     if error is not None:
-        from .errors import RunFailed
-
-        raise RunFailed(f"training failed: {_root_cause(error)} (Ray logs: {run_dir / 'ray-logs'})")
+        raise RunFailed(f"training failed: {root_cause(error)} (Ray logs: {run_dir / 'ray-logs'})")
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """The innermost exception's first line: what actually went wrong on a worker."""
     seen = exc
     while True:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import TrainConfig
-from .errors import UserError
+from .errors import RunFailed, UserError
 
 METRICS = ("test_matlab_elbo", "test_neg_elbo_nats")
 SEARCHED = ("latent_dim", "lr", "beta", "recon_weight")
@@ -187,8 +187,6 @@ def search(base: TrainConfig, spec: SearchSpec, out: str | Path, *, grace_period
     rows = collect(results, trials_dir, metric, base.epochs)
     write_outputs(rows, out, metric)
     if rows and all(r["status"] == "error" for r in rows):
-        from .errors import RunFailed
-
         raise RunFailed(f"search failed: all {len(rows)} trials errored; first error: {rows[0]['error']}")
     return rows
 
@@ -221,7 +219,7 @@ def derive_concurrency(resources: dict, cpus_per_trial: int, gpus_per_trial: int
 
 
 def collect(results, trials_dir: Path, metric: str, epochs: int) -> list[dict[str, Any]]:
-    from .train import read_history
+    from .train import read_history, root_cause
 
     rows = []
     for result in results:
@@ -242,16 +240,10 @@ def collect(results, trials_dir: Path, metric: str, epochs: int) -> list[dict[st
             "epochs": len(history), "status": status,
             "checkpoint": str(latest.resolve()) if latest.exists() else "",
             "history": values,
-            "error": _first_error_line(result.error) if result.error else "",
+            "error": root_cause(result.error) if result.error else "",
         })
     rows.sort(key=lambda r: (r[f"final_{metric}"] is None, r[f"final_{metric}"] or 0.0))
     return rows
-
-
-def _first_error_line(error: BaseException) -> str:
-    from .train import _root_cause
-
-    return _root_cause(error)
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, metric: str) -> None:
