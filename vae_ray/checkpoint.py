@@ -87,6 +87,25 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     return Loaded(model.to(device).eval(), config, dataset, state, directory)
 
 
+def load_blob(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as one picklable dict for Ray workers: weights (loaded
+    safely), config, dataset description and the weights' digest."""
+    import hashlib
+
+    loaded = load(path)
+    sha = hashlib.sha256((loaded.path / "model.pt").read_bytes()).hexdigest()
+    return {"weights": loaded.model.state_dict(), "config": loaded.config.to_dict(),
+            "dataset": loaded.dataset, "sha256": sha, "path": str(loaded.path)}
+
+
+def model_from_blob(blob: dict[str, Any]) -> VAE:
+    cfg, dataset = blob["config"], blob["dataset"]
+    model = build_model(cfg["arch"], dataset["shape"], cfg["latent_dim"],
+                        dataset["num_classes"] if cfg["conditional"] else 0, cfg["loss"])
+    model.load_state_dict(blob["weights"])
+    return model.eval()
+
+
 def point_latest(run_dir: Path, checkpoint_dir: Path, name: str = "latest") -> None:
     """Atomically make RUN/<name> a relative symlink to `checkpoint_dir`."""
     link = run_dir / name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 
@@ -22,6 +23,9 @@ def quiet_ray_environment() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    # Ray Data's advice about actor pools larger than a small input is
+    # harmless here (the pool is sized from the data) and not for users.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
 
 def ensure_ray(cpus_needed: int = 1, address: str | None = None) -> dict:
@@ -51,7 +55,10 @@ def ensure_ray(cpus_needed: int = 1, address: str | None = None) -> dict:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-    logging.getLogger("ray").setLevel(logging.ERROR)
+    # Ray Data configures its own logger (with its own handler) on import;
+    # its per-dataset INFO/WARNING lines belong in the session logs, not here.
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     _route_raylet_messages_to_log()
     return ray.cluster_resources()
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from .errors import UserError
 
 ARCHS = ("auto", "mnist", "cifar")
-LOSSES = ("auto", "matlab", "bernoulli", "gaussian")
+LOSSES = ("auto", "matlab", "bernoulli", "gaussian", "logistic")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "memory", "none")
@@ -38,7 +38,7 @@ class TrainConfig:
     latent_dim: int = _f(16, "Size K of the latent vector z.")
     conditional: bool = _f(False, "Class-conditional VAE: the one-hot label enters encoder and decoder.")
     # --- loss ------------------------------------------------------------
-    loss: str = _f("auto", "matlab (0.5*SSE + KL), bernoulli (BCE + KL), gaussian (learned variance); auto = matlab for 1 channel, gaussian otherwise.")
+    loss: str = _f("auto", "matlab (0.5*SSE + KL), bernoulli (BCE + KL), gaussian (learned variance), logistic (discretised logistic for 8-bit data, bits/dim); auto = matlab for 1 channel, gaussian otherwise.")
     beta: float = _f(1.0, "Weight of the KL term.")
     recon_weight: float = _f(1.0, "Weight of the reconstruction term.")
     kl_warmup_epochs: int = _f(0, "Ramp the KL weight linearly from 0 to beta over this many epochs.")

@@ -8,7 +8,7 @@ Two networks from the source documents:
   mirrored decoder). Any H x W divisible by 8.
 
 The decoder returns logits; each loss reads them its own way (sigmoid mean
-for `matlab` and `gaussian`, Bernoulli logits for `bernoulli`). Inputs are
+for `matlab`, `gaussian` and `logistic`, Bernoulli logits for `bernoulli`). Inputs are
 always pixels in [0, 1], so the MATLAB-unit ELBO is comparable for any model.
 """
 
@@ -24,6 +24,9 @@ from torch import nn
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # keeps exp(logvar) finite in fp32
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -6.0, 2.0
+LOG_SCALE_MIN = -8.0      # logistic scale floor: well under one 8-bit step (1/255)
+HALF_BIN = 0.5 / 255      # half the width of one 8-bit intensity step in [0, 1]
+DISCRETE_LOSSES = ("logistic",)  # likelihoods of 8-bit data: bits/dim are meaningful
 
 
 class VAE(nn.Module):
@@ -43,8 +46,8 @@ class VAE(nn.Module):
             self.head = _CifarHead(feat + num_classes, latent_dim)
         else:
             raise ValueError(f"unknown arch {arch!r}")
-        # sigma-VAE: one learned log standard deviation per channel.
-        self.log_sigma = nn.Parameter(torch.zeros(c)) if loss == "gaussian" else None
+        # sigma-VAE / discretised logistic: one learned log scale per channel.
+        self.log_sigma = nn.Parameter(torch.zeros(c)) if loss in ("gaussian", "logistic") else None
 
     # -- the four methods -------------------------------------------------
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +177,31 @@ def recon_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor
         log_sigma = model.log_sigma.float().clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).view(1, -1, 1, 1)
         z = (x - torch.sigmoid(logits)) * torch.exp(-log_sigma)
         return (0.5 * z.pow(2) + log_sigma + 0.5 * LOG_2PI).flatten(1).sum(1)
+    if model.loss == "logistic":
+        log_scale = model.log_sigma.float().clamp(LOG_SCALE_MIN, LOG_SIGMA_MAX).view(1, -1, 1, 1)
+        return -discretized_logistic_log_prob(x, torch.sigmoid(logits), log_scale).flatten(1).sum(1)
     raise ValueError(f"unknown loss {model.loss!r}")
+
+
+def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(x) per pixel for 8-bit x in {0, 1/255, ..., 1} under a logistic
+    of `mean` and exp(log_scale), integrated over the pixel's bin; the two end
+    bins take the tails (Salimans et al. 2017, PixelCNN++). Sums to 1 over
+    the 256 values, so -log P in bits per dimension is directly comparable
+    with the literature's figures."""
+    centered = x - mean
+    inv_scale = torch.exp(-log_scale)
+    plus_in = inv_scale * (centered + HALF_BIN)
+    min_in = inv_scale * (centered - HALF_BIN)
+    log_cdf_plus = plus_in - F.softplus(plus_in)             # log sigmoid(plus_in)
+    log_one_minus_cdf_min = -F.softplus(min_in)              # log (1 - sigmoid(min_in))
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    mid_in = inv_scale * centered                            # when the bin mass underflows:
+    log_pdf_mid = mid_in - log_scale - 2 * F.softplus(mid_in)  # density times the bin width
+    inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)),
+                        log_pdf_mid + math.log(2 * HALF_BIN))
+    return torch.where(x < HALF_BIN, log_cdf_plus,
+                       torch.where(x > 1 - HALF_BIN, log_one_minus_cdf_min, inner))
 
 
 def recon_term(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,42 @@ def trial_curves(rows: Sequence[dict], metric: str, path: str | Path) -> Path:
     return _save_fig(fig, path)
 
 
+def latent_scatter(points: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: str | Path,
+                   title: str, ax=None) -> Path | None:
+    """2-D latent map coloured by class; draws into `ax` when given (no file)."""
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for k, name in enumerate(classes):
+        pick = labels == k
+        if pick.any():
+            ax.scatter(points[pick, 0], points[pick, 1], s=6, alpha=0.7, color=cmap(k % cmap.N), label=name)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(classes) <= 20:
+        ax.legend(fontsize=7, markerscale=2, loc="best", framealpha=0.6)
+    if fig is None:
+        return None
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def histogram(values: np.ndarray, path: str | Path, xlabel: str, title: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.hist(values, bins=60, color="tab:blue", alpha=0.85)
+    ax.axvline(float(np.median(values)), color="tab:red", ls="--", label=f"median {np.median(values):.2f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
 def _save_fig(fig, path: str | Path) -> Path:
     plt = _pyplot()
     path = Path(path)
