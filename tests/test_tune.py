@@ -85,3 +85,38 @@ def test_invalid_search_specs_exit_2(tiny_data, tmp_path, args, words):
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and words in lines[0], result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_study_latent_dims_writes_its_pictures(ray_cluster, tiny_data, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    out = tmp_path / "study"
+    result = CliRunner().invoke(app, ["study", "latent-dims", "--data", str(tiny_data), "--out", str(out),
+                                      "--latent-dims", "2,4", "--epochs", "1", "--max-concurrent", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "study.json").read_text())
+    assert set(summary["results"]) == {"2", "4"}
+    for k in ("2", "4"):  # every trial ran with the study's weights
+        cfg = ckpt.load(summary["results"][k]["checkpoint"]).config
+        assert (cfg.latent_dim, cfg.recon_weight, cfg.beta) == (int(k), 0.5, 0.5)
+    for picture in ("reconstructions_by_latent_dim.png", "metric_by_latent_dim.png"):
+        assert (out / picture).stat().st_size > 5000
+
+
+def test_study_loss_weights_searches_weight_pairs(ray_cluster, tiny_data, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    out = tmp_path / "weights"
+    result = CliRunner().invoke(app, ["study", "loss-weights", "--data", str(tiny_data), "--out", str(out),
+                                      "--latent-dim", "4", "--epochs", "1", "--max-concurrent", "1"])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as fh:
+        pairs = {(r["recon_weight"], r["beta"]) for r in csv.DictReader(fh)}
+    assert pairs == {("0.9", "0.1"), ("0.1", "0.9")}  # pairs, not the 2 x 2 grid
+    summary = json.loads((out / "study.json").read_text())
+    assert set(summary["results"]) == {"0.9*MSE + 0.1*KL", "0.1*MSE + 0.9*KL"}
+    assert (out / "loss_weights.png").stat().st_size > 20000

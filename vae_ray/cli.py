@@ -186,6 +186,9 @@ def train_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)."),
+    submit: bool = typer.Option(False, "--submit", help="Run as a Ray Job on the cluster at --address (or RAY_ADDRESS)."),
+    wait: bool = typer.Option(False, "--wait", help="With --submit: stream the job's logs and exit with its outcome."),
+    install_requirements: bool = typer.Option(False, "--install-requirements", help="With --submit: pip-install the package's requirements in the job's runtime environment."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Train the VAE with Ray Train: Ray Data streams the shards to DDP workers."""
@@ -213,6 +216,10 @@ def train_cmd(
         cfg = load_config(config_file, **flags)
         if not cfg.data:
             raise UserError("--data is required (a folder made by `vae-ray data prepare`)")
+    if submit:
+        _submit({"command": "train", "config": cfg.validate().to_dict(), "resume": resume}, address, wait,
+                install_requirements, [cfg.data, cfg.out])
+        return
     summary = fit(cfg, resume=resume, show=not as_json, address=address)
     if as_json:
         out.print(json.dumps(summary))
@@ -249,6 +256,9 @@ def tune_cmd(
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (default: what fits)."),
     metric: str = typer.Option("test_matlab_elbo", "--metric", help="test_matlab_elbo or test_neg_elbo_nats."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search in --out."),
+    submit: bool = typer.Option(False, "--submit", help="Run as a Ray Job on the cluster at --address (or RAY_ADDRESS)."),
+    wait: bool = typer.Option(False, "--wait", help="With --submit: stream the job's logs and exit with its outcome."),
+    install_requirements: bool = typer.Option(False, "--install-requirements", help="With --submit: pip-install the package's requirements in the job's runtime environment."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
 ) -> None:
     """Search latent dimension, learning rate and KL weight with Ray Tune and ASHA early stopping."""
@@ -267,11 +277,94 @@ def tune_cmd(
                       lrs=parse_list(lrs, float, "--lrs"),
                       lr_range=(lr_min, lr_max) if lr_min is not None else None,
                       num_samples=num_samples, betas=parse_list(betas, float, "--betas"))
-    rows = search(base, spec, out_dir, grace_period=grace_period, metric=metric, max_concurrent=max_concurrent,
-                  gpus_per_trial=gpus_per_trial, resume=resume, address=address)
+    options = dict(grace_period=grace_period, metric=metric, max_concurrent=max_concurrent,
+                   gpus_per_trial=gpus_per_trial, resume=resume)
+    if submit:
+        import dataclasses
+
+        _submit({"command": "tune", "config": base.to_dict(), "search": dataclasses.asdict(spec),
+                 "out": str(out_dir), "options": options}, address, wait, install_requirements, [data, str(out_dir)])
+        return
+    rows = search(base, spec, out_dir, address=address, **options)
     _trial_table(rows, metric)
     console.print(f"results {out_dir / 'results.csv'}  curves {out_dir / 'curves.png'}")
     out.print(str(out_dir / "best"))
+
+
+study_app = typer.Typer(help="The source documents' two studies, as searches plus pictures.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+def _study_options(workers_per_trial: int, max_concurrent: Optional[int], resume: bool, address: Optional[str],
+                   config_file: Optional[Path]) -> dict:
+    return {"workers_per_trial": workers_per_trial, "max_concurrent": max_concurrent, "resume": resume,
+            "address": address, "config_file": config_file}
+
+
+def _print_study(summary: dict) -> None:
+    table = Table(title=f"study {summary['study']}: final test metrics")
+    table.add_column("setting")
+    for column in ("test_matlab_elbo", "test_kl"):
+        table.add_column(column, justify="right")
+    for name, values in summary["results"].items():
+        table.add_row(name, f"{values['test_matlab_elbo']:.3f}", f"{values['test_kl']:.3f}")
+    console.print(table)
+    for picture in summary["pictures"]:
+        console.print(f"picture {picture}")
+    out.print(summary["pictures"][0])
+
+
+STUDY_OPTIONS = dict(
+    workers_per_trial=typer.Option(1, "--workers-per-trial", help="Ray Train workers per trial."),
+    max_concurrent=typer.Option(None, "--max-concurrent", help="Trials at once (default: what fits)."),
+    resume=typer.Option(False, "--resume", help="Continue an interrupted study in --out."),
+    address=typer.Option(None, "--address", help="Ray cluster address."),
+    config_file=typer.Option(None, "--config", "-c", help="Base settings for every trial."),
+)
+
+
+@study_app.command("latent-dims")
+@user_errors
+def study_latent_dims(
+    data: str = typer.Option(..., "--data", "-d", help="Prepared dataset folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Study folder (a search folder plus pictures)."),
+    latent_dims: str = typer.Option("2,5,10,20", "--latent-dims", help="Latent sizes to compare."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs per trial."),
+    lr: float = typer.Option(2e-3, "--lr", help="Learning rate of every trial."),
+    workers_per_trial: int = STUDY_OPTIONS["workers_per_trial"],
+    max_concurrent: Optional[int] = STUDY_OPTIONS["max_concurrent"],
+    resume: bool = STUDY_OPTIONS["resume"],
+    address: Optional[str] = STUDY_OPTIONS["address"],
+    config_file: Optional[Path] = STUDY_OPTIONS["config_file"],
+) -> None:
+    """Latent size 2, 5, 10, 20 with loss 0.5*MSE + 0.5*KL: reconstructions and the metric per size."""
+    from .study import latent_dims as run_study
+    from .tune import parse_list
+
+    dims = tuple(parse_list(latent_dims, int, "--latent-dims"))
+    _print_study(run_study(data, out_dir, dims, epochs=epochs, lr=lr,
+                           **_study_options(workers_per_trial, max_concurrent, resume, address, config_file)))
+
+
+@study_app.command("loss-weights")
+@user_errors
+def study_loss_weights(
+    data: str = typer.Option(..., "--data", "-d", help="Prepared dataset folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Study folder (a search folder plus pictures)."),
+    latent_dim: int = typer.Option(20, "--latent-dim", help="Latent size of both models."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs per trial."),
+    lr: float = typer.Option(2e-3, "--lr", help="Learning rate of every trial."),
+    workers_per_trial: int = STUDY_OPTIONS["workers_per_trial"],
+    max_concurrent: Optional[int] = STUDY_OPTIONS["max_concurrent"],
+    resume: bool = STUDY_OPTIONS["resume"],
+    address: Optional[str] = STUDY_OPTIONS["address"],
+    config_file: Optional[Path] = STUDY_OPTIONS["config_file"],
+) -> None:
+    """0.9*MSE + 0.1*KL against 0.1*MSE + 0.9*KL: reconstructions and t-SNE maps side by side."""
+    from .study import loss_weights as run_study
+
+    _print_study(run_study(data, out_dir, latent_dim=latent_dim, epochs=epochs, lr=lr,
+                           **_study_options(workers_per_trial, max_concurrent, resume, address, config_file)))
 
 
 def _trial_table(rows: list, metric: str) -> None:
@@ -305,6 +398,9 @@ def generate_cmd(
     per_class: bool = typer.Option(False, "--per-class", help="Class-conditional models: N split evenly over classes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever the destination holds."),
     verify_uri: Optional[str] = typer.Option(None, "--verify", help="Check a finished set against its manifest and exit."),
+    submit: bool = typer.Option(False, "--submit", help="Run as a Ray Job on the cluster at --address (or RAY_ADDRESS)."),
+    wait: bool = typer.Option(False, "--wait", help="With --submit: stream the job's logs and exit with its outcome."),
+    install_requirements: bool = typer.Option(False, "--install-requirements", help="With --submit: pip-install the package's requirements in the job's runtime environment."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
 ) -> None:
     """Write a synthetic image set with a Ray Data batch-inference job, exactly once and resumable."""
@@ -317,9 +413,14 @@ def generate_cmd(
         return
     if checkpoint is None or out_uri is None:
         raise UserError("generate needs a CHECKPOINT_OR_RUN argument and --out (or --verify URI)")
-    job = Generation(checkpoint, num, out_uri, fmt=fmt, seed=seed, actors=actors, gpu=gpu,
-                     temperature=temperature, label=label, per_class=per_class, overwrite=overwrite,
-                     batch_size=batch_size, shard_size=shard_size)
+    options = dict(checkpoint=checkpoint, num=num, out=out_uri, fmt=fmt, seed=seed, actors=actors, gpu=gpu,
+                   temperature=temperature, label=label, per_class=per_class, overwrite=overwrite,
+                   batch_size=batch_size, shard_size=shard_size)
+    if submit:
+        _submit({"command": "generate", "options": options}, address, wait, install_requirements,
+                [checkpoint, out_uri])
+        return
+    job = Generation(**options)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
@@ -370,13 +471,21 @@ def evaluate_cmd(
     actors: Optional[int] = typer.Option(None, "--actors", help="Scoring actors (default: one per CPU)."),
     seed: int = typer.Option(0, "--seed", help="Seed of posterior samples, binarisation and generated images."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
+    submit: bool = typer.Option(False, "--submit", help="Run as a Ray Job on the cluster at --address (or RAY_ADDRESS)."),
+    wait: bool = typer.Option(False, "--wait", help="With --submit: stream the job's logs and exit with its outcome."),
+    install_requirements: bool = typer.Option(False, "--install-requirements", help="With --submit: pip-install the package's requirements in the job's runtime environment."),
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object."),
 ) -> None:
     """Likelihoods (ELBO, importance-weighted NLL, bits/dim) and sample quality of a model."""
     from .evaluate import Evaluation, save
 
-    job = Evaluation(checkpoint, data, split, iw_samples=iw_samples, samples=samples, limit=limit, actors=actors,
-                     seed=seed, tstr=tstr, tstr_samples=tstr_samples)
+    options = dict(checkpoint=checkpoint, data=data, split=split, iw_samples=iw_samples, samples=samples,
+                   limit=limit, actors=actors, seed=seed, tstr=tstr, tstr_samples=tstr_samples)
+    if submit:
+        _submit({"command": "evaluate", "options": options}, address, wait, install_requirements,
+                [checkpoint, data or ""])
+        return
+    job = Evaluation(**options)
     if as_json:
         result = job.run(address)
     else:
@@ -444,6 +553,86 @@ def report_cmd(
         page = report.build(lambda stage: status.update(f"report: {stage}"))
     console.print(f"[green]wrote[/] {page}")
     out.print(str(page))
+
+
+# ---------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------
+def _submit(spec: dict, address: Optional[str], wait: bool, install_requirements: bool, paths: list) -> None:
+    from .jobs import dashboard_url, submit
+
+    url = dashboard_url(address)
+    job_id = submit(spec, url, wait, print_line=lambda line: out.print(line, markup=False, highlight=False),
+                    warn=lambda text: console.print(f"[yellow]warning:[/] {text}", soft_wrap=True),
+                    install_requirements=install_requirements, paths=[str(p) for p in paths if p])
+    if wait:
+        console.print(f"[green]job {job_id} succeeded[/]")
+        return
+    console.print(f"submitted {spec['command']} to {url}; follow it with: "
+                  f"vae-ray jobs logs {job_id} --follow --address {url}", soft_wrap=True)
+    out.print(job_id)
+
+
+jobs_app = typer.Typer(help="Jobs on a Ray cluster (the Ray Jobs API at --address or RAY_ADDRESS).",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+ADDRESS = typer.Option(None, "--address", help="The cluster's dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS).")
+
+
+def _when(ms: Optional[int]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(address: Optional[str] = ADDRESS) -> None:
+    """Submitted jobs, newest first."""
+    from .jobs import list_jobs
+
+    rows = list_jobs(address)
+    table = Table(title=f"{len(rows)} jobs")
+    for column in ("job id", "command", "status", "started", "took"):
+        table.add_column(column, no_wrap=True)
+    for r in rows:
+        took = f"{(r['end'] - r['start']) / 1000:.0f} s" if r["start"] and r["end"] else "-"
+        style = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(r["status"], "cyan")
+        table.add_row(r["id"], r["command"], f"[{style}]{r['status']}[/]", _when(r["start"]), took)
+    console.print(table)
+    for r in rows:
+        out.print(f"{r['id']}\t{r['status']}")
+
+
+@jobs_app.command("status")
+@user_errors
+def jobs_status(job_id: str = typer.Argument(..., help="The job id."), address: Optional[str] = ADDRESS) -> None:
+    """One job's status and message."""
+    from .jobs import job_status
+
+    info = job_status(address, job_id)
+    console.print(f"{info['id']} ({info['command'] or 'job'}): started {_when(info['start'])}, "
+                  f"ended {_when(info['end'])}; {info['message']}", soft_wrap=True)
+    out.print(info["status"])
+
+
+@jobs_app.command("logs")
+@user_errors
+def jobs_logs(job_id: str = typer.Argument(..., help="The job id."), address: Optional[str] = ADDRESS,
+              follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+    """A job's output."""
+    from .jobs import job_logs
+
+    job_logs(address, job_id, follow, lambda line: out.print(line, markup=False, highlight=False))
+
+
+@jobs_app.command("stop")
+@user_errors
+def jobs_stop(job_id: str = typer.Argument(..., help="The job id."), address: Optional[str] = ADDRESS) -> None:
+    """Stop a running job."""
+    from .jobs import stop_job
+
+    status = stop_job(address, job_id)
+    console.print(f"{job_id}: {status.lower() or 'stop requested'}")
+    out.print(status)
 
 
 @app.command("demo")

@@ -101,7 +101,8 @@ def trial_curves(rows: Sequence[dict], metric: str, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
         if row["history"]:
-            label = f"K={row['latent_dim']} lr={row['lr']:.1e}" + (f" beta={row['beta']}" if row["beta"] != 1 else "")
+            label = f"K={row['latent_dim']} lr={row['lr']:.1e}" + (f" beta={row['beta']}" if row["beta"] != 1 else "") \
+                + (f" recon={row['recon_weight']}" if row.get("recon_weight", 1) != 1 else "")
             style = "-" if row["status"] == "completed" else ":"
             ax.plot(range(1, len(row["history"]) + 1), row["history"], style, marker="o", ms=3, label=label)
     ax.set_xlabel("epoch")
@@ -146,6 +147,40 @@ def histogram(values: np.ndarray, path: str | Path, xlabel: str, title: str) -> 
     ax.set_ylabel("images")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def labelled_rows(strips: Sequence[np.ndarray], names: Sequence[str], path: str | Path, title: str) -> Path:
+    """Image strips (each (H, W, C) uint8) stacked with a name to the left of each."""
+    plt = _pyplot()
+    height = sum(s.shape[0] for s in strips) / 80 + 0.6
+    fig, axes = plt.subplots(len(strips), 1, figsize=(12, max(2.0, height)), squeeze=False)
+    for ax, strip, name in zip(axes[:, 0], strips, names):
+        ax.imshow(strip[..., 0] if strip.shape[2] == 1 else strip, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def metric_by_setting(names: Sequence[str], series: dict[str, Sequence[float]], path: str | Path,
+                      xlabel: str, title: str) -> Path:
+    """One line per metric over a few named settings (e.g. latent sizes)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    for ax, (label, values) in zip(axes[0], series.items()):
+        ax.plot(range(len(names)), values, "o-")
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.2f}", (i, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     return _save_fig(fig, path)
 

@@ -40,6 +40,8 @@ class SearchSpec:
     num_samples: int = 1
     betas: list[float] = field(default_factory=lambda: [1.0])
     recon_weights: list[float] = field(default_factory=lambda: [1.0])
+    # (recon_weight, beta) pairs searched together instead of as a grid
+    weight_pairs: Optional[list[tuple[float, float]]] = None
 
     def validate(self, base: TrainConfig) -> "SearchSpec":
         if (self.lrs is None) == (self.lr_range is None):
@@ -52,9 +54,13 @@ class SearchSpec:
                 raise UserError(f"--lr-min and --lr-max must satisfy 0 < min < max (got {low}, {high})")
         # Every combination must make a valid run config.
         lrs = self.lrs or list(self.lr_range)
-        for k, lr, beta, rw in itertools.product(self.latent_dims, lrs, self.betas, self.recon_weights):
+        for k, lr, (rw, beta) in itertools.product(self.latent_dims, lrs, self.weights()):
             base.replace(latent_dim=k, lr=lr, beta=beta, recon_weight=rw)
         return self
+
+    def weights(self) -> list[tuple[float, float]]:
+        """Every (recon_weight, beta) a trial may get."""
+        return self.weight_pairs or list(itertools.product(self.recon_weights, self.betas))
 
     def param_space(self) -> dict[str, Any]:
         from ray import tune
@@ -63,12 +69,22 @@ class SearchSpec:
             return tune.grid_search(values) if len(values) > 1 else values[0]
 
         lr = grid(self.lrs) if self.lrs is not None else tune.loguniform(*self.lr_range)
-        return {"latent_dim": grid(self.latent_dims), "lr": lr, "beta": grid(self.betas),
-                "recon_weight": grid(self.recon_weights)}
+        space = {"latent_dim": grid(self.latent_dims), "lr": lr}
+        if self.weight_pairs:
+            return space | {"weights": grid([list(pair) for pair in self.weight_pairs])}
+        return space | {"beta": grid(self.betas), "recon_weight": grid(self.recon_weights)}
 
     def trial_count(self) -> int:
-        grid = len(self.latent_dims) * len(self.betas) * len(self.recon_weights) * len(self.lrs or [0])
+        grid = len(self.latent_dims) * len(self.weights()) * len(self.lrs or [0])
         return grid * self.num_samples
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's searched settings, with (recon_weight, beta) pairs unpacked."""
+    params = {k: config[k] for k in SEARCHED if k in config}
+    if "weights" in config:
+        params["recon_weight"], params["beta"] = config["weights"]
+    return params
 
 
 def parse_list(text: Optional[str], kind: type, option: str) -> Optional[list]:
@@ -96,7 +112,7 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = Path(setup["trials_dir"]) / trial_id  # deterministic: resume finds the same run
-    params = {k: config[k] for k in SEARCHED if k in config}
+    params = trial_params(config)
     cfg = TrainConfig.from_dict({**setup["base"], **params, "out": str(run_dir)})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "dataset": setup["dataset"]},
@@ -142,7 +158,9 @@ def search(base: TrainConfig, spec: SearchSpec, out: str | Path, *, grace_period
         raise UserError(f"--max-concurrent must be at least 1 (got {max_concurrent})")
     # A local cluster is sized for the requested concurrency plus one CPU for
     # Ray Data; a running cluster must already have that room.
-    resources = ensure_ray(per_trial_cpus * (max_concurrent or 1) + 1, address)
+    # One trial's worth more: a finished trial's placement group can take a
+    # while to be released, and the next trial must not wait on it.
+    resources = ensure_ray(per_trial_cpus * ((max_concurrent or 1) + 1) + 1, address)
     gpus = base.workers if gpus_per_trial else 0
     concurrency = max_concurrent or derive_concurrency(resources, per_trial_cpus, gpus)
     if concurrency * per_trial_cpus > resources.get("CPU", 0) - 1:
@@ -168,7 +186,11 @@ def search(base: TrainConfig, spec: SearchSpec, out: str | Path, *, grace_period
         tuner = tune.Tuner(
             trainable, param_space=spec.param_space(),
             tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=scheduler,
-                                        num_samples=spec.num_samples, max_concurrent_trials=concurrency),
+                                        num_samples=spec.num_samples, max_concurrent_trials=concurrency,
+                                        # A fresh actor per trial: ending it ends the trial's Train
+                                        # controller, whose placement group would otherwise stay
+                                        # reserved and starve the next trial's Ray Data reads.
+                                        reuse_actors=False),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0, callbacks=[display.callback]))
     import logging
 
@@ -234,7 +256,7 @@ def collect(results, trials_dir: Path, metric: str, epochs: int) -> list[dict[st
             (run_dir / "error.txt").write_text(f"{result.error!r}\n")
         rows.append({
             "trial_id": trial_id,
-            **{k: result.config.get(k) for k in SEARCHED},
+            **{k: None for k in SEARCHED}, **trial_params(result.config),
             f"final_{metric}": values[-1] if values else None,
             f"best_{metric}": min(values) if values else None,
             "epochs": len(history), "status": status,
