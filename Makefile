@@ -25,6 +25,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 		|| $(PY) -m pip install -q --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
+	@# The report test opens the HTML page in a real headless browser.
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		     && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+		|| echo "note: install chromium for the report's browser test (apt-get install chromium)"
 	@touch $@
 
 test: install
@@ -39,6 +44,7 @@ bench: install
 
 quality: install
 	$(PY) benchmarks/quality_mnist.py
+	$(PY) benchmarks/quality_nll.py mnist --epochs 10 --iw-samples 500 --limit 500
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache
