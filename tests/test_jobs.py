@@ -4,10 +4,13 @@ token authentication on: submit, list, status, logs, stop, and the errors."""
 import json
 import os
 import secrets
+import signal
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,15 +32,31 @@ def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     temp = tmp_path_factory.mktemp("rayhead")
-    started = subprocess.run(
-        [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+    # --block keeps the head in the foreground, in its own process group, so
+    # teardown stops this head only (`ray stop` would stop every Ray process
+    # on the machine, the suite's own cluster included).
+    proc = subprocess.Popen(
+        [ray_exe, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # the dashboard answers (401 without a token): it is up
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "the Ray head did not start"
+            time.sleep(1)
     yield url
-    subprocess.run([ray_exe, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture
