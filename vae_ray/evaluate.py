@@ -12,6 +12,7 @@ train`); without one those keys are null and the summary says how to get it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -148,6 +149,13 @@ class Evaluation:
         return {key: np.concatenate(values) for key, values in parts.items()}
 
     # -- sample quality: the judge's feature space ------------------------
+    @functools.cached_property
+    def model(self):
+        """The model on this process, for drawing samples (built once)."""
+        from .checkpoint import model_from_blob
+
+        return model_from_blob(self.blob)
+
     def sample_quality(self, progress) -> dict[str, Any]:
         from . import judge
         from .data import read_arrays
@@ -159,11 +167,11 @@ class Evaluation:
         if found is None:
             return empty | {"judge": f"none: run `vae-ray classifier train --data {self.data}` for sample quality"}
         model, info = found
-        test, _ = read_arrays(self.data, "test", meta=self.meta)
+        all_test, test_labels = read_arrays(self.data, "test", meta=self.meta)
         train, _ = read_arrays(self.data, "train", meta=self.meta)
-        n = min(self.samples, len(test), len(train))
+        n = min(self.samples, len(all_test), len(train))
         rng = np.random.default_rng(self.seed)
-        test = test[rng.choice(len(test), n, replace=False)]
+        test = all_test[rng.choice(len(all_test), n, replace=False)]
         train = train[rng.choice(len(train), n, replace=False)]
         if progress:
             progress("sample quality", 0, n)
@@ -182,17 +190,16 @@ class Evaluation:
         if progress:
             progress("sample quality", n, n)
         if self.tstr:
-            result["tstr_accuracy"] = self.train_on_synthetic(progress)
+            result["tstr_accuracy"] = self.train_on_synthetic(all_test, test_labels, progress)
         return result
 
     def draw(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """n generated uint8 images (balanced labels for a conditional model)."""
         import torch
 
-        from .checkpoint import model_from_blob
         from .pictures import to_uint8
 
-        model = model_from_blob(self.blob)
+        model = self.model
         gen = torch.Generator().manual_seed(seed)
         labels = np.arange(n) % self.dataset["num_classes"] if model.num_classes else np.zeros(n, np.int64)
         out = []
@@ -201,11 +208,10 @@ class Evaluation:
             out.append(to_uint8(model.sample(min(1000, n - start), y, generator=gen)))
         return np.concatenate(out), labels
 
-    def train_on_synthetic(self, progress) -> float:
+    def train_on_synthetic(self, test: np.ndarray, test_labels: np.ndarray, progress) -> float:
         """Train-on-Synthetic-Test-on-Real: a fresh judge fitted on generated
         labelled images only, scored on the real test split."""
         from . import judge
-        from .data import read_arrays
 
         images, labels = self.draw(self.tstr_samples, self.seed + 1)
 
@@ -213,7 +219,6 @@ class Evaluation:
             if progress:
                 progress("train on synthetic", step, steps)
         model = judge.fit(images, labels, self.dataset["num_classes"], epochs=3, seed=self.seed, progress=report)
-        test, test_labels = read_arrays(self.data, "test", meta=self.meta)
         return judge.accuracy(model, test, test_labels)
 
 

@@ -185,6 +185,29 @@ def metric_by_setting(names: Sequence[str], series: dict[str, Sequence[float]], 
     return _save_fig(fig, path)
 
 
+def recon_and_maps(truth: np.ndarray, panels: Sequence[tuple[str, np.ndarray, np.ndarray]], labels: np.ndarray,
+                   classes: Sequence[str], path: str | Path, title: str) -> Path:
+    """Ground truth, then per setting its reconstruction grid above a 2-D
+    latent map coloured by class. `panels`: (name, recon grid, points)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 10),
+                             gridspec_kw={"height_ratios": [1, 1.3]}, squeeze=False)
+
+    def show(ax, grid: np.ndarray, name: str) -> None:
+        ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    show(axes[0, 0], truth, "ground truth")
+    axes[1, 0].axis("off")
+    for col, (name, grid, points) in enumerate(panels, start=1):
+        show(axes[0, col], grid, name)
+        latent_scatter(points, labels, classes, None, f"t-SNE of test means: {name}", ax=axes[1, col])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
 def _save_fig(fig, path: str | Path) -> Path:
     plt = _pyplot()
     path = Path(path)

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import UserError
-from .pictures import reconstruct, samples, to_uint8, two_per_class
+from .pictures import samples, to_uint8, two_per_class
 from .plots import histogram, image_grid, latent_scatter, loss_curves, pairs_grid, save_png
 
 MAP_POINTS = 1000        # points in the PCA / t-SNE maps
@@ -58,6 +58,7 @@ class Report:
             raise UserError(f"{self.out}: exists and is not a folder")
         self.seed = seed
         self.classes = self.loaded.dataset["classes"] or [str(k) for k in range(self.loaded.dataset["num_classes"])]
+        self.history = self._read_history()
 
     # -----------------------------------------------------------------
     def build(self, progress: Optional[Callable[[str], None]] = None) -> Path:
@@ -68,22 +69,21 @@ class Report:
         images, labels = read_arrays(self.data, "test", limit=ERROR_IMAGES, meta=self.meta)
         rng = np.random.default_rng(self.seed)
         sections: list[tuple[str, str, str]] = []  # (title, png, caption)
-        history = self._history()
-        if history:
+        if self.history:
             say("loss curves")
-            loss_curves(history, self.out / "loss_curves.png", title=self.run.name)
+            loss_curves(self.history, self.out / "loss_curves.png", title=self.run.name)
             sections.append(("Loss curves", "loss_curves.png",
                              "Training objective on the train and test splits per epoch, and the test ELBO "
                              "in the MATLAB example's unit (0.5 * summed squared error + KL, per image)."))
         say("reconstructions")
-        sections.append(self._reconstructions(images, labels))
+        mu = self._encode(images, labels)  # every picture below starts from these posterior means
+        sections.append(self._reconstructions(images, labels, mu))
         say("samples")
         save_png(image_grid(samples(self.model, 64, seed=self.seed), cols=8, scale=self._scale()),
                  self.out / "samples.png")
         sections.append(("Samples", "samples.png", "64 images decoded from z ~ N(0, I)"
                          + (", classes in turn (class-conditional model)." if self.model.num_classes else ".")))
         say("latent maps")
-        mu = self._encode(images, labels)
         sections.extend(self._latent_maps(mu, labels, rng))
         if self.model.latent_dim == 2:
             sections.append(self._manifold())
@@ -91,7 +91,7 @@ class Report:
         sections.append(self._interpolations(images, labels, mu, rng))
         sections.append(self._arithmetic(images, labels, mu, rng))
         say("reconstruction errors")
-        sections.append(self._error_histogram(images, labels))
+        sections.append(self._error_histogram(images, labels, mu))
         say("page")
         return self._write_html(sections)
 
@@ -99,7 +99,7 @@ class Report:
     def _scale(self) -> int:
         return max(1, min(4, 96 // self.meta["shape"][0]))
 
-    def _history(self) -> list[dict]:
+    def _read_history(self) -> list[dict]:
         from .train import read_history
 
         return read_history(self.run) if (self.run / "metrics.jsonl").is_file() else []
@@ -111,13 +111,17 @@ class Report:
         return self.model.encode(x, y)[0].float()
 
     @torch.no_grad()
-    def _decode(self, z: torch.Tensor, label: int | None = None) -> np.ndarray:
-        y = torch.full((len(z),), label, dtype=torch.long) if self.model.num_classes else None
+    def _decode(self, z: torch.Tensor, label: int | np.ndarray | None = None) -> np.ndarray:
+        """Decoder means as uint8 images; `label`: one class for every z, or one per z."""
+        y = None
+        if self.model.num_classes:
+            y = torch.from_numpy(label) if isinstance(label, np.ndarray) else \
+                torch.full((len(z),), label, dtype=torch.long)
         return to_uint8(self.model.mean_image(self.model.decode(z, y)))
 
-    def _reconstructions(self, images, labels):
+    def _reconstructions(self, images, labels, mu):
         pick = two_per_class(labels, self.loaded.dataset["num_classes"], seed=self.seed)
-        recon = reconstruct(self.model, images[pick], labels[pick])
+        recon = self._decode(mu[pick], labels[pick])
         save_png(pairs_grid(images[pick], recon, cols=10, scale=self._scale()), self.out / "reconstructions.png")
         return ("Reconstructions", "reconstructions.png",
                 "Two test images of each class (upper rows) above their reconstructions from the posterior mean.")
@@ -170,10 +174,9 @@ class Report:
                 "Each row: test images x1, x2, x3; their reconstructions; then the decoding of "
                 "z1 - z2 + z3 (posterior means).")
 
-    @torch.no_grad()
-    def _error_histogram(self, images, labels):
+    def _error_histogram(self, images, labels, mu):
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        recon = torch.from_numpy(reconstruct(self.model, images, labels)).permute(0, 3, 1, 2).float() / 255
+        recon = torch.from_numpy(self._decode(mu, labels)).permute(0, 3, 1, 2).float() / 255
         sse = 0.5 * (recon - x).pow(2).flatten(1).sum(1).numpy()
         histogram(sse, self.out / "recon_error.png", "0.5 * summed squared error per image",
                   f"Reconstruction error of {len(images):,} test images")
@@ -183,7 +186,7 @@ class Report:
     # -- the page -------------------------------------------------------
     def _write_html(self, sections: list[tuple[str, str, str]]) -> Path:
         cfg = self.loaded.config.to_dict()
-        history = self._history()
+        history = self.history
         metrics = dict(history[-1]) if history else dict(self.loaded.state.get("metrics", {}))
         evaluation = _read_json(self.run / "evaluation.json")
         body = [f"<h1>{html.escape(self.run.name)}</h1>",

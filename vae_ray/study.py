@@ -91,7 +91,7 @@ def loss_weights(data: str, out: str | Path, latent_dim: int = 20, epochs: int =
     from . import checkpoint as ckpt
     from .embedding import tsne_2d
     from .pictures import reconstruct
-    from .plots import _pyplot, _save_fig, image_grid, latent_scatter
+    from .plots import image_grid, recon_and_maps
     from .train import read_history
 
     out = Path(out).expanduser().resolve()
@@ -102,39 +102,24 @@ def loss_weights(data: str, out: str | Path, latent_dim: int = 20, epochs: int =
     rng = np.random.default_rng(0)
     sample = rng.choice(len(images), min(1000, len(images)), replace=False)
     classes = meta["classes"] or [str(k) for k in range(meta["num_classes"])]
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, len(rows) + 1, figsize=(5.5 * (len(rows) + 1), 10),
-                             gridspec_kw={"height_ratios": [1, 1.3]})
     scale = max(1, 56 // meta["shape"][0])
-    axes[0, 0].imshow(_gray(image_grid(images[pick], cols=4, scale=scale)), cmap="gray", vmin=0, vmax=255)
-    axes[0, 0].set_title("ground truth")
-    axes[1, 0].axis("off")
-    finals = {}
-    for col, row in enumerate(rows, start=1):
+    panels, finals = [], {}
+    for row in rows:
         name = f"{row['recon_weight']:g}*MSE + {row['beta']:g}*KL"
         model = ckpt.load(row["checkpoint"]).model
-        recon = reconstruct(model, images[pick], labels[pick])
-        axes[0, col].imshow(_gray(image_grid(recon, cols=4, scale=scale)), cmap="gray", vmin=0, vmax=255)
-        axes[0, col].set_title(name)
+        recon = image_grid(reconstruct(model, images[pick], labels[pick]), cols=4, scale=scale)
         with torch.no_grad():
             x = torch.from_numpy(images[sample]).permute(0, 3, 1, 2).float() / 255
             y = torch.from_numpy(labels[sample]) if model.num_classes else None
             mu = model.encode(x, y)[0].numpy()
-        latent_scatter(tsne_2d(mu), labels[sample], classes, None, f"t-SNE of test means: {name}", ax=axes[1, col])
+        panels.append((name, recon, tsne_2d(mu)))
         last = read_history(Path(row["checkpoint"]).parent)[-1]
         finals[name] = {METRIC: last[METRIC], "test_kl": last["test_kl"], "test_recon": last["test_recon"],
                         "checkpoint": row["checkpoint"]}
-    for ax in axes[0]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"Reconstruction weight against KL weight, latent {latent_dim}, {epochs} epochs")
-    fig.tight_layout()
-    _save_fig(fig, out / "loss_weights.png")
+    recon_and_maps(image_grid(images[pick], cols=4, scale=scale), panels, labels[sample], classes,
+                   out / "loss_weights.png",
+                   f"Reconstruction weight against KL weight, latent {latent_dim}, {epochs} epochs")
     return _summary(out, "loss-weights", finals, ["loss_weights.png"])
-
-
-def _gray(grid: np.ndarray) -> np.ndarray:
-    return grid[..., 0] if grid.shape[2] == 1 else grid
 
 
 def _summary(out: Path, name: str, results: dict, pictures: list[str]) -> dict[str, Any]:

@@ -186,11 +186,7 @@ def search(base: TrainConfig, spec: SearchSpec, out: str | Path, *, grace_period
         tuner = tune.Tuner(
             trainable, param_space=spec.param_space(),
             tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=scheduler,
-                                        num_samples=spec.num_samples, max_concurrent_trials=concurrency,
-                                        # A fresh actor per trial: ending it ends the trial's Train
-                                        # controller, whose placement group would otherwise stay
-                                        # reserved and starve the next trial's Ray Data reads.
-                                        reuse_actors=False),
+                                        num_samples=spec.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0, callbacks=[display.callback]))
     import logging
 
