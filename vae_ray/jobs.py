@@ -95,7 +95,7 @@ def _explain(exc: BaseException, url: str) -> str:
     return f"{url}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}"
 
 
-def _call(client, url: str, fn: Callable, *args, **kwargs):
+def _call(url: str, fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -148,15 +148,15 @@ def submit(spec: dict[str, Any], address: Optional[str], wait: bool, print_line:
     warn_local_paths(client, paths or [], warn)
     job_id = f"vae-ray-{spec['command']}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entrypoint = f"python entry.py {shlex.quote(json.dumps(spec))}"
-    _call(client, url, client.submit_job, entrypoint=entrypoint, runtime_env=env, submission_id=job_id,
+    _call(url, client.submit_job, entrypoint=entrypoint, runtime_env=env, submission_id=job_id,
           metadata={"vae_ray_command": spec["command"]})
     if not wait:
         return job_id
     follow(client, url, job_id, print_line)
-    status = str(_call(client, url, client.get_job_status, job_id))
+    status = str(_call(url, client.get_job_status, job_id))
     status = status.split(".")[-1]
     if status != "SUCCEEDED":
-        info = _call(client, url, client.get_job_info, job_id)
+        info = _call(url, client.get_job_info, job_id)
         last = (info.message or "").strip().splitlines()
         raise RunFailed(f"job {job_id} {status.lower()}" + (f": {last[-1]}" if last else ""))
     return job_id
@@ -181,7 +181,7 @@ def list_jobs(address: Optional[str]) -> list[dict[str, Any]]:
     url = dashboard_url(address)
     client = connect(url)
     rows = []
-    for job in _call(client, url, client.list_jobs):
+    for job in _call(url, client.list_jobs):
         if not job.submission_id:
             continue  # drivers started by hand, not submitted jobs
         rows.append({"id": job.submission_id, "status": str(job.status).split(".")[-1],
@@ -194,7 +194,7 @@ def list_jobs(address: Optional[str]) -> list[dict[str, Any]]:
 def job_status(address: Optional[str], job_id: str) -> dict[str, Any]:
     url = dashboard_url(address)
     client = connect(url)
-    info = _call(client, url, client.get_job_info, job_id)
+    info = _call(url, client.get_job_info, job_id)
     return {"id": job_id, "status": str(info.status).split(".")[-1], "message": info.message or "",
             "start": info.start_time, "end": info.end_time,
             "command": (info.metadata or {}).get("vae_ray_command", "")}
@@ -204,10 +204,10 @@ def job_logs(address: Optional[str], job_id: str, follow_logs: bool, print_line:
     url = dashboard_url(address)
     client = connect(url)
     if follow_logs:
-        _call(client, url, client.get_job_info, job_id)  # a clear error for an unknown id
+        _call(url, client.get_job_info, job_id)  # a clear error for an unknown id
         follow(client, url, job_id, print_line)
         return
-    text = _call(client, url, client.get_job_logs, job_id)
+    text = _call(url, client.get_job_logs, job_id)
     for line in text.splitlines():
         print_line(line)
 
@@ -215,11 +215,11 @@ def job_logs(address: Optional[str], job_id: str, follow_logs: bool, print_line:
 def stop_job(address: Optional[str], job_id: str, wait_s: float = 30.0) -> str:
     url = dashboard_url(address)
     client = connect(url)
-    _call(client, url, client.stop_job, job_id)
+    _call(url, client.stop_job, job_id)
     deadline = time.time() + wait_s
     status = ""
     while time.time() < deadline:
-        status = str(_call(client, url, client.get_job_status, job_id)).split(".")[-1]
+        status = str(_call(url, client.get_job_status, job_id)).split(".")[-1]
         if status in TERMINAL:
             break
         time.sleep(0.5)
