@@ -31,6 +31,7 @@ JOBS_DIR = PACKAGE_DIR.parent / "jobs"
 COMMANDS = ("train", "tune", "generate", "evaluate")
 PASSED_ENV = ("VAE_RAY_", "RAY_DATA_", "TUNE_")   # environment prefixes a job inherits
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_PATIENCE_S = 120    # how long a submission waits for a just-started head's job agent
 
 
 # ---------------------------------------------------------------------------
@@ -148,8 +149,8 @@ def submit(spec: dict[str, Any], address: Optional[str], wait: bool, print_line:
     warn_local_paths(client, paths or [], warn)
     job_id = f"vae-ray-{spec['command']}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entrypoint = f"python entry.py {shlex.quote(json.dumps(spec))}"
-    _call(url, client.submit_job, entrypoint=entrypoint, runtime_env=env, submission_id=job_id,
-          metadata={"vae_ray_command": spec["command"]})
+    _submit_when_ready(url, client, entrypoint=entrypoint, runtime_env=env, submission_id=job_id,
+                       metadata={"vae_ray_command": spec["command"]})
     if not wait:
         return job_id
     follow(client, url, job_id, print_line)
@@ -160,6 +161,21 @@ def submit(spec: dict[str, Any], address: Optional[str], wait: bool, print_line:
         last = (info.message or "").strip().splitlines()
         raise RunFailed(f"job {job_id} {status.lower()}" + (f": {last[-1]}" if last else ""))
     return job_id
+
+
+def _submit_when_ready(url: str, client, patience_s: float = AGENT_PATIENCE_S, **job) -> None:
+    """Submit, waiting while the head's job agent is not up yet: a cluster
+    that has just started answers "No available agent to submit job" for a
+    while, which is worth waiting out rather than reporting."""
+    deadline = time.time() + patience_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except Exception as exc:  # noqa: BLE001 - the SDK raises RuntimeError with the HTTP body
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise UserError(_explain(exc, url)) from None
+            time.sleep(1)
 
 
 def follow(client, url: str, job_id: str, print_line: Callable[[str], None]) -> None:
