@@ -31,7 +31,7 @@ JOBS_DIR = PACKAGE_DIR.parent / "jobs"
 COMMANDS = ("train", "tune", "generate", "evaluate")
 PASSED_ENV = ("VAE_RAY_", "RAY_DATA_", "TUNE_")   # environment prefixes a job inherits
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-AGENT_PATIENCE_S = 120    # how long a submission waits for a just-started head's job agent
+AGENT_PATIENCE_S = 60     # how long a submission waits for a just-started head's job agent
 
 
 # ---------------------------------------------------------------------------
