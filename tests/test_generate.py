@@ -91,8 +91,13 @@ def test_killed_run_restarts_to_the_same_bytes(ray_cluster, model_run, tmp_path)
     proc.wait()
     assert json.loads((resumed / "manifest.json").read_text())["status"] == "running"
     assert 2 <= len(list((resumed / ".progress").glob("*.json"))) < 15
+    # What a writer killed half-way through a shard leaves: a temporary shard folder.
+    partial = resumed / ".tmp-0123456789ab-00014"
+    partial.mkdir(exist_ok=True)
+    (partial / "000001400.png").write_bytes(b"\x89PNG half")
     second = subprocess.run(command, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
+    assert not list(resumed.rglob(".tmp-*"))
     # The uninterrupted reference runs here, on the shared cluster with two actors.
     reference = generate(str(model_run), 1500, str(tmp_path / "ref"), shard_size=100, seed=5, actors=2)
     assert _files(resumed) == _files(tmp_path / "ref") and len(_files(resumed)) == 1500

@@ -54,6 +54,24 @@ def test_run_files_then_resume(ray_cluster, tiny_data, tmp_path):
     assert os.readlink(run / "latest") == "checkpoint_epoch_0003"
 
 
+def test_weight_average_is_saved_and_resumed(ray_cluster, tiny_data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    fit(tiny(tiny_data, run, ema=0.9), show=False)
+    latest = run / "latest"
+    assert sorted(p.name for p in latest.iterdir()) == sorted(ckpt.FILES + (ckpt.TRAINING_WEIGHTS,))
+    average = torch.load(latest / "model.pt", weights_only=True)
+    own = torch.load(latest / ckpt.TRAINING_WEIGHTS, weights_only=True)
+    assert average.keys() == own.keys()
+    assert any(not torch.equal(average[k], own[k]) for k in average)  # two different sets of weights
+    assert torch.equal(ckpt.load(run).model.state_dict()["head.weight"], average["head.weight"])  # the average is served
+    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [h["epoch"] for h in read_history(run)] == [1, 2, 3]
+    assert (run / "latest" / ckpt.TRAINING_WEIGHTS).is_file()
+
+
 def test_two_workers_share_the_data(ray_cluster, tiny_data, tmp_path):
     fit(tiny(tiny_data, tmp_path / "run", workers=2, epochs=1), show=False)
     (m,) = read_history(tmp_path / "run")

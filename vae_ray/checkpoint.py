@@ -4,6 +4,8 @@
     optimizer.pt  the optimizer's state_dict
     state.json    epoch, global step, the epoch's metrics
     config.json   {"config": TrainConfig, "dataset": shape/classes/name}
+    training.pt   with --ema only: the optimizer's own weights, to resume from
+                  (model.pt then holds the weight average)
 
 Everything is loaded with `torch.load(weights_only=True)`: no code from a
 checkpoint file ever runs.
@@ -24,6 +26,7 @@ from .errors import UserError
 from .model import VAE, build_model
 
 FILES = ("model.pt", "optimizer.pt", "state.json", "config.json")
+TRAINING_WEIGHTS = "training.pt"
 
 
 def save(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -173,9 +173,11 @@ def train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global mini-batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant, cosine or onecycle."),
+    adam_beta2: Optional[float] = typer.Option(None, "--adam-beta2", help="Adam's second-moment decay (default 0.999)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="matlab, bernoulli, gaussian, logistic (default: by channels)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the KL term."),
     kl_warmup: Optional[int] = typer.Option(None, "--kl-warmup", help="Epochs of linear KL warm-up."),
+    ema: Optional[float] = typer.Option(None, "--ema", help="Evaluate, save and sample an exponential moving average of the weights with this decay (e.g. 0.998)."),
     binarize: Optional[bool] = typer.Option(None, "--binarize/--no-binarize", help="Dynamic binarisation (bernoulli)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="mnist or cifar (default: by image shape)."),
     conditional: Optional[bool] = typer.Option(None, "--conditional/--unconditional", help="Class-conditional VAE."),
@@ -196,7 +198,7 @@ def train_cmd(
     from .train import fit
 
     flags = dict(data=data, out=out_dir, epochs=epochs, latent_dim=latent_dim, batch_size=batch_size, lr=lr,
-                 lr_schedule=lr_schedule, loss=loss, beta=beta, kl_warmup_epochs=kl_warmup, binarize=binarize,
+                 lr_schedule=lr_schedule, adam_beta2=adam_beta2, loss=loss, beta=beta, kl_warmup_epochs=kl_warmup, ema=ema, binarize=binarize,
                  arch=arch, conditional=conditional, workers=workers, cpus_per_worker=cpus_per_worker,
                  gpu=gpu, precision=precision, seed=seed)
     if resume:
@@ -389,7 +391,7 @@ def generate_cmd(
     out_uri: Optional[str] = typer.Option(None, "--out", "-o", help="Destination folder or s3://bucket/prefix."),
     fmt: str = typer.Option("png", "--format", "-f", help="png, parquet or npz."),
     seed: int = typer.Option(0, "--seed", help="Seed: image i depends only on checkpoint, seed, i and label."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images decoded per model call."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images decoded per model call (default 256; part of the run's identity)."),
     shard_size: int = typer.Option(10000, "--shard-size", help="Images per shard: one PNG sub-folder, Parquet or NPZ file (at most 10,000)."),
     actors: Optional[int] = typer.Option(None, "--actors", help="Decoder actors (default: one per CPU, or per GPU)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="GPU actors (default: when the cluster has GPUs)."),

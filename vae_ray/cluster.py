@@ -28,12 +28,14 @@ def quiet_ray_environment() -> None:
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
 
-def ensure_ray(cpus_needed: int = 1, address: str | None = None) -> dict:
+def ensure_ray(cpus_needed: int = 1, address: str | None = None, dashboard: bool = True) -> dict:
     """Connect once per process; return the cluster's resources.
 
     With no address (and no RAY_ADDRESS), a local cluster starts with at least
     `cpus_needed` logical CPUs, so a run that asks for all the cores still
-    leaves a slot for Ray Data's read tasks.
+    leaves a slot for Ray Data's read tasks. Ray Data jobs (generate,
+    evaluate) pass dashboard=False: they do not need it, and it costs about a
+    second of start-up.
     """
     import ray
 
@@ -49,7 +51,8 @@ def ensure_ray(cpus_needed: int = 1, address: str | None = None) -> dict:
             # by accident. Use --address auto to join a `ray start` cluster.
             # Ray's dashboard stays on (127.0.0.1): Train's and Tune's resource
             # clean-up between trials depends on it.
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), **common)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed),
+                     include_dashboard=dashboard, **common)
         from ray.data import DataContext
 
         ctx = DataContext.get_current()

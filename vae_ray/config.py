@@ -48,8 +48,10 @@ class TrainConfig:
     batch_size: int = _f(128, "Global mini-batch size, split evenly over workers.")
     lr: float = _f(1e-3, "Adam learning rate (the peak rate for onecycle).")
     lr_schedule: str = _f("constant", "constant, cosine (decay to 0) or onecycle (warm-up then cosine decay).")
+    adam_beta2: float = _f(0.999, "Adam's second-moment decay; 0.99 adapts faster, which high peak learning rates need.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     grad_clip: float = _f(0.0, "Clip the gradient norm to this value; 0 = off.")
+    ema: float = _f(0.0, "Decay of an exponential moving average of the weights (e.g. 0.998); the average is what is evaluated, saved and sampled. 0 = off.")
     precision: str = _f("fp32", "fp32, bf16 or fp16 autocast; KL and likelihood stay in fp32.")
     # --- scale -----------------------------------------------------------
     workers: int = _f(1, "Ray Train workers (DDP ranks).")
@@ -72,8 +74,11 @@ class TrainConfig:
             (_nonneg(self.beta), "beta must be a non-negative number", self.beta),
             (_positive(self.recon_weight), "recon_weight must be a positive number", self.recon_weight),
             (self.kl_warmup_epochs >= 0, "kl_warmup_epochs must be >= 0", self.kl_warmup_epochs),
+            (_nonneg(self.adam_beta2) and 0 < self.adam_beta2 < 1, "adam_beta2 must be > 0 and < 1",
+             self.adam_beta2),
             (_nonneg(self.weight_decay), "weight_decay must be >= 0", self.weight_decay),
             (_nonneg(self.grad_clip), "grad_clip must be >= 0", self.grad_clip),
+            (_nonneg(self.ema) and self.ema < 1, "ema must be >= 0 and < 1", self.ema),
             (self.workers >= 1, "workers must be at least 1", self.workers),
             (self.cpus_per_worker >= 1, "cpus_per_worker must be at least 1", self.cpus_per_worker),
             (self.max_failures >= 0, "max_failures must be >= 0", self.max_failures),

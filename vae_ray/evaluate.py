@@ -117,7 +117,7 @@ class Evaluation:
         from .cluster import ensure_ray
         from .data import load_split
 
-        resources = ensure_ray(2, address)
+        resources = ensure_ray(2, address, dashboard=False)
         total = self.meta["splits"][self.split]["count"]
         if self.limit:
             total = min(total, self.limit)

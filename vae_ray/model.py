@@ -40,6 +40,7 @@ class VAE(nn.Module):
             self.encoder, self.decoder = _mnist_encoder(c), _MnistDecoder(latent_dim + num_classes, h, w, c)
             feat = 64 * (h // 4) * (w // 4)
             self.head = nn.Linear(feat + num_classes, 2 * latent_dim)
+            _glorot(self)
         elif arch == "cifar":
             self.encoder, self.decoder = _cifar_encoder(c), _CifarDecoder(latent_dim + num_classes, h, w, c)
             feat = 128 * (h // 8) * (w // 8)
@@ -108,6 +109,16 @@ class _CifarHead(nn.Module):
         return torch.cat([self.mu(h), self.logvar(h)], dim=1)
 
 
+def _glorot(module: nn.Module) -> None:
+    """The MATLAB example's initialisation: its convolution, transposed
+    convolution and fully connected layers default to Glorot-uniform weights
+    and zero biases (PyTorch's default draws weights with half the variance)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
 def _mnist_encoder(c: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(c, 32, 3, stride=2, padding=1), nn.ReLU(),   # "same": H/2
@@ -120,8 +131,6 @@ class _MnistDecoder(nn.Module):
         super().__init__()
         self.h4, self.w4 = h // 4, w // 4
         self.project = nn.Linear(z_dim, 64 * self.h4 * self.w4)
-        nn.init.xavier_uniform_(self.project.weight)  # MATLAB: Glorot weights, zero bias
-        nn.init.zeros_(self.project.bias)
         self.net = nn.Sequential(
             nn.ConvTranspose2d(64, 64, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
             nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),

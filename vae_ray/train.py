@@ -13,6 +13,7 @@ Run directory (RUN = RunConfig.storage_path / RunConfig.name):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -57,17 +58,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         dataset["num_classes"] if cfg.conditional else 0, cfg.loss)
     model = ray.train.torch.prepare_model(model)
     core: VAE = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) \
-        if cfg.weight_decay else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    betas = (0.9, cfg.adam_beta2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay) \
+        if cfg.weight_decay else torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas)
+
+    # The weight average (--ema) is the model that is evaluated, saved and sampled.
+    averaged = copy.deepcopy(core).requires_grad_(False) if cfg.ema else None
+    served = averaged if averaged is not None else core
 
     # 3. Resume from the latest checkpoint (after --resume or a worker failure).
     start_epoch, global_step = 1, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            core.load_state_dict(torch.load(Path(directory) / "model.pt", map_location=device, weights_only=True))
-            optimizer.load_state_dict(torch.load(Path(directory) / "optimizer.pt", map_location=device,
-                                                 weights_only=True))
+            load = lambda name: torch.load(Path(directory) / name, map_location=device, weights_only=True)
+            # With a weight average, model.pt is the average and training.pt the optimizer's weights.
+            own = ckpt.TRAINING_WEIGHTS if (Path(directory) / ckpt.TRAINING_WEIGHTS).is_file() else "model.pt"
+            core.load_state_dict(load(own))
+            if averaged is not None:
+                averaged.load_state_dict(load("model.pt"))
+            optimizer.load_state_dict(load("optimizer.pt"))
             state = json.loads((Path(directory) / "state.json").read_text())
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
 
@@ -119,6 +129,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             else:
                 optimizer.step()
             global_step += 1
+            if averaged is not None:
+                _update_average(averaged, core, cfg.ema, global_step)
             n = x.shape[0]
             sums += torch.stack([torch.tensor(float(n), device=device, dtype=torch.float64),
                                  terms.loss.detach().sum().double(), terms.recon.detach().sum().double(),
@@ -142,7 +154,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - epoch_start
 
         # 6. The test split, every epoch.
-        test = evaluate_feed(core, test_feed, epoch, cfg, device, world, autocast)
+        test = evaluate_feed(served, test_feed, epoch, cfg, device, world, autocast)
         totals = _all_sum(sums, world)
         images_seen = totals[0].item()
         metrics = {
@@ -165,9 +177,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # 7. Report (a barrier on every rank); rank 0 alone writes the checkpoint.
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt.save(Path(tmp), core, optimizer, {"epoch": epoch, "global_step": global_step,
-                                                       "metrics": metrics},
+                ckpt.save(Path(tmp), served, optimizer, {"epoch": epoch, "global_step": global_step,
+                                                         "metrics": metrics},
                           loop_config["config"], dataset)
+                if averaged is not None:  # the optimizer's own weights, to resume from
+                    torch.save(core.state_dict(), Path(tmp) / ckpt.TRAINING_WEIGHTS)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
         else:
@@ -209,6 +223,18 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     if progress < warm:
         return cfg.lr * (0.1 + 0.9 * progress / warm)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
+
+
+@torch.no_grad()
+def _update_average(averaged: VAE, model: VAE, decay: float, step: int) -> None:
+    """One step of the weight average. The decay ramps up from 0.1 so the
+    average does not remember the random initial weights; buffers (BatchNorm
+    statistics) are copied, not averaged."""
+    d = min(decay, (1 + step) / (10 + step))
+    for avg, new in zip(averaged.parameters(), model.parameters()):
+        avg.lerp_(new, 1 - d)
+    for avg, new in zip(averaged.buffers(), model.buffers()):
+        avg.copy_(new)
 
 
 def _beta_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
