@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import assert_one_error_line, make_checkpoint
 from vae_ray.cli import app
 from vae_ray.errors import UserError
-from vae_ray.generate import generate, latent_normals, verify
+from vae_ray.generate import Store, generate, latent_normals, verify
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,14 @@ def test_latents_are_standard_normal_and_index_keyed():
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
     assert np.array_equal(latent_normals(7, np.array([123, 5]), 16), z[[123, 5]])
     assert not np.array_equal(latent_normals(8, np.array([5]), 16), z[[5]])
+
+
+def test_a_shard_folder_appears_whole_and_a_retry_replaces_it(tmp_path):
+    store = Store(str(tmp_path))
+    store.write_folder("00000", {"000000000.png": b"first", "000000001.png": b"first"})
+    store.write_folder("00000", {"000000000.png": b"retry"})  # a restarted actor writes the shard again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000"]  # no temporary folder left
+    assert {p.name: p.read_bytes() for p in (tmp_path / "00000").iterdir()} == {"000000000.png": b"retry"}
 
 
 def test_png_counts_layout_and_determinism_across_actor_counts(ray_cluster, model_run, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -149,6 +150,8 @@ class Store:
         for name, data in files.items():
             with open(tmp / name, "xb") as fh:
                 fh.write(data)
+        if target.exists():  # an earlier attempt at this shard (a restarted actor) got this far
+            shutil.rmtree(target)
         tmp.rename(target)
 
     def read(self, rel: str) -> bytes:
