@@ -198,8 +198,8 @@ def train_cmd(
     from .train import fit
 
     flags = dict(data=data, out=out_dir, epochs=epochs, latent_dim=latent_dim, batch_size=batch_size, lr=lr,
-                 lr_schedule=lr_schedule, adam_beta2=adam_beta2, loss=loss, beta=beta, kl_warmup_epochs=kl_warmup, ema=ema, binarize=binarize,
-                 arch=arch, conditional=conditional, workers=workers, cpus_per_worker=cpus_per_worker,
+                 lr_schedule=lr_schedule, adam_beta2=adam_beta2, loss=loss, beta=beta, kl_warmup_epochs=kl_warmup,
+                 ema=ema, binarize=binarize, arch=arch, conditional=conditional, workers=workers, cpus_per_worker=cpus_per_worker,
                  gpu=gpu, precision=precision, seed=seed)
     if resume:
         if out_dir is None:

@@ -443,7 +443,7 @@ class Generation:
                     "shards": [done[s] for s in range(plan.num_shards)],
                     "seconds": round(time.time() - started, 3), "actors": pool, "gpu": use_gpu}
         store.write(MANIFEST, json.dumps(manifest, indent=2).encode())
-        _clean_leftovers(store)
+        _clean_leftovers(store, plan, blob["dataset"]["classes"])
         return manifest
 
 
@@ -473,18 +473,20 @@ def _remove_partial(store: Store, plan: Plan, shard: int, classes: list[str]) ->
         store.delete(folder)
 
 
-def _clean_leftovers(store: Store) -> None:
+def _clean_leftovers(store: Store, plan: Plan, classes: list[str]) -> None:
     """Markers served their purpose (the manifest holds the checksums now);
     temporary files and folders of killed writers must not survive a finished
-    run. They only exist locally (S3 objects appear whole with one PUT), at
-    the top or one class folder down, so there is no need to list every image."""
+    run. They only exist locally (S3 objects appear whole with one PUT), beside
+    the shard folders: at the top, or in the class folders of a labelled set.
+    Shard folders themselves are never listed."""
     store.delete(MARKERS)
     if store.remote:
         return
-    root = Path(store.root)
-    for entry in [root, *(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
-        for leftover in entry.glob(".tmp-*"):
-            store.delete(str(leftover.relative_to(root)))
+    parents = [""] + ([class_folder(c) for c in classes] if plan.labels != "none" else [])
+    for parent in parents:
+        folder = Path(store.path(parent)) if parent else Path(store.root)
+        for leftover in folder.glob(".tmp-*"):
+            store.delete(f"{parent}/{leftover.name}" if parent else leftover.name)
 
 
 def verify(out: str) -> dict[str, Any]:

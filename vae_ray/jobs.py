@@ -154,13 +154,21 @@ def submit(spec: dict[str, Any], address: Optional[str], wait: bool, print_line:
     if not wait:
         return job_id
     follow(client, url, job_id, print_line)
-    status = str(_call(url, client.get_job_status, job_id))
-    status = status.split(".")[-1]
+    status = _job_status(url, client, job_id)
     if status != "SUCCEEDED":
         info = _call(url, client.get_job_info, job_id)
         last = (info.message or "").strip().splitlines()
         raise RunFailed(f"job {job_id} {status.lower()}" + (f": {last[-1]}" if last else ""))
     return job_id
+
+
+def _status_name(status) -> str:
+    """JobStatus.SUCCEEDED (or its text) -> "SUCCEEDED"."""
+    return str(status).split(".")[-1]
+
+
+def _job_status(url: str, client, job_id: str) -> str:
+    return _status_name(_call(url, client.get_job_status, job_id))
 
 
 def _submit_when_ready(url: str, client, patience_s: float = AGENT_PATIENCE_S, **job) -> None:
@@ -200,7 +208,7 @@ def list_jobs(address: Optional[str]) -> list[dict[str, Any]]:
     for job in _call(url, client.list_jobs):
         if not job.submission_id:
             continue  # drivers started by hand, not submitted jobs
-        rows.append({"id": job.submission_id, "status": str(job.status).split(".")[-1],
+        rows.append({"id": job.submission_id, "status": _status_name(job.status),
                      "command": (job.metadata or {}).get("vae_ray_command", job.entrypoint.split(" ")[0]),
                      "start": job.start_time, "end": job.end_time, "message": job.message or ""})
     rows.sort(key=lambda r: r["start"] or 0, reverse=True)
@@ -211,7 +219,7 @@ def job_status(address: Optional[str], job_id: str) -> dict[str, Any]:
     url = dashboard_url(address)
     client = connect(url)
     info = _call(url, client.get_job_info, job_id)
-    return {"id": job_id, "status": str(info.status).split(".")[-1], "message": info.message or "",
+    return {"id": job_id, "status": _status_name(info.status), "message": info.message or "",
             "start": info.start_time, "end": info.end_time,
             "command": (info.metadata or {}).get("vae_ray_command", "")}
 
@@ -235,7 +243,7 @@ def stop_job(address: Optional[str], job_id: str, wait_s: float = 30.0) -> str:
     deadline = time.time() + wait_s
     status = ""
     while time.time() < deadline:
-        status = str(_call(url, client.get_job_status, job_id)).split(".")[-1]
+        status = _job_status(url, client, job_id)
         if status in TERMINAL:
             break
         time.sleep(0.5)
