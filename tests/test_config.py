@@ -27,6 +27,7 @@ def test_round_trip_through_dict():
     ({"beta": -0.5}, "beta must be a non-negative number"),
     ({"ema": 1.0}, "ema must be >= 0 and < 1"),
     ({"adam_beta2": 1.0}, "adam_beta2 must be > 0 and < 1"),
+    ({"z_samples": 0}, "z_samples must be at least 1"),
 ])
 def test_impossible_values_are_rejected(changes, words):
     with pytest.raises(UserError, match=words):

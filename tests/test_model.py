@@ -75,3 +75,29 @@ def test_conditional_model_needs_labels():
     assert model(x, y)[0].shape == x.shape
     with pytest.raises(ValueError, match="pass labels"):
         model(x)
+
+
+def test_antithetic_samples_pair_up():
+    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    z = build_model("mnist", (28, 28, 1), 3).reparameterize(mu, logvar, samples=2)
+    assert z.shape == (8, 3)
+    # the second draw mirrors the first about the posterior mean
+    assert torch.allclose(z[4:] - mu, -(z[:4] - mu), atol=1e-6)
+    assert not torch.allclose(z[:4], mu)
+    odd = build_model("mnist", (28, 28, 1), 3).reparameterize(mu, logvar, samples=3)
+    assert odd.shape == (12, 3) and torch.allclose(odd[8:] - mu, -(odd[:4] - mu), atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["matlab", "bernoulli"])
+def test_several_samples_average_the_reconstruction(loss):
+    torch.manual_seed(0)
+    model = build_model("mnist", (28, 28, 1), 4, num_classes=10, loss=loss)
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    logits, mu, logvar = model(x, y, samples=2)
+    assert logits.shape == (6, 1, 28, 28)
+    both = batch_terms(model, x, x, logits, mu, logvar, beta=0.5)
+    first, second = (batch_terms(model, x, x, part, mu, logvar, beta=0.5) for part in logits.chunk(2))
+    for name in ("loss", "recon", "kl", "neg_elbo_nats", "matlab_elbo"):
+        expected = (getattr(first, name) + getattr(second, name)) / 2
+        assert torch.allclose(getattr(both, name), expected, atol=1e-4), name
+    assert not torch.allclose(first.recon, second.recon)  # two different draws were decoded

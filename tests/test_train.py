@@ -1,6 +1,7 @@
 """The real TorchTrainer on the shared local cluster, with tiny configs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -73,9 +74,11 @@ def test_weight_average_is_saved_and_resumed(ray_cluster, tiny_data, tmp_path):
 
 
 def test_two_workers_share_the_data(ray_cluster, tiny_data, tmp_path):
-    fit(tiny(tiny_data, tmp_path / "run", workers=2, epochs=1), show=False)
+    # Two antithetic latent samples per image: DDP's forward passes them through.
+    fit(tiny(tiny_data, tmp_path / "run", workers=2, epochs=1, z_samples=2), show=False)
     (m,) = read_history(tmp_path / "run")
     assert m["workers"] == 2
+    assert math.isfinite(m["train_loss"]) and math.isfinite(m["test_matlab_elbo"])
     assert m["test_images"] == 512  # each worker evaluates half of the test split
     # 512 training images, global batch 64 (32 per worker): 8 synchronised steps.
     assert m["global_step"] == 8

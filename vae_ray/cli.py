@@ -177,6 +177,7 @@ def train_cmd(
     loss: Optional[str] = typer.Option(None, "--loss", help="matlab, bernoulli, gaussian, logistic (default: by channels)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the KL term."),
     kl_warmup: Optional[int] = typer.Option(None, "--kl-warmup", help="Epochs of linear KL warm-up."),
+    z_samples: Optional[int] = typer.Option(None, "--z-samples", help="Latent samples per training image, in antithetic pairs (default 1; 2 trains faster per epoch at the cost of a second decoder pass)."),
     ema: Optional[float] = typer.Option(None, "--ema", help="Evaluate, save and sample an exponential moving average of the weights with this decay (e.g. 0.998)."),
     binarize: Optional[bool] = typer.Option(None, "--binarize/--no-binarize", help="Dynamic binarisation (bernoulli)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="mnist or cifar (default: by image shape)."),
@@ -199,7 +200,8 @@ def train_cmd(
 
     flags = dict(data=data, out=out_dir, epochs=epochs, latent_dim=latent_dim, batch_size=batch_size, lr=lr,
                  lr_schedule=lr_schedule, adam_beta2=adam_beta2, loss=loss, beta=beta, kl_warmup_epochs=kl_warmup,
-                 ema=ema, binarize=binarize, arch=arch, conditional=conditional, workers=workers, cpus_per_worker=cpus_per_worker,
+                 z_samples=z_samples, ema=ema, binarize=binarize, arch=arch, conditional=conditional,
+                 workers=workers, cpus_per_worker=cpus_per_worker,
                  gpu=gpu, precision=precision, seed=seed)
     if resume:
         if out_dir is None:

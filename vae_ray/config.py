@@ -42,6 +42,7 @@ class TrainConfig:
     beta: float = _f(1.0, "Weight of the KL term.")
     recon_weight: float = _f(1.0, "Weight of the reconstruction term.")
     kl_warmup_epochs: int = _f(0, "Ramp the KL weight linearly from 0 to beta over this many epochs.")
+    z_samples: int = _f(1, "Latent samples per training image, drawn in antithetic pairs (eps, -eps); the reconstruction term is their mean. 2 costs a second decoder pass and cancels the gradient noise linear in eps.")
     binarize: bool = _f(False, "Dynamic binarisation of the inputs (bernoulli loss): x ~ Bernoulli(pixel).")
     # --- optimisation ----------------------------------------------------
     epochs: int = _f(30, "Passes over the training split.")
@@ -73,6 +74,7 @@ class TrainConfig:
             (_positive(self.lr), "lr must be a positive number", self.lr),
             (_nonneg(self.beta), "beta must be a non-negative number", self.beta),
             (_positive(self.recon_weight), "recon_weight must be a positive number", self.recon_weight),
+            (self.z_samples >= 1, "z_samples must be at least 1", self.z_samples),
             (self.kl_warmup_epochs >= 0, "kl_warmup_epochs must be >= 0", self.kl_warmup_epochs),
             (_nonneg(self.adam_beta2) and 0 < self.adam_beta2 < 1, "adam_beta2 must be > 0 and < 1",
              self.adam_beta2),

@@ -62,9 +62,20 @@ class VAE(nn.Module):
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mu + eps * sigma, eps ~ N(0, I) (Kingma & Welling, section 2.4)."""
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int = 1) -> torch.Tensor:
+        """z = mu + eps * sigma, eps ~ N(0, I) (Kingma & Welling, section 2.4).
+
+        With `samples` > 1 the result stacks that many draws, sample-major
+        ((samples * N, K)), in antithetic pairs: eps and -eps. The pair's mean
+        of any function of z is still unbiased, but the part of it linear in
+        eps cancels, which is most of the gradient noise of the reconstruction
+        term.
+        """
+        if samples == 1:
+            return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        eps = torch.randn(((samples + 1) // 2, *mu.shape), dtype=mu.dtype, device=mu.device)
+        eps = torch.cat([eps, -eps])[:samples]
+        return (mu + eps * torch.exp(0.5 * logvar)).flatten(0, 1)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (N, K) -> logits (N, C, H, W)."""
@@ -72,9 +83,12 @@ class VAE(nn.Module):
             z = torch.cat([z, self._one_hot(y, z)], dim=1)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, samples: int = 1):
+        """-> (logits, mu, logvar); logits has `samples` * N rows, sample-major."""
         mu, logvar = self.encode(x, y)
-        z = self.reparameterize(mu, logvar)
+        z = self.reparameterize(mu, logvar, samples)
+        if y is not None and samples > 1:
+            y = y.repeat(samples)
         return self.decode(z, y), mu, logvar
 
     # -- helpers ----------------------------------------------------------
@@ -237,12 +251,18 @@ def batch_terms(model: VAE, x: torch.Tensor, target: torch.Tensor, logits: torch
     """Every per-image quantity training and evaluation report, from one forward pass.
 
     `x` is the [0, 1] input; `target` is what the likelihood scores (the
-    binarised input under dynamic binarisation, else `x`).
+    binarised input under dynamic binarisation, else `x`). `logits` may hold
+    several latent samples per image (`VAE.forward(..., samples=S)`): every
+    reconstruction term is then the mean over them.
     """
     kl = kl_divergence(mu, logvar)
-    recon = recon_term(model, logits, target)
-    nll = recon_nll(model, logits, target)
-    matlab = matlab_recon(logits, x) + kl
+    samples = logits.shape[0] // x.shape[0]
+    if samples > 1:
+        x, target = x.repeat(samples, 1, 1, 1), target.repeat(samples, 1, 1, 1)
+    per_image = lambda values: values.view(samples, -1).mean(0)
+    recon = per_image(recon_term(model, logits, target))
+    nll = per_image(recon_nll(model, logits, target))
+    matlab = per_image(matlab_recon(logits, x)) + kl
     return BatchTerms(loss=recon_weight * recon + beta * kl, recon=recon, kl=kl,
                       neg_elbo_nats=nll + kl, matlab_elbo=matlab)
 

@@ -112,7 +112,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             target = torch.bernoulli(x) if binarize else x
             y = labels if cfg.conditional else None
             with autocast:
-                logits, mu, logvar = model(x, y)
+                logits, mu, logvar = model(x, y, samples=cfg.z_samples)
             terms = batch_terms(core, x, target, logits, mu, logvar, beta, cfg.recon_weight)
             loss = terms.loss.mean()
             optimizer.zero_grad(set_to_none=True)
