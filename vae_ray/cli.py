@@ -177,7 +177,7 @@ def train_cmd(
     loss: Optional[str] = typer.Option(None, "--loss", help="matlab, bernoulli, gaussian, logistic (default: by channels)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the KL term."),
     kl_warmup: Optional[int] = typer.Option(None, "--kl-warmup", help="Epochs of linear KL warm-up."),
-    z_samples: Optional[int] = typer.Option(None, "--z-samples", help="Latent samples per training image, in antithetic pairs (default 1; 2 trains faster per epoch at the cost of a second decoder pass)."),
+    z_samples: Optional[int] = typer.Option(None, "--z-samples", help="Latent samples per training image, in antithetic pairs (default 1; 2 learns more per epoch at the cost of a second decoder pass)."),
     ema: Optional[float] = typer.Option(None, "--ema", help="Evaluate, save and sample an exponential moving average of the weights with this decay (e.g. 0.998)."),
     binarize: Optional[bool] = typer.Option(None, "--binarize/--no-binarize", help="Dynamic binarisation (bernoulli)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="mnist or cifar (default: by image shape)."),

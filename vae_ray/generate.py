@@ -484,9 +484,8 @@ def _clean_leftovers(store: Store, plan: Plan, classes: list[str]) -> None:
         return
     parents = [""] + ([class_folder(c) for c in classes] if plan.labels != "none" else [])
     for parent in parents:
-        folder = Path(store.path(parent)) if parent else Path(store.root)
-        for leftover in folder.glob(".tmp-*"):
-            store.delete(f"{parent}/{leftover.name}" if parent else leftover.name)
+        for leftover in Path(store.path(parent)).glob(".tmp-*"):
+            store.delete(leftover.relative_to(store.root).as_posix())
 
 
 def verify(out: str) -> dict[str, Any]:
