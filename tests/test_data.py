@@ -120,3 +120,10 @@ def test_ray_data_loader_reads_every_row(ray_cluster, tiny_data):
     rows = ds.take(2)
     assert len(rows[0]["image"]) == 28 * 28 and {"label", "index"} <= set(rows[0])
     assert sorted(r["index"] for r in ds.select_columns(["index"]).take_all()) == list(range(512))
+
+
+@pytest.mark.parametrize("first", [100, 256, 300])
+def test_ray_data_loader_first_rows_are_always_the_same(ray_cluster, tiny_data, first):
+    # The train split has several shards; the first N must not depend on which read finishes first.
+    ds = load_split(tiny_data, "train", first=first)
+    assert sorted(r["index"] for r in ds.select_columns(["index"]).take_all()) == list(range(first))

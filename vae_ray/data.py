@@ -234,12 +234,30 @@ def shard_paths(meta: dict[str, Any], split: str) -> list[str]:
     return [f"{root}/{s['file']}" for s in meta["splits"][split]["shards"]]
 
 
-def load_split(uri: str | Path, split: str = "train", meta: dict[str, Any] | None = None):
-    """The split as a `ray.data.Dataset` with columns image (bytes), label, index."""
+def load_split(uri: str | Path, split: str = "train", meta: dict[str, Any] | None = None,
+               first: int | None = None):
+    """The split as a `ray.data.Dataset` with columns image (bytes), label, index.
+
+    `first=N` keeps the split's first N images (index < N) whatever order
+    Ray Data's parallel reads finish in, and reads only the shards holding them.
+    """
     import ray.data
 
     meta = meta or read_meta(uri)
-    return ray.data.read_parquet(shard_paths(meta, split), columns=["image", "label", "index"])
+    paths = shard_paths(meta, split)
+    if first is not None:
+        rows = np.cumsum([s["rows"] for s in meta["splits"][split]["shards"]])
+        paths = paths[:int(np.searchsorted(rows, first)) + 1]
+    ds = ray.data.read_parquet(paths, columns=["image", "label", "index"])
+    if first is not None:
+        ds = ds.map_batches(_rows_before, fn_kwargs={"end": first}, batch_format="pyarrow", batch_size=None)
+    return ds
+
+
+def _rows_before(table: pa.Table, end: int) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return table.filter(pc.less(table["index"], end))
 
 
 def decode_images(column: pa.Array | pa.ChunkedArray | np.ndarray, shape) -> np.ndarray:

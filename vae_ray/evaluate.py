@@ -125,9 +125,7 @@ class Evaluation:
         # by scoring actors, the reads could never be scheduled.
         spare = max(1, int(resources.get("CPU", 2)) - 1)
         pool = max(1, min(self.actors or spare, spare, -(-total // ROWS_PER_BATCH)))
-        ds = load_split(self.data, self.split, self.meta)
-        if self.limit:
-            ds = ds.limit(self.limit)
+        ds = load_split(self.data, self.split, self.meta, first=self.limit)
         if len(self.meta["splits"][self.split]["shards"]) < pool:
             # Test splits are often one Parquet file: split it so every actor gets work.
             ds = ds.repartition(pool * 2)
