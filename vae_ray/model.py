@@ -258,7 +258,9 @@ def batch_terms(model: VAE, x: torch.Tensor, target: torch.Tensor, logits: torch
     kl = kl_divergence(mu, logvar)
     samples = logits.shape[0] // x.shape[0]
     if samples > 1:
-        x, target = x.repeat(samples, 1, 1, 1), target.repeat(samples, 1, 1, 1)
+        same = target is x
+        x = x.repeat(samples, 1, 1, 1)
+        target = x if same else target.repeat(samples, 1, 1, 1)
     per_image = lambda values: values.view(samples, -1).mean(0)
     recon = per_image(recon_term(model, logits, target))
     nll = per_image(recon_nll(model, logits, target))
