@@ -126,8 +126,9 @@ class Evaluation:
         spare = max(1, int(resources.get("CPU", 2)) - 1)
         pool = max(1, min(self.actors or spare, spare, -(-total // ROWS_PER_BATCH)))
         ds = load_split(self.data, self.split, self.meta, first=self.limit)
-        if len(self.meta["splits"][self.split]["shards"]) < pool:
-            # Test splits are often one Parquet file: split it so every actor gets work.
+        if self.limit or len(self.meta["splits"][self.split]["shards"]) < pool:
+            # Test splits are often one Parquet file, and a limit may need only
+            # one: split the rows so every actor gets work.
             ds = ds.repartition(pool * 2)
         scored = _map_without_restarts(
             ds, LikelihoodScorer, batch_size=ROWS_PER_BATCH, batch_format="numpy",

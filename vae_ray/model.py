@@ -256,15 +256,12 @@ def batch_terms(model: VAE, x: torch.Tensor, target: torch.Tensor, logits: torch
     reconstruction term is then the mean over them.
     """
     kl = kl_divergence(mu, logvar)
-    samples = logits.shape[0] // x.shape[0]
-    if samples > 1:
-        same = target is x
-        x = x.repeat(samples, 1, 1, 1)
-        target = x if same else target.repeat(samples, 1, 1, 1)
-    per_image = lambda values: values.view(samples, -1).mean(0)
-    recon = per_image(recon_term(model, logits, target))
-    nll = per_image(recon_nll(model, logits, target))
-    matlab = per_image(matlab_recon(logits, x)) + kl
+    # Sample-major logits: one (N, ...) slice per latent sample, each scored against the same input.
+    parts = logits.chunk(logits.shape[0] // x.shape[0])
+    mean = lambda values: torch.stack(values).mean(0)
+    recon = mean([recon_term(model, part, target) for part in parts])
+    nll = mean([recon_nll(model, part, target) for part in parts])
+    matlab = mean([matlab_recon(part, x) for part in parts]) + kl
     return BatchTerms(loss=recon_weight * recon + beta * kl, recon=recon, kl=kl,
                       neg_elbo_nats=nll + kl, matlab_elbo=matlab)
 
