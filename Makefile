@@ -7,8 +7,9 @@ TORCH_VERSION ?= 2.13.0
 # Where a CPU-only torch comes from when no GPU is present (the default PyPI
 # build for Linux pulls several GB of CUDA packages).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST := $(PY) -m pytest -q
 
-.PHONY: install test demo bench quality clean
+.PHONY: install test test-fast lint demo bench quality gpu-dry-run clean
 
 install: $(VENV)/.installed
 
@@ -32,8 +33,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 		|| echo "note: install chromium for the report's browser test (apt-get install chromium)"
 	@touch $@
 
+# Everything: real Ray clusters (one private, one multi-node on loopback), an
+# S3 server, an MLflow server, a headless browser.
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+# The quick tier: no Ray cluster, no subprocess, no browser, plus one
+# end-to-end smoke test. About a minute on 2 cores.
+test-fast: install
+	$(PYTEST) -m "smoke or not (ray or subprocess or browser)"
+
+lint: install
+	$(VENV)/bin/ruff check vae_ray tests benchmarks jobs
+	$(VENV)/bin/ruff format --check vae_ray tests benchmarks jobs
 
 demo: install
 	$(VENV)/bin/vae-ray demo --out .demo
@@ -41,10 +53,17 @@ demo: install
 bench: install
 	$(PY) benchmarks/prepare_throughput.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/train_end_to_end.py
+	$(PY) benchmarks/tune_overhead.py
+	$(PY) benchmarks/generate_small.py
 
 quality: install
 	$(PY) benchmarks/quality_mnist.py
+	$(PY) benchmarks/quality_defaults.py
 	$(PY) benchmarks/quality_nll.py mnist --epochs 10 --iw-samples 500 --limit 500
+
+gpu-dry-run: install
+	benchmarks/gpu_suite.sh --dry-run
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache

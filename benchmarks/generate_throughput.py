@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vae_ray import checkpoint as ckpt  # noqa: E402
-from vae_ray.generate import latent_normals  # noqa: E402
+from vae_ray.keyed_random import latent_normals  # noqa: E402
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 EXE = shutil.which("vae-ray") or str(Path(sys.executable).parent / "vae-ray")
@@ -56,7 +56,7 @@ def plain_process(checkpoint: str, num: int, out: Path) -> float:
             idx = np.arange(first, min(first + 256, num))
             z = torch.from_numpy(latent_normals(0, idx, model.latent_dim))
             pixels = (model.mean_image(model.decode(z)).clamp(0, 1) * 255).round().to(torch.uint8)
-            for i, img in zip(idx, pixels[:, 0].numpy()):
+            for i, img in zip(idx, pixels[:, 0].numpy(), strict=True):
                 folder = out / f"{i // 10000:05d}"
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(folder / f"{i:09d}.png")
@@ -65,17 +65,39 @@ def plain_process(checkpoint: str, num: int, out: Path) -> float:
 
 def vae_ray_generate(checkpoint: str, num: int, out: Path, fmt: str) -> float:
     start = time.perf_counter()
-    subprocess.run([EXE, "generate", checkpoint, "--num", str(num), "--out", str(out), "--format", fmt],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [EXE, "generate", checkpoint, "--num", str(num), "--out", str(out), "--format", fmt],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
 def quick_model(workdir: Path, source: str) -> str:
     data, run = workdir / "mnist", workdir / "run"
-    subprocess.run([EXE, "data", "prepare", "mnist", "--source", source, "--out", str(data), "--limit", "10000"],
-                   check=True, capture_output=True)
-    subprocess.run([EXE, "train", "--data", str(data), "--out", str(run), "--epochs", "1",
-                    "--cpus-per-worker", str(os.cpu_count() or 1), "--json"], check=True, capture_output=True)
+    subprocess.run(
+        [EXE, "data", "prepare", "mnist", "--source", source, "--out", str(data), "--limit", "10000"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            EXE,
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--cpus-per-worker",
+            str(os.cpu_count() or 1),
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(run)
 
 
@@ -103,9 +125,11 @@ def main() -> None:
                 ours = vae_ray_generate(checkpoint, n, ours_dir, "png")
                 plain = plain_process(checkpoint, n, plain_dir)
             ratios.append(plain / ours)
-            print(f"pair {pair + 1}: plain process (Pillow) {plain:6.1f} s {n / plain:7,.0f} images/s | "
-                  f"vae-ray generate png {ours:6.1f} s {n / ours:7,.0f} images/s | ratio {plain / ours:.2f}x",
-                  flush=True)
+            print(
+                f"pair {pair + 1}: plain process (Pillow) {plain:6.1f} s {n / plain:7,.0f} images/s | "
+                f"vae-ray generate png {ours:6.1f} s {n / ours:7,.0f} images/s | ratio {plain / ours:.2f}x",
+                flush=True,
+            )
         parquet = vae_ray_generate(checkpoint, n, work / "parquet", "parquet")
     print(f"median ratio            : {statistics.median(ratios):.2f}x  (goal >= 1.5x; start-up included)")
     print(f"vae-ray generate parquet: {parquet:6.1f} s  {n / parquet:8,.0f} images/s")

@@ -31,12 +31,17 @@ def main() -> None:
         for i in range(args.repeats):
             out = Path(tmp) / f"mnist-{i}"
             start = time.perf_counter()
-            subprocess.run([exe, "data", "prepare", "mnist", "--source", args.source, "--out", str(out)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [exe, "data", "prepare", "mnist", "--source", args.source, "--out", str(out)],
+                check=True,
+                capture_output=True,
+            )
             times.append(time.perf_counter() - start)
     best = min(times)
-    print(f"data prepare mnist: 70,000 images, best of {args.repeats}: {best:.2f} s "
-          f"= {70000 / best:,.0f} images/s (runs: {', '.join(f'{t:.2f}' for t in times)} s)")
+    print(
+        f"data prepare mnist: 70,000 images, best of {args.repeats}: {best:.2f} s "
+        f"= {70000 / best:,.0f} images/s (runs: {', '.join(f'{t:.2f}' for t in times)} s)"
+    )
 
 
 if __name__ == "__main__":

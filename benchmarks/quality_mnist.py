@@ -52,19 +52,52 @@ def main() -> None:
             data = str(Path(tmp) / "mnist")
             prepare("mnist", data, args.source)
         run = Path(args.out) if args.out else Path(tmp) / "run"
-        subprocess.run([exe, "train", "--data", data, "--out", str(run), "--epochs", str(args.epochs),
-                        "--latent-dim", "20", "--loss", "matlab", "--batch-size", "128", "--lr", str(args.lr),
-                        "--lr-schedule", args.schedule, "--adam-beta2", str(args.adam_beta2), "--ema", str(args.ema),
-                        "--z-samples", str(args.z_samples), "--seed", str(args.seed),
-                        "--cpus-per-worker", str(args.threads), "--json"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                exe,
+                "train",
+                "--data",
+                data,
+                "--out",
+                str(run),
+                "--epochs",
+                str(args.epochs),
+                "--latent-dim",
+                "20",
+                "--loss",
+                "matlab",
+                "--batch-size",
+                "128",
+                "--lr",
+                str(args.lr),
+                "--lr-schedule",
+                args.schedule,
+                "--adam-beta2",
+                str(args.adam_beta2),
+                "--ema",
+                str(args.ema),
+                "--z-samples",
+                str(args.z_samples),
+                "--seed",
+                str(args.seed),
+                "--cpus-per-worker",
+                str(args.threads),
+                "--json",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for h in history:
-        print(f"epoch {h['epoch']:>2}: test MATLAB ELBO {h['test_matlab_elbo']:.3f}  "
-              f"(-ELBO {h['test_neg_elbo_nats']:.2f} nats)  {h['epoch_seconds']:.0f} s")
+        print(
+            f"epoch {h['epoch']:>2}: test MATLAB ELBO {h['test_matlab_elbo']:.3f}  "
+            f"(-ELBO {h['test_neg_elbo_nats']:.2f} nats)  {h['epoch_seconds']:.0f} s"
+        )
     final = history[-1]["test_matlab_elbo"]
-    print(f"final test MATLAB ELBO after {len(history)} epochs: {final:.3f}  goal <= {GOAL}  "
-          f"({'met' if final <= GOAL else 'not met'}; ratio {final / GOAL:.3f})")
+    print(
+        f"final test MATLAB ELBO after {len(history)} epochs: {final:.3f}  goal <= {GOAL}  "
+        f"({'met' if final <= GOAL else 'not met'}; ratio {final / GOAL:.3f})"
+    )
 
 
 if __name__ == "__main__":

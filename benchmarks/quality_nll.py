@@ -30,12 +30,22 @@ from vae_ray.data import prepare  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETTINGS = {
-    "mnist": {"source": SHARED / "mnist", "prepare": "mnist", "goal": 82.5, "metric": "nll_iw_nats",
-              "unit": "nats", "train": ["--loss", "bernoulli", "--binarize", "--latent-dim", "32", "--arch", "mnist",
-                                        "--kl-warmup", "5"]},
-    "cifar10": {"source": SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz", "prepare": "cifar10", "goal": 4.7,
-                "metric": "bits_per_dim", "unit": "bits/dim",
-                "train": ["--loss", "logistic", "--latent-dim", "128", "--arch", "cifar"]},
+    "mnist": {
+        "source": SHARED / "mnist",
+        "prepare": "mnist",
+        "goal": 82.5,
+        "metric": "nll_iw_nats",
+        "unit": "nats",
+        "train": ["--loss", "bernoulli", "--binarize", "--latent-dim", "32", "--arch", "mnist", "--kl-warmup", "5"],
+    },
+    "cifar10": {
+        "source": SHARED / "cifar10-jpeg" / "cifar10-jpeg.tar.gz",
+        "prepare": "cifar10",
+        "goal": 4.7,
+        "metric": "bits_per_dim",
+        "unit": "bits/dim",
+        "train": ["--loss", "logistic", "--latent-dim", "128", "--arch", "cifar"],
+    },
 }
 
 
@@ -59,21 +69,61 @@ def main() -> None:
         if args.data is None:
             prepare(s["prepare"], data, str(s["source"]))
         run = Path(args.out) if args.out else Path(tmp) / "run"
-        subprocess.run([exe, "train", "--data", data, "--out", str(run), "--epochs", str(args.epochs),
-                        "--lr", str(args.lr), "--lr-schedule", "onecycle", "--batch-size", "128",
-                        "--cpus-per-worker", str(args.threads), "--json", *s["train"], *extra],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                exe,
+                "train",
+                "--data",
+                data,
+                "--out",
+                str(run),
+                "--epochs",
+                str(args.epochs),
+                "--lr",
+                str(args.lr),
+                "--lr-schedule",
+                "onecycle",
+                "--batch-size",
+                "128",
+                "--cpus-per-worker",
+                str(args.threads),
+                "--json",
+                *s["train"],
+                *extra,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         limit = ["--limit", str(args.limit)] if args.limit else []
-        done = subprocess.run([exe, "evaluate", str(run), "--iw-samples", str(args.iw_samples), "--samples", "0",
-                               "--json", *limit, *extra], check=True, capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                exe,
+                "evaluate",
+                str(run),
+                "--iw-samples",
+                str(args.iw_samples),
+                "--samples",
+                "0",
+                "--json",
+                *limit,
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         result = json.loads(done.stdout)
     value = result[s["metric"]]
     print(f"{args.dataset}: {args.epochs} epochs, K={args.iw_samples}, {result['images']:,} test images")
-    print(f"  -ELBO {result['neg_elbo_nats']:.2f} nats, IW NLL {result['nll_iw_nats']:.2f} nats, "
-          f"bits/dim {result['bits_per_dim'] if result['bits_per_dim'] is None else round(result['bits_per_dim'], 3)}, "
-          f"active units {result['active_units']}")
-    print(f"{s['metric']} {value:.3f} {s['unit']}  goal {'<=' if args.dataset == 'mnist' else '<'} {s['goal']}  "
-          f"({'met' if value <= s['goal'] else 'not met'}; ratio {value / s['goal']:.3f})")
+    print(
+        f"  -ELBO {result['neg_elbo_nats']:.2f} nats, IW NLL {result['nll_iw_nats']:.2f} nats, "
+        f"bits/dim {result['bits_per_dim'] if result['bits_per_dim'] is None else round(result['bits_per_dim'], 3)}, "
+        f"active units {result['active_units']}"
+    )
+    print(
+        f"{s['metric']} {value:.3f} {s['unit']}  goal {'<=' if args.dataset == 'mnist' else '<'} {s['goal']}  "
+        f"({'met' if value <= s['goal'] else 'not met'}; ratio {value / s['goal']:.3f})"
+    )
 
 
 if __name__ == "__main__":

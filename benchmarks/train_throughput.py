@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vae_ray.data import prepare, read_arrays  # noqa: E402
-from vae_ray.ingest import to_float  # noqa: E402
+from vae_ray.images import to_float  # noqa: E402
 from vae_ray.model import batch_terms, build_model  # noqa: E402
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -48,7 +48,7 @@ def plain_loop(data: str, threads: int, batch: int = 128, epochs: int = 1) -> fl
         start = time.perf_counter()
         steps = len(images) // batch
         for i in range(steps):
-            x = to_float(images[order[i * batch:(i + 1) * batch]])
+            x = to_float(images[order[i * batch : (i + 1) * batch]])
             logits, mu, logvar = model(x)
             loss = batch_terms(model, x, x, logits, mu, logvar).loss.mean()
             opt.zero_grad(set_to_none=True)
@@ -61,10 +61,33 @@ def plain_loop(data: str, threads: int, batch: int = 128, epochs: int = 1) -> fl
 def vae_ray_train(data: str, threads: int, epochs: int, workdir: Path) -> tuple[float, list[dict]]:
     exe = shutil.which("vae-ray") or str(Path(sys.executable).parent / "vae-ray")
     run = workdir / "run"
-    subprocess.run([exe, "train", "--data", data, "--out", str(run), "--epochs", str(epochs),
-                    "--latent-dim", "16", "--batch-size", "128", "--lr", "1e-3", "--loss", "matlab",
-                    "--workers", "1", "--cpus-per-worker", str(threads), "--json"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            exe,
+            "train",
+            "--data",
+            data,
+            "--out",
+            str(run),
+            "--epochs",
+            str(epochs),
+            "--latent-dim",
+            "16",
+            "--batch-size",
+            "128",
+            "--lr",
+            "1e-3",
+            "--loss",
+            "matlab",
+            "--workers",
+            "1",
+            "--cpus-per-worker",
+            str(threads),
+            "--json",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steady = [h["train_images_per_s"] for h in history[1:]] or [history[0]["train_images_per_s"]]
     return max(steady), history

@@ -1,10 +1,13 @@
-"""Ray Job entry point: `python entry.py '<job spec json>'`.
+"""A thin Ray Job entry point for users who submit with `ray job submit` directly.
 
-`vae-ray train|tune|generate|evaluate --submit` sends this folder as the
-job's working directory and the command's resolved settings as its one
-argument, e.g. {"command": "train", "config": {<TrainConfig fields>}}.
-Prints the command's summary as one JSON line; exits 0 on success, 2 on a
-bad spec or input, 1 when the run fails.
+    ray job submit --address http://HEAD:8265 \
+        --runtime-env-json '{"working_dir": "jobs", "pip": ["vae-ray"]}' -- \
+        python entry.py '{"command": "train", "kwargs": {"settings": {"data": "s3://b/data/mnist", "out": "s3://b/runs/r1"}}}'
+
+It runs the same function `vae-ray ... --submit` runs (`python -m
+vae_ray.jobs`), with one job spec: {"command": train|tune|generate|evaluate,
+"kwargs": {...}}. Prints the command's summary as one JSON line; exits 0 on
+success, 2 on a bad spec or input, 1 when the run fails.
 """
 
 import sys

@@ -1,13 +1,39 @@
-"""Shared fixtures: one small local Ray cluster for the whole session, real
-reference data when it sits beside the checkout, and small datasets the tests
-write themselves."""
+"""Shared fixtures.
+
+- `ray_cluster`: one small private Ray cluster in this process for the whole
+  session (ray.init costs seconds on 2 cores).
+- `cluster`: a real multi-node Ray cluster on loopback, started the way users
+  start one (`ray start --head`, `ray start --address`, each node in its own
+  process group with its own ports, token authentication on), from a virtual
+  environment where vae-ray was installed from its wheel and no source
+  checkout is importable. Jobs, multi-node, S3 and elastic tests use it.
+- `s3_bucket`: a real S3-compatible server (moto) on loopback.
+- reference data when it sits beside the checkout, and small datasets the
+  tests write themselves.
+
+Test tiers (markers): `ray` (uses a Ray cluster), `cluster` (the multi-node
+cluster), `subprocess` (runs the CLI as a process), `browser`; `smoke` marks
+the end-to-end test `make test-fast` keeps.
+"""
 
 from __future__ import annotations
 
 import gzip
 import os
 import pickle
+import secrets
+import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,43 +43,65 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 # The loopback S3 server's address and its dummy credentials are set before
-# any Ray worker starts, so the workers (which inherit the driver's
-# environment) reach the same server.
+# any Ray process starts, so every node and worker (which inherit this
+# environment) reaches the same server.
 S3_PORT = _free_port()
-os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
-                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                   "AWS_EC2_METADATA_DISABLED": "true"})
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+)
+os.environ.pop("RAY_ADDRESS", None)
 SHARED_DATA = REPO.parent / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"
 CIFAR_JPEG = SHARED_DATA / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
+TOKEN = secrets.token_hex(16)
+
+
+RAY_FIXTURES = {"ray_cluster", "trained_run", "cluster", "finished_search", "wheel_env", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: a test that uses a Ray cluster is marked `ray` (and `cluster` for the multi-node one)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if "cluster" in fixtures:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster shared by every test that needs one (ray.init costs
-    seconds on 2 cores). Four logical CPUs: two training workers plus Ray Data."""
-    from vae_ray.cluster import ensure_ray
+    """A private local Ray cluster shared by every test that needs one. Four
+    logical CPUs: two training workers plus Ray Data."""
+    from vae_ray.cluster import connect, shutdown
 
-    resources = ensure_ray(cpus_needed=4)
-    yield resources
-    import ray
-
-    ray.shutdown()
+    cluster = connect(cpus_needed=4)
+    yield cluster.resources
+    shutdown()
 
 
 @pytest.fixture(scope="session")
 def s3_bucket():
     """A real S3-compatible server (moto) on loopback with one empty bucket."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
@@ -62,7 +110,220 @@ def s3_bucket():
     server.stop()
 
 
-def make_checkpoint(folder: Path, conditional: bool = False, seed: int = 0) -> Path:
+# ---------------------------------------------------------------------------
+# An installed vae-ray and a multi-node cluster
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def wheel_env() -> Path:
+    """vae-ray built as a wheel and installed into a fresh virtual environment.
+
+    The environment sees this one's third-party packages (ray, torch, ...)
+    through a .pth line, but vae-ray only from the wheel: the test checkout's
+    editable install is not importable there, and the wheel carries no jobs/
+    folder, so everything that works here works for `pip install vae-ray`."""
+    root = Path(tempfile.mkdtemp(prefix="vr-wheel-"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(root / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next((root / "dist").glob("vae_ray-*.whl"))
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "_requirements.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    yield venv
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Node:
+    process: subprocess.Popen
+    port_args: list = field(default_factory=list)
+
+    def stop(self) -> None:
+        """End this node's processes: everything in the session its `ray start`
+        opened (Ray's worker processes have process groups of their own, in
+        that session), and nothing else."""
+        for sig in ("TERM", "KILL"):
+            subprocess.run(["pkill", f"-{sig}", "-s", str(self.process.pid)], capture_output=True)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                continue
+        subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], capture_output=True)
+
+    def kill(self) -> None:
+        """The node vanishes at once, with every process on it (a spot instance taken away)."""
+        subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], capture_output=True)
+        self.process.wait(timeout=30)
+
+
+@dataclass
+class LoopbackCluster:
+    venv: Path
+    gcs: str
+    dashboard: str
+    temp_dir: Path
+    env: dict
+    nodes: list = field(default_factory=list)
+
+    def exe(self, name: str = "vae-ray") -> str:
+        return str(self.venv / "bin" / name)
+
+    def add_node(self, cpus: int = 1) -> Node:
+        node = _start_node(self, ["--address", self.gcs, f"--num-cpus={cpus}"])
+        self.nodes.append(node)
+        _wait_for_nodes(self, len(self.nodes))
+        return node
+
+    def run(self, *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+        """The installed `vae-ray` with this cluster's environment, from a folder with no source checkout."""
+        return subprocess.run(
+            [self.exe(), *args],
+            env=self.env,
+            cwd=self.temp_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kwargs,
+        )
+
+
+def _node_ports() -> list[str]:
+    """Every port a node opens, its own: several nodes share this machine (and
+    the suite's private cluster holds Ray's defaults)."""
+    return [
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
+
+
+def _start_node(cluster: LoopbackCluster, args: list[str]) -> Node:
+    command = [
+        str(cluster.venv / "bin" / "python"),
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={cluster.temp_dir}",
+        "--disable-usage-stats",
+        *_node_ports(),
+        *args,
+    ]
+    process = subprocess.Popen(
+        command,
+        env=cluster.env,
+        cwd=cluster.temp_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return Node(process)
+
+
+def _wait_for_nodes(cluster: LoopbackCluster, count: int, timeout: float = 180) -> None:
+    import json
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        request = urllib.request.Request(
+            f"{cluster.dashboard}/nodes?view=summary", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                summary = json.loads(response.read())["data"]["summary"]
+            alive = [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
+            if len(alive) >= count:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"the loopback cluster did not reach {count} nodes")
+
+
+@pytest.fixture(scope="module")
+def cluster(wheel_env, s3_bucket):
+    """A head (1 CPU, the dashboard and Jobs API) and two worker nodes (1 CPU
+    each) on 127.0.0.1, with token authentication, started from the wheel's
+    environment. Its nodes find S3 through the environment, as cluster nodes
+    find theirs through an instance profile."""
+    temp = Path(tempfile.mkdtemp(prefix="vrc-"))  # short: Ray's socket paths must fit in 107 bytes
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": TOKEN,
+        "PATH": f"{wheel_env / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Node deaths noticed within seconds (the elastic test kills one).
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+        "RAY_health_check_initial_delay_ms": "1000",
+    }
+    env.pop("RAY_ADDRESS", None)
+    env.pop("VIRTUAL_ENV", None)
+    port, dash = _free_port(), _free_port()
+    loopback = LoopbackCluster(wheel_env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp, env)
+    head = _start_node(
+        loopback,
+        [
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={_free_port()}",
+        ],
+    )
+    loopback.nodes.append(head)
+    try:
+        _wait_for_nodes(loopback, 1)
+        for count in (2, 3):  # one at a time: on 2 cores, starting nodes together only slows each down
+            loopback.nodes.append(_start_node(loopback, ["--address", loopback.gcs, "--num-cpus=1"]))
+            _wait_for_nodes(loopback, count)
+        yield loopback
+    finally:
+        for node in reversed(loopback.nodes):
+            node.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Data and checkpoints
+# ---------------------------------------------------------------------------
+def make_checkpoint(folder: Path, conditional: bool = False, seed: int = 0, classes: list | None = None) -> Path:
     """A checkpoint of an untrained (randomly initialised) model: generation
     mechanics do not depend on how good the weights are."""
     import torch
@@ -70,15 +331,32 @@ def make_checkpoint(folder: Path, conditional: bool = False, seed: int = 0) -> P
     from vae_ray import checkpoint as ckpt
     from vae_ray.config import TrainConfig
     from vae_ray.model import build_model
+    from vae_ray.rundir import RunDir
 
     torch.manual_seed(seed)
-    cfg = TrainConfig(arch="mnist", loss="matlab", latent_dim=4, conditional=conditional).validate()
-    dataset = {"name": "digits", "shape": [28, 28, 1], "classes": [str(i) for i in range(10)],
-               "num_classes": 10, "counts": {"train": 100, "test": 10}}
-    model = build_model("mnist", (28, 28, 1), 4, 10 if conditional else 0)
-    directory = ckpt.save(folder / "checkpoint_epoch_0001", model, None, {"epoch": 1, "global_step": 1},
-                          cfg.to_dict(), dataset)
-    ckpt.point_latest(folder, directory)
+    classes = classes or [str(i) for i in range(10)]
+    cfg = TrainConfig(
+        arch="mnist",
+        loss="matlab",
+        latent_dim=4,
+        conditional=conditional,
+        lr=1e-3,
+        lr_schedule="constant",
+        adam_beta2=0.999,
+        cpus_per_worker=1,
+    ).validate()
+    dataset = {
+        "name": "digits",
+        "shape": [28, 28, 1],
+        "classes": classes,
+        "num_classes": len(classes),
+        "counts": {"train": 100, "test": 10},
+    }
+    model = build_model("mnist", (28, 28, 1), 4, len(classes) if conditional else 0)
+    directory = ckpt.save(
+        folder / "checkpoint_epoch_0001", model, None, {"epoch": 1, "global_step": 1}, cfg.to_dict(), dataset
+    )
+    RunDir(str(folder)).point_latest(directory.name)
     return folder
 
 
@@ -91,12 +369,70 @@ def mnist_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """512 + 256 synthetic 28x28 digits as a prepared dataset."""
+    """512 + 512 synthetic 28x28 digits as a prepared dataset."""
     from vae_ray.data import prepare
 
     out = tmp_path_factory.mktemp("tiny") / "digits"
     prepare("synthetic", out, limit=512, shards=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (SQLite store, local artifacts)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    assert os.path.exists(exe), "the tracking tests need mlflow (pip install 'vae-ray[mlflow]'; make install does)"
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            exe,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'runs.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while not urlopen_ok(f"{url}/health"):
+        assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, tiny_data, tmp_path_factory, mlflow_server) -> Path:
+    """One short training run that read-only tests share (files, TensorBoard, MLflow)."""
+    from vae_ray import commands
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    summary = commands.train(
+        {
+            "data": str(tiny_data),
+            "out": str(run),
+            "epochs": 2,
+            "latent_dim": 4,
+            "batch_size": 64,
+            "seed": 1,
+            "lr": 2e-3,
+            "mlflow": mlflow_server,
+        }
+    )
+    (run.parent / "mlflow_run_id").write_text(summary["mlflow_run_id"])
+    return run
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
@@ -116,7 +452,7 @@ def write_fake_idx_dataset(root: Path, n_train: int = 64, n_test: int = 32, seed
     return root
 
 
-def write_cifar_batches(root: Path, per_batch: int = 20, seed: int = 0) -> dict:
+def write_cifar_batches(root: Path, per_batch: int = 20, seed: int = 0, names: list | None = None) -> dict:
     """CIFAR-10 python batches in the official format (pickled dicts, byte keys)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -124,11 +460,26 @@ def write_cifar_batches(root: Path, per_batch: int = 20, seed: int = 0) -> dict:
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = [int(x) for x in rng.integers(0, 10, per_batch)]
-        blob = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}
+        blob = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"{i}.png".encode() for i in range(per_batch)],
+        }
         (root / name).write_bytes(pickle.dumps(blob, protocol=2))
         written[name] = (data, labels)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    names = names or [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": names, b"num_vis": 3072}, protocol=2))
     return written
 
@@ -139,9 +490,8 @@ def _no_download(monkeypatch, tmp_path):
     closed loopback port and the cache is a fresh folder."""
     monkeypatch.setenv("VAE_RAY_DOWNLOAD_BASE", "http://127.0.0.1:9/")
     monkeypatch.setenv("VAE_RAY_CACHE", str(tmp_path / "cache"))
-    for var in ("VAE_RAY_MNIST_DIR", "VAE_RAY_FASHION_MNIST_DIR", "VAE_RAY_CIFAR10_DIR"):
+    for var in ("VAE_RAY_MNIST_DIR", "VAE_RAY_FASHION_MNIST_DIR", "VAE_RAY_CIFAR10_DIR", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def assert_one_error_line(result, *words):
@@ -153,3 +503,26 @@ def assert_one_error_line(result, *words):
     for word in words:
         assert word in lines[0], lines[0]
     assert "Traceback" not in result.output
+
+
+def assert_process_error_line(done: subprocess.CompletedProcess, *words, code: int = 2):
+    """The same for a CLI run as a process: exit status, one line on stderr."""
+    assert done.returncode == code, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def vae_ray_exe() -> str:
+    return shutil.which("vae-ray") or str(Path(sys.executable).parent / "vae-ray")
+
+
+def urlopen_ok(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False

@@ -5,6 +5,7 @@ from vae_ray import checkpoint as ckpt
 from vae_ray.config import TrainConfig
 from vae_ray.errors import UserError
 from vae_ray.model import build_model
+from vae_ray.rundir import RunDir
 
 DATASET = {"name": "digits", "shape": [28, 28, 1], "classes": [str(i) for i in range(10)], "num_classes": 10}
 
@@ -12,16 +13,17 @@ DATASET = {"name": "digits", "shape": [28, 28, 1], "classes": [str(i) for i in r
 def _save(tmp_path):
     cfg = TrainConfig(arch="mnist", loss="matlab", latent_dim=3).validate()
     model = build_model("mnist", (28, 28, 1), 3)
-    directory = ckpt.save(tmp_path / "checkpoint_epoch_0001", model, None, {"epoch": 1, "global_step": 5},
-                          cfg.to_dict(), DATASET)
-    ckpt.point_latest(tmp_path, directory)
+    directory = ckpt.save(
+        tmp_path / "checkpoint_epoch_0001", model, None, {"epoch": 1, "global_step": 5}, cfg.to_dict(), DATASET
+    )
+    RunDir(str(tmp_path)).point_latest(directory.name)
     return model, directory
 
 
 def test_round_trip_through_a_run_folder(tmp_path):
     model, directory = _save(tmp_path)
     loaded = ckpt.load(tmp_path)  # the run folder: follows latest
-    assert loaded.path == directory.resolve() and loaded.state["epoch"] == 1
+    assert loaded.path == str(directory.resolve()) and loaded.state["epoch"] == 1
     x = torch.rand(2, 1, 28, 28)
     mu_a, _ = model.eval().encode(x)
     mu_b, _ = loaded.model.encode(x)

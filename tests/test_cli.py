@@ -3,8 +3,9 @@ import sys
 
 from typer.testing import CliRunner
 
-from conftest import assert_one_error_line, write_fake_idx_dataset
 from vae_ray.cli import app
+
+from conftest import assert_one_error_line, write_fake_idx_dataset
 
 runner = CliRunner()
 
@@ -32,21 +33,36 @@ def test_prepare_and_show(tmp_path):
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):
-    assert_one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path / "nope"),
-                                        "--out", str(tmp_path / "o")]), "nope", "not found")
-    assert_one_error_line(runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path),
-                                        "--out", str(tmp_path / "o")]), "missing IDX file")
-    assert_one_error_line(runner.invoke(app, ["data", "prepare", "pets", "--out", str(tmp_path / "o")]),
-                    "unknown dataset 'pets'")
-    assert_one_error_line(runner.invoke(app, ["data", "prepare", "synthetic", "--limit", "0",
-                                        "--out", str(tmp_path / "o")]), "--limit")
+    assert_one_error_line(
+        runner.invoke(
+            app, ["data", "prepare", "mnist", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+        ),
+        "nope",
+        "not found",
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["data", "prepare", "mnist", "--source", str(tmp_path), "--out", str(tmp_path / "o")]),
+        "missing IDX file",
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["data", "prepare", "pets", "--out", str(tmp_path / "o")]), "unknown dataset 'pets'"
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["data", "prepare", "synthetic", "--limit", "0", "--out", str(tmp_path / "o")]), "--limit"
+    )
     assert_one_error_line(runner.invoke(app, ["data", "show", str(tmp_path)]), "not a prepared dataset")
-    assert_one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
-                                        "--latent-dim", "0"]), "latent_dim must be at least 1")
-    assert_one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
-                                        "--lr", "-1"]), "lr must be a positive number")
-    assert_one_error_line(runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")]),
-                    "not a prepared dataset")
+    assert_one_error_line(
+        runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--latent-dim", "0"]),
+        "--latent-dim",
+        "greater than or equal to 1",
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--lr", "-1"]),
+        "lr must be a positive number",
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")]), "not a prepared dataset"
+    )
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 
 
@@ -54,8 +70,59 @@ def test_console_script_and_module_entry_points(tmp_path):
     version = subprocess.run([sys.executable, "-m", "vae_ray", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("vae-ray ")
     exe = __import__("shutil").which("vae-ray") or str(__import__("pathlib").Path(sys.executable).parent / "vae-ray")
-    bad = subprocess.run([exe, "data", "prepare", "mnist", "--source", str(tmp_path / "x"), "--out",
-                          str(tmp_path / "o")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [exe, "data", "prepare", "mnist", "--source", str(tmp_path / "x"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_train_help_shows_every_setting_with_its_default_in_panels():
+    from vae_ray.cli.options import flag_of
+    from vae_ray.config import fields
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    for f in fields():
+        assert flag_of(f.name) in result.output, f.name
+    for panel in ("Data", "Model", "Loss", "Optimisation", "Scale", "Tracking", "Cluster"):
+        assert f"─ {panel} " in result.output, panel
+    assert "[default: 16]" in result.output and "<auto|mnist|cifar>" in result.output
+    assert "by network: 32 mnist, 128 cifar" in result.output  # what auto means
+    assert "vae_ray/trainer.py" in result.output and "Exit status" in result.output  # one hop to the code
+
+
+def test_print_config_shows_the_resolved_settings_and_writes_nothing(tiny_data, tmp_path):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text("latent-dim: 7\nepochs: 3\n")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "r"),
+            "--config",
+            str(config),
+            "--epochs",
+            "4",
+            "--print-config",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    settings = yaml.safe_load(result.stdout)
+    assert (settings["latent_dim"], settings["epochs"]) == (7, 4)  # file, then the flags typed
+    assert (settings["arch"], settings["batch_size"], settings["lr"]) == ("mnist", 32, 3e-3)  # auto, resolved
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_command_line_loads_neither_ray_nor_torch_for_help():
+    probe = "import sys, vae_ray.cli; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

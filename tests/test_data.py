@@ -5,10 +5,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CIFAR_JPEG, write_cifar_batches, write_fake_idx_dataset
 from vae_ray.data import load_split, prepare, read_arrays, read_meta, verify
 from vae_ray.errors import UserError
-from vae_ray.sources import read_idx
+from vae_ray.sources.idx import read_idx
+
+from conftest import CIFAR_JPEG, write_cifar_batches, write_fake_idx_dataset
 
 
 def test_full_mnist_pixels_equal_the_idx_files(mnist_dir, tmp_path):
@@ -53,9 +54,15 @@ def test_failed_prepare_leaves_nothing_and_keeps_existing(tmp_path):
     good = write_fake_idx_dataset(tmp_path / "good", n_train=20, n_test=10)
     prepare("mnist", tmp_path / "out", str(good))
     before = (tmp_path / "out" / "dataset.json").read_bytes()
-    # Not empty: refused without --overwrite, untouched.
-    with pytest.raises(UserError, match="already exists and is not empty"):
-        prepare("mnist", tmp_path / "out", str(good))
+    stamp = (tmp_path / "out" / "train" / "part-00000.parquet").stat()
+    # The same command again: complete, so nothing is rewritten.
+    again = prepare("mnist", tmp_path / "out", str(good))
+    assert again["already_complete"]
+    after = (tmp_path / "out" / "train" / "part-00000.parquet").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
+    # A different dataset: refused without --overwrite, untouched.
+    with pytest.raises(UserError, match="already holds a different dataset"):
+        prepare("mnist", tmp_path / "out", str(good), limit=5)
     # A corrupt source with --overwrite: the old dataset survives the failure.
     bad = write_fake_idx_dataset(tmp_path / "bad")
     (bad / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bnope")

@@ -9,9 +9,10 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from conftest import assert_one_error_line, make_checkpoint
 from vae_ray.cli import app
 from vae_ray.evaluate import KEYS
+
+from conftest import assert_one_error_line, make_checkpoint
 
 runner = CliRunner()
 
@@ -63,17 +64,18 @@ def test_sample_quality_with_the_judge(ray_cluster, judged_data, tmp_path):
     info = json.loads((judged_data / "classifier" / "info.json").read_text())
     assert info["test_accuracy"] > 0.5 and info["train_images"] == 512
     run = make_checkpoint(tmp_path / "cond", conditional=True)
-    result = _evaluate(run, "--data", judged_data, "--iw-samples", 2, "--samples", 200, "--tstr",
-                       "--tstr-samples", 300)
+    result = _evaluate(run, "--data", judged_data, "--iw-samples", 2, "--samples", 200, "--tstr", "--tstr-samples", 300)
     # An untrained model's samples are far from the data; real train vs real test is close.
     assert result["fd"] > result["fd_real"] > 0
     assert 1 <= result["inception_score"] <= 10 and result["inception_score_real"] > result["inception_score"]
+    assert result["inception_score_mean"] > 0 and result["inception_score_std"] >= 0  # the usual 10-split report
     assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
     assert 0 <= result["tstr_accuracy"] <= 1
     again = runner.invoke(app, ["classifier", "train", "--data", str(judged_data)])
     assert_one_error_line(again, "already cached", "--overwrite")
 
 
+@pytest.mark.browser
 def test_report_renders_in_a_headless_browser(run, tiny_data, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "the report test needs Debian's chromium (make install adds it)"
@@ -81,12 +83,30 @@ def test_report_renders_in_a_headless_browser(run, tiny_data, tmp_path):
     result = runner.invoke(app, ["report", str(run), "--data", str(tiny_data), "--out", str(out)])
     assert result.exit_code == 0, result.output
     pngs = sorted(p.name for p in out.glob("*.png"))
-    for name in ("reconstructions.png", "samples.png", "latent_pca.png", "latent_tsne.png",
-                 "interpolation.png", "arithmetic.png", "recon_error.png"):
+    for name in (
+        "reconstructions.png",
+        "samples.png",
+        "latent_pca.png",
+        "latent_tsne.png",
+        "interpolation.png",
+        "arithmetic.png",
+        "recon_error.png",
+    ):
         assert name in pngs
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-                          "--dump-dom", (out / "index.html").as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            (out / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     body = re.search(r'<body data-images-total="(\d+)" data-images-loaded="(\d+)"', dom)
     assert body, dom[:500]
     total, loaded = map(int, body.groups())
@@ -102,24 +122,32 @@ def test_latent_two_gets_a_manifold(tmp_path, tiny_data):
     from vae_ray.model import build_model
 
     cfg = TrainConfig(arch="mnist", loss="matlab", latent_dim=2).validate()
-    ckpt.save(tmp_path / "c", build_model("mnist", (28, 28, 1), 2), None, {"epoch": 1, "global_step": 1},
-              cfg.to_dict(), {"name": "digits", "shape": [28, 28, 1], "classes": [], "num_classes": 10,
-                              "counts": {}})
+    ckpt.save(
+        tmp_path / "c",
+        build_model("mnist", (28, 28, 1), 2),
+        None,
+        {"epoch": 1, "global_step": 1},
+        cfg.to_dict(),
+        {"name": "digits", "shape": [28, 28, 1], "classes": [], "num_classes": 10, "counts": {}},
+    )
     torch.manual_seed(0)
     result = runner.invoke(app, ["report", str(tmp_path / "c"), "--data", str(tiny_data)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "c" / "report" / "manifold.png").is_file()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["evaluate", "/nonexistent/run"], ["/nonexistent/run"]),
-    (["evaluate", "RUN", "--iw-samples", "0"], ["--iw-samples"]),
-    (["evaluate", "RUN", "--data", "/nonexistent/data"], ["/nonexistent/data"]),
-    (["evaluate", "RUN", "--split", "valid"], ["valid"]),
-    (["evaluate", "RUN", "--tstr"], ["--tstr", "conditional"]),
-    (["report", "/nonexistent/run"], ["/nonexistent/run"]),
-    (["classifier", "train", "--data", "/nonexistent/data"], ["/nonexistent/data"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["evaluate", "/nonexistent/run"], ["/nonexistent/run"]),
+        (["evaluate", "RUN", "--iw-samples", "0"], ["--iw-samples"]),
+        (["evaluate", "RUN", "--data", "/nonexistent/data"], ["/nonexistent/data"]),
+        (["evaluate", "RUN", "--split", "valid"], ["valid"]),
+        (["evaluate", "RUN", "--tstr"], ["--tstr", "conditional"]),
+        (["report", "/nonexistent/run"], ["/nonexistent/run"]),
+        (["classifier", "train", "--data", "/nonexistent/data"], ["/nonexistent/data"]),
+    ],
+)
 def test_bad_inputs_exit_2_with_one_line(run, tiny_data, args, words):
     args = [a.replace("RUN", str(run)) for a in args]
     if args[0] == "evaluate" and "--data" not in args:

@@ -15,10 +15,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import assert_one_error_line, make_checkpoint
 from vae_ray.cli import app
 from vae_ray.errors import UserError
-from vae_ray.generate import Store, generate, latent_normals, verify
+from vae_ray.generate import MANIFEST, generate, verify, write_folder
+from vae_ray.keyed_random import latent_normals
+
+from conftest import assert_one_error_line, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,9 @@ def conditional_run(tmp_path_factory):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
 
 
 def test_latents_are_standard_normal_and_index_keyed():
@@ -44,9 +47,8 @@ def test_latents_are_standard_normal_and_index_keyed():
 
 
 def test_a_shard_folder_appears_whole_and_a_retry_replaces_it(tmp_path):
-    store = Store(str(tmp_path))
-    store.write_folder("00000", {"000000000.png": b"first", "000000001.png": b"first"})
-    store.write_folder("00000", {"000000000.png": b"retry"})  # a restarted actor writes the shard again
+    write_folder(str(tmp_path), "00000", {"000000000.png": b"first", "000000001.png": b"first"})
+    write_folder(str(tmp_path), "00000", {"000000000.png": b"retry"})  # a restarted actor writes the shard again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000"]  # no temporary folder left
     assert {p.name: p.read_bytes() for p in (tmp_path / "00000").iterdir()} == {"000000000.png": b"retry"}
 
@@ -89,27 +91,40 @@ def test_killed_run_restarts_to_the_same_bytes(ray_cluster, model_run, tmp_path)
     killed mid-way, then run again; the result equals an uninterrupted run."""
     resumed = tmp_path / "resumed"
     exe = str(Path(sys.executable).parent / "vae-ray")
-    command = [exe, "generate", str(model_run), "--num", "1500", "--shard-size", "100", "--seed", "5",
-               "--actors", "1", "--out", str(resumed)]
+    command = [
+        exe,
+        "generate",
+        str(model_run),
+        "--num",
+        "800",
+        "--shard-size",
+        "100",
+        "--seed",
+        "5",
+        "--actors",
+        "1",
+        "--out",
+        str(resumed),
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((resumed / ".progress").glob("*.json"))) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert json.loads((resumed / "manifest.json").read_text())["status"] == "running"
-    assert 2 <= len(list((resumed / ".progress").glob("*.json"))) < 15
+    assert json.loads((resumed / MANIFEST).read_text())["status"] == "running"
+    assert 2 <= len(list((resumed / ".progress").glob("*.json"))) < 8
     # What a writer killed half-way through a shard leaves: a temporary shard folder.
-    partial = resumed / ".tmp-0123456789ab-00014"
+    partial = resumed / ".tmp-0123456789ab-00007"
     partial.mkdir(exist_ok=True)
-    (partial / "000001400.png").write_bytes(b"\x89PNG half")
+    (partial / "000000700.png").write_bytes(b"\x89PNG half")
     second = subprocess.run(command, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert not list(resumed.rglob(".tmp-*"))
     # The uninterrupted reference runs here, on the shared cluster with two actors.
-    reference = generate(str(model_run), 1500, str(tmp_path / "ref"), shard_size=100, seed=5, actors=2)
-    assert _files(resumed) == _files(tmp_path / "ref") and len(_files(resumed)) == 1500
-    assert json.loads((resumed / "manifest.json").read_text())["shards"] == reference["shards"]
+    reference = generate(str(model_run), 800, str(tmp_path / "ref"), shard_size=100, seed=5, actors=2)
+    assert _files(resumed) == _files(tmp_path / "ref") and len(_files(resumed)) == 800
+    assert json.loads((resumed / MANIFEST).read_text())["shards"] == reference["shards"]
 
 
 def test_s3_round_trip(ray_cluster, s3_bucket, model_run):
@@ -121,12 +136,14 @@ def test_s3_round_trip(ray_cluster, s3_bucket, model_run):
     verify(uri)
     fs, root = pafs.FileSystem.from_uri(uri)
     names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)))
-    assert names == ["manifest.json", "part-00000.parquet", "part-00001.parquet"]
+    assert names == [MANIFEST, "part-00000.parquet", "part-00001.parquet"]
     table = pq.read_table(f"{root}/part-00001.parquet", filesystem=fs)
     assert table.num_rows == 15
     # The same command again finds the set complete and rewrites nothing.
+    before = {i.path: i.mtime_ns for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))}
     again = generate(str(model_run), 40, uri, fmt="parquet", shard_size=25, seed=2)
-    assert again["shards"] == manifest["shards"]
+    assert again["already_complete"] and again["shards"] == manifest["shards"]
+    assert {i.path: i.mtime_ns for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))} == before
 
 
 def test_conditional_per_class_is_an_image_folder(ray_cluster, conditional_run, tmp_path):
@@ -145,27 +162,104 @@ def test_conditional_per_class_is_an_image_folder(ray_cluster, conditional_run, 
 
 def test_generate_user_errors(ray_cluster, model_run, tmp_path):
     runner = CliRunner()
-    assert_one_error_line(runner.invoke(app, ["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]),
-                    "no such checkpoint")
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]), "no such checkpoint"
+    )
     broken = make_checkpoint(tmp_path / "broken")
     (broken / "latest" / "model.pt").write_bytes(b"garbage")
-    assert_one_error_line(runner.invoke(app, ["generate", str(broken), "--out", str(tmp_path / "o")]),
-                    "corrupt checkpoint")
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(broken), "--out", str(tmp_path / "o")]), "corrupt checkpoint"
+    )
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(foreign)]),
-                    "holds other files", "--overwrite")
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(foreign)]),
+        "holds other files",
+        "--overwrite",
+    )
     assert (foreign / "notes.txt").read_text() == "mine"
-    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--label", "3"]),
-                    "not a class-conditional model")
-    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--num", "0"]),
-                    "--num must be at least 1")
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--label", "3"]),
+        "not a class-conditional model",
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--num", "0"]), "--num"
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--temperature", "inf"]),
+        "--temperature must be a finite number",
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(model_run), "--out", str(tmp_path / "o"), "--seed", "-3"]), "--seed"
+    )
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(model_run), "--out", "gs://bucket/x"]), "unsupported storage scheme 'gs://'"
+    )
+    assert not (tmp_path / "o").exists()
     assert_one_error_line(runner.invoke(app, ["generate", "--verify", str(foreign)]), "not a generated set")
     # A finished set refuses a run with a different seed, unless --overwrite.
     assert runner.invoke(app, ["generate", str(model_run), "--num", "5", "--out", str(tmp_path / "s")]).exit_code == 0
-    assert_one_error_line(runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9",
-                                        "--out", str(tmp_path / "s")]), "a different generation run")
-    ok = runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9", "--overwrite",
-                             "--out", str(tmp_path / "s")])
-    assert ok.exit_code == 0 and json.loads((tmp_path / "s" / "manifest.json").read_text())["seed"] == 9
+    assert_one_error_line(
+        runner.invoke(app, ["generate", str(model_run), "--num", "5", "--seed", "9", "--out", str(tmp_path / "s")]),
+        "a different generation run",
+    )
+    ok = runner.invoke(
+        app, ["generate", str(model_run), "--num", "5", "--seed", "9", "--overwrite", "--out", str(tmp_path / "s")]
+    )
+    assert ok.exit_code == 0 and json.loads((tmp_path / "s" / MANIFEST).read_text())["seed"] == 9
+
+
+def test_a_one_shard_job_runs_in_this_process_with_the_same_bytes(ray_cluster, model_run, tmp_path):
+    small = CliRunner().invoke(
+        app, ["generate", str(model_run), "--num", "300", "--seed", "2", "--out", str(tmp_path / "here")]
+    )
+    assert small.exit_code == 0 and "in this process" in small.output, small.output
+    generate(str(model_run), 300, str(tmp_path / "pool"), seed=2, actors=1)  # the Ray Data actor pool
+    assert _files(tmp_path / "here") == _files(tmp_path / "pool") and len(_files(tmp_path / "here")) == 300
+
+
+def test_generated_parquet_reads_with_pandas_pyarrow_and_duckdb(ray_cluster, model_run, tmp_path):
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    out = tmp_path / "pq"
+    generate(str(model_run), 30, str(out), fmt="parquet", shard_size=16, seed=1)
+    frame = pd.read_parquet(out)
+    assert len(frame) == 30 and list(frame.columns) == ["image", "label", "index"]
+    assert sorted(frame["index"]) == list(range(30))
+    assert pads.dataset(out).count_rows() == 30
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0] == 30
+
+
+def test_hugging_face_sets_load_with_datasets_and_prepare_back(conditional_run, tmp_path, monkeypatch):
+    import pandas as pd
+    from datasets import load_dataset
+    from PIL import Image as PILImage
+
+    from vae_ray.data import prepare
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    out = tmp_path / "hf"
+    made = CliRunner().invoke(
+        app, ["generate", str(conditional_run), "--num", "40", "--per-class", "--format", "hf", "--out", str(out)]
+    )
+    assert made.exit_code == 0, made.output
+    ds = load_dataset(
+        "parquet", data_files=str(out / "data" / "*.parquet"), split="train", cache_dir=str(tmp_path / "hf-cache")
+    )
+    assert len(ds) == 40 and ds.features["label"].names == [str(k) for k in range(10)]
+    first = ds[3]
+    assert isinstance(first["image"], PILImage.Image) and first["image"].size == (28, 28)
+    assert ds.features["label"].int2str(first["label"]) == "3" and first["index"] == 3
+    card = (out / "README.md").read_text()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["checkpoint_sha256"] in card and "seed" in card and "40" in card
+    assert card.startswith("---\n") and "class_label" in card  # the Hub reads the features from the card
+    assert len(pd.read_parquet(out / "data")) == 40
+    verify(str(out))
+    back = prepare("imagefolder", tmp_path / "back", str(out), test_fraction=0.25)
+    assert back["classes"] == [str(k) for k in range(10)] and back["shape"] == [28, 28, 1]
+    assert back["splits"]["train"]["count"] + back["splits"]["test"]["count"] == 40

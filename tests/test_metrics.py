@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from vae_ray.embedding import pca_2d, tsne_2d
-from vae_ray.metrics import (active_units, binarize, bits_per_dim, frechet_distance, hashed_normals,
-                             inception_score, likelihood_terms, precision_recall)
+from vae_ray.keyed_random import binarize, hashed_normals
+from vae_ray.metrics import (
+    active_units,
+    bits_per_dim,
+    frechet_distance,
+    inception_score,
+    likelihood_terms,
+    precision_recall,
+)
 from vae_ray.model import HALF_BIN, build_model, discretized_logistic_log_prob, kl_divergence
 
 
@@ -29,7 +36,7 @@ def test_discretised_logistic_is_a_distribution_over_256_values():
     # A sharp logistic puts almost all mass on the nearest 8-bit value.
     logp = discretized_logistic_log_prob(torch.tensor(128 / 255), torch.tensor(128 / 255), torch.tensor(-8.0))
     assert logp.exp().item() > 0.99
-    assert HALF_BIN == pytest.approx(0.5 / 255)
+    assert pytest.approx(0.5 / 255) == HALF_BIN
     assert bits_per_dim(784 * math.log(2) * 8, "logistic", 784) == pytest.approx(8.0)
     assert bits_per_dim(100.0, "bernoulli", 784) is None
 
@@ -56,8 +63,10 @@ def test_importance_weighted_bound_is_below_the_elbo_and_tightens_with_k():
         assert (t["nll_iw_nats"] <= t["neg_elbo_nats"] + 1e-4).all()
     # More samples, a tighter (lower) bound on average; the ELBO estimate does not move that way.
     assert many["nll_iw_nats"].mean() < few["nll_iw_nats"].mean() < one["nll_iw_nats"].mean()
-    assert abs(many["neg_elbo_nats"].mean() - few["neg_elbo_nats"].mean()) < \
-        few["neg_elbo_nats"].mean() - many["nll_iw_nats"].mean()
+    assert (
+        abs(many["neg_elbo_nats"].mean() - few["neg_elbo_nats"].mean())
+        < few["neg_elbo_nats"].mean() - many["nll_iw_nats"].mean()
+    )
 
 
 def test_samples_and_binarisation_are_keyed_by_image_index():
@@ -73,8 +82,9 @@ def test_samples_and_binarisation_are_keyed_by_image_index():
 
 def test_active_units_count_dimensions_whose_mean_varies():
     rng = np.random.default_rng(0)
-    mu = np.stack([rng.normal(0, 1, 1000), rng.normal(0, 0.03, 1000), np.full(1000, 2.0),
-                   rng.normal(0, 0.2, 1000)], axis=1)
+    mu = np.stack(
+        [rng.normal(0, 1, 1000), rng.normal(0, 0.03, 1000), np.full(1000, 2.0), rng.normal(0, 0.2, 1000)], axis=1
+    )
     # variances: 1, 0.0009, 0, 0.04 -> dimensions 0 and 3 are active
     assert active_units(mu) == 2
 

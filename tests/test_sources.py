@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_cifar_batches, write_fake_idx_dataset, write_idx
 from vae_ray.errors import UserError
-from vae_ray.sources import (imagefolder_source, load_cifar_batch, locate, open_source, read_idx,
-                             synthetic_digits_source)
+from vae_ray.sources import open_source
+from vae_ray.sources.cifar import load_cifar_batch
+from vae_ray.sources.folder import imagefolder_source
+from vae_ray.sources.idx import read_idx
+from vae_ray.sources.locate import locate
+from vae_ray.sources.synthetic import synthetic_digits_source
+
+from conftest import write_cifar_batches, write_fake_idx_dataset, write_idx
 
 
 def _raw_idx(path):

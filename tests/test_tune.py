@@ -1,8 +1,13 @@
 """Ray Tune searches on the shared local cluster, each trial a real TorchTrainer."""
 
 import csv
+import json
 import os
+import signal
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -13,13 +18,20 @@ from vae_ray.config import TrainConfig
 from vae_ray.errors import UserError
 from vae_ray.tune import SearchSpec, search
 
+from conftest import vae_ray_exe
+
+pytestmark = pytest.mark.ray
+
 
 @pytest.fixture(scope="module")
-def finished_search(ray_cluster, tiny_data, tmp_path_factory):
+def finished_search(ray_cluster, tiny_data, tmp_path_factory, mlflow_server):
     """Four trials, two at a time: two good learning rates first, then two
-    hopeless ones that ASHA should stop after the grace period."""
+    hopeless ones that ASHA should stop after the grace period. Logged to a
+    real MLflow server: one parent run, a child run per trial."""
     out = tmp_path_factory.mktemp("search") / "s"
-    base = TrainConfig(data=str(tiny_data), out=str(out), epochs=3, batch_size=64, seed=0).validate()
+    base = TrainConfig(
+        data=str(tiny_data), out=str(out), epochs=2, batch_size=64, seed=0, mlflow=mlflow_server
+    ).validate()
     spec = SearchSpec(latent_dims=[2, 4], lrs=[3e-3, 1e-7])
     rows = search(base, spec, out, grace_period=1, max_concurrent=2, show=False)
     return out, rows
@@ -31,8 +43,12 @@ def test_grid_runs_to_completion_with_early_stopping(ray_cluster, finished_searc
     out, rows = finished_search
     with open(out / "results.csv") as fh:
         table = list(csv.DictReader(fh))
-    assert len(table) == 4 and {(r["latent_dim"], r["lr"]) for r in table} == \
-        {("2", "0.003"), ("4", "0.003"), ("2", "1e-07"), ("4", "1e-07")}
+    assert len(table) == 4 and {(r["latent_dim"], r["lr"]) for r in table} == {
+        ("2", "0.003"),
+        ("4", "0.003"),
+        ("2", "1e-07"),
+        ("4", "1e-07"),
+    }
     statuses = [r["status"] for r in rows]
     assert "stopped early" in statuses and "error" not in statuses
     assert rows[0]["lr"] == 3e-3  # sorted by the metric: a good learning rate wins
@@ -40,12 +56,25 @@ def test_grid_runs_to_completion_with_early_stopping(ray_cluster, finished_searc
     assert best.config.latent_dim == rows[0]["latent_dim"] and best.state["epoch"] == rows[0]["epochs"]
     assert (out / "curves.png").stat().st_size > 5000
     for row in rows:  # each trial is a full run folder, as `vae-ray train` leaves
-        assert os.path.isdir(row["checkpoint"]) and (ckpt.resolve(row["checkpoint"]) / "config.json").is_file()
+        assert os.path.isdir(row["checkpoint"]) and (Path(ckpt.resolve(row["checkpoint"])) / "config.json").is_file()
     # Stopped trials gave their workers back.
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_a_search_is_one_mlflow_parent_run_with_a_child_per_trial(finished_search, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out, rows = finished_search
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("vae-ray").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("vae_ray.run") == str(out)]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(r["trial_id"] for r in rows)
+    assert all(client.get_metric_history(r.info.run_id, "test_matlab_elbo") for r in children)
 
 
 def test_resume_reruns_no_finished_trial(ray_cluster, tiny_data, finished_search):
@@ -56,6 +85,9 @@ def test_resume_reruns_no_finished_trial(ray_cluster, tiny_data, finished_search
     assert {r["trial_id"] for r in again} == set(stamps)
     for r in again:
         assert os.stat(out / "trials" / r["trial_id"] / "metrics.jsonl").st_mtime_ns == stamps[r["trial_id"]]
+    # The same search again is complete: nothing runs, the rows come from results.csv.
+    same = search(base, SearchSpec(latent_dims=[2, 4], lrs=[3e-3, 1e-7]), out, show=False)
+    assert same.already_complete and {r["trial_id"] for r in same} == set(stamps)
     with pytest.raises(UserError, match="already holds a search"):
         search(base, SearchSpec(latent_dims=[2], lrs=[1e-3]), out, show=False)
 
@@ -68,17 +100,20 @@ def test_random_search_space():
     assert space["latent_dim"] == {"grid_search": [2, 5]}
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--latent-dims", "2,x"], "--latent-dims: expected comma-separated int"),
-    (["--latent-dims", "0,4"], "latent_dim must be at least 1"),
-    (["--lrs", "1e-3,-1"], "lr must be a positive number"),
-    (["--lrs", "1e-3", "--lr-min", "1e-4", "--lr-max", "1e-2"], "either --lrs"),
-    (["--lr-min", "1e-2", "--lr-max", "1e-4"], "0 < min < max"),
-    (["--lr-min", "1e-4"], "needs both --lr-min and --lr-max"),
-    (["--metric", "accuracy"], "--metric must be one of"),
-    (["--grace-period", "9", "--epochs", "3"], "--grace-period must be between 1 and --epochs"),
-    (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--latent-dims", "2,x"], "--latent-dims: expected comma-separated int"),
+        (["--latent-dims", "0,4"], "latent_dim must be between 1 and 4096"),
+        (["--lrs", "1e-3,-1"], "lr must be a positive number"),
+        (["--lrs", "1e-3", "--lr-min", "1e-4", "--lr-max", "1e-2"], "either --lrs"),
+        (["--lr-min", "1e-2", "--lr-max", "1e-4"], "0 < min < max"),
+        (["--lr-min", "1e-4"], "needs both --lr-min and --lr-max"),
+        (["--metric", "accuracy"], "--metric must be one of"),
+        (["--grace-period", "9", "--epochs", "3"], "--grace-period must be between 1 and --epochs"),
+        (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+    ],
+)
 def test_invalid_search_specs_exit_2(tiny_data, tmp_path, args, words):
     result = CliRunner().invoke(app, ["tune", "--data", str(tiny_data), "--out", str(tmp_path / "s"), *args])
     assert result.exit_code == 2, result.output
@@ -93,8 +128,23 @@ def test_study_latent_dims_writes_its_pictures(ray_cluster, tiny_data, tmp_path)
     from typer.testing import CliRunner
 
     out = tmp_path / "study"
-    result = CliRunner().invoke(app, ["study", "latent-dims", "--data", str(tiny_data), "--out", str(out),
-                                      "--latent-dims", "2,4", "--epochs", "1", "--max-concurrent", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "study",
+            "latent-dims",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--latent-dims",
+            "2,4",
+            "--epochs",
+            "1",
+            "--max-concurrent",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "study.json").read_text())
     assert set(summary["results"]) == {"2", "4"}
@@ -111,8 +161,23 @@ def test_study_loss_weights_searches_weight_pairs(ray_cluster, tiny_data, tmp_pa
     from typer.testing import CliRunner
 
     out = tmp_path / "weights"
-    result = CliRunner().invoke(app, ["study", "loss-weights", "--data", str(tiny_data), "--out", str(out),
-                                      "--latent-dim", "4", "--epochs", "1", "--max-concurrent", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "study",
+            "loss-weights",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--latent-dim",
+            "4",
+            "--epochs",
+            "1",
+            "--max-concurrent",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with open(out / "results.csv") as fh:
         pairs = {(r["recon_weight"], r["beta"]) for r in csv.DictReader(fh)}
@@ -120,3 +185,61 @@ def test_study_loss_weights_searches_weight_pairs(ray_cluster, tiny_data, tmp_pa
     summary = json.loads((out / "study.json").read_text())
     assert set(summary["results"]) == {"0.9*MSE + 0.1*KL", "0.1*MSE + 0.9*KL"}
     assert (out / "loss_weights.png").stat().st_size > 20000
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_stops_a_search_that_resume_continues(tiny_data, tmp_path):
+    """Also: an earlier cluster stopped without `ray stop` left its address
+    behind; the search's private cluster must not follow it (Train's
+    placement-group cleaner did, and the second trial waited forever)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vrt-"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nothing listens there
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    out = tmp_path / "s"
+    proc = subprocess.Popen(
+        [
+            vae_ray_exe(),
+            "tune",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--latent-dims",
+            "2,3",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--max-concurrent",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "trials").glob("*/metrics.jsonl")):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    assert proc.wait(timeout=180) == 130, proc.stderr.read()[-3000:]
+    assert "--resume" in proc.stderr.read()
+    assert not (out / "best").exists()  # an interrupted search names no winner
+    assert json.loads((out / "search.json").read_text())["status"] == "running"
+    time.sleep(2)
+    assert not subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+    resumed = subprocess.run(
+        [vae_ray_exe(), "tune", "--out", str(out), "--resume", "--stall-timeout", "90"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(out / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 2 and {r["status"] for r in table} <= {"completed", "stopped early"}
+    assert ckpt.load(out / "best").state["epoch"] >= 1

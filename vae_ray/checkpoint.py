@@ -1,124 +1,185 @@
 """Checkpoints: fixed file names, the resolved config inside, safe to load.
 
-    model.pt      the model's state_dict (tensors only)
+    model.pt      the model's state_dict (tensors only); the weight average with --ema
     optimizer.pt  the optimizer's state_dict
     state.json    epoch, global step, the epoch's metrics
-    config.json   {"config": TrainConfig, "dataset": shape/classes/name}
+    config.json   {"config": TrainConfig, "dataset": shape/classes/name/shards}
     training.pt   with --ema only: the optimizer's own weights, to resume from
-                  (model.pt then holds the weight average)
 
 Everything is loaded with `torch.load(weights_only=True)`: no code from a
-checkpoint file ever runs.
+checkpoint file ever runs. `save` and `restore` run on training workers;
+`load` and `load_blob` serve generate, evaluate and report, from a local
+folder or s3:// (a remote checkpoint is copied to a temporary folder first).
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
-import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import storage
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .model import VAE, build_model
+from .rundir import RunDir
 
 FILES = ("model.pt", "optimizer.pt", "state.json", "config.json")
 TRAINING_WEIGHTS = "training.pt"
 
 
-def save(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         state: dict[str, Any], config: dict[str, Any], dataset: dict[str, Any]) -> Path:
+# ---------------------------------------------------------------------------
+# Workers: save and restore
+# ---------------------------------------------------------------------------
+def save(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    dataset: dict[str, Any],
+    training_weights: torch.nn.Module | None = None,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / "model.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    if training_weights is not None:  # --ema: model.pt is the average; these are what the optimizer moves
+        torch.save(training_weights.state_dict(), directory / TRAINING_WEIGHTS)
     (directory / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps({"config": config, "dataset": dataset}, indent=2) + "\n")
     return directory
 
 
+def restore(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    averaged: torch.nn.Module | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Load a checkpoint into a training worker's model, optimizer and weight
+    average; return its state (epoch, global step)."""
+    directory = Path(directory)
+
+    def load(name: str):
+        return torch.load(directory / name, map_location=device, weights_only=True)
+
+    own = TRAINING_WEIGHTS if (directory / TRAINING_WEIGHTS).is_file() else "model.pt"
+    model.load_state_dict(load(own))
+    if averaged is not None:
+        averaged.load_state_dict(load("model.pt"))
+    optimizer.load_state_dict(load("optimizer.pt"))
+    return json.loads((directory / "state.json").read_text())
+
+
+# ---------------------------------------------------------------------------
+# Readers: load a checkpoint or a run's latest one
+# ---------------------------------------------------------------------------
 @dataclass
 class Loaded:
     model: VAE
     config: TrainConfig
     dataset: dict[str, Any]
     state: dict[str, Any]
-    path: Path
+    path: str  # the checkpoint's own URI
+    local: Path  # where its files are on this machine
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (whose `latest` is followed)."""
-    path = Path(path).expanduser()
-    if not path.exists():
+def resolve(path: str | Path) -> str:
+    """A checkpoint folder, or a run folder (whose `latest` is followed); local or s3://."""
+    uri = storage.check_uri(str(path))
+    if not storage.exists(uri):
         raise UserError(f"{path}: no such checkpoint or run folder")
-    if (path / "model.pt").is_file():
-        return path
-    latest = path / "latest"
-    if latest.exists() and (latest / "model.pt").is_file():
-        return latest.resolve()
+    if storage.is_file(storage.join(uri, "model.pt")):
+        return uri
+    latest = RunDir(uri).latest()
+    if latest is not None and storage.is_file(storage.join(latest, "model.pt")):
+        return latest
     raise UserError(f"{path}: neither a checkpoint (no model.pt) nor a run with a checkpoint (no latest)")
 
 
+_COPIES: dict[str, Path] = {}
+
+
+def local_copy(uri: str) -> Path:
+    """A checkpoint's files on this machine (remote ones copied once per process)."""
+    if not storage.is_remote(uri):
+        return Path(uri)
+    if uri not in _COPIES:
+        folder = Path(tempfile.mkdtemp(prefix="vae-ray-checkpoint-"))
+        atexit.register(shutil.rmtree, folder, True)
+        for name in (*FILES, TRAINING_WEIGHTS):
+            source = storage.join(uri, name)
+            if storage.exists(source):
+                (folder / name).write_bytes(storage.read_bytes(source))
+        _COPIES[uri] = folder
+    return _COPIES[uri]
+
+
 def read_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
-    directory = resolve(path)
+    directory = local_copy(resolve(path))
     try:
         blob = json.loads((directory / "config.json").read_text())
-        return TrainConfig.from_dict(blob["config"], source=str(directory / "config.json")), blob["dataset"]
+        return TrainConfig.from_dict(blob["config"], source=str(path)), blob["dataset"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{directory}: unreadable config.json ({exc.__class__.__name__})") from None
+        raise UserError(f"{path}: unreadable config.json ({exc.__class__.__name__})") from None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """Rebuild the model from a checkpoint (or a run's latest) on `device`."""
-    directory = resolve(path)
-    config, dataset = read_config(directory)
+    uri = resolve(path)
+    directory = local_copy(uri)
+    config, dataset = read_config(uri)
     try:
         state = json.loads((directory / "state.json").read_text())
         weights = torch.load(directory / "model.pt", map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
-        raise UserError(f"{directory}: corrupt checkpoint ({_first_line(exc)})") from None
-    model = build_model(config.arch, dataset["shape"], config.latent_dim,
-                        dataset["num_classes"] if config.conditional else 0, config.loss)
+        raise UserError(f"{uri}: corrupt checkpoint ({first_line(exc, 200)})") from None
     try:
+        model = build_model(
+            config.arch,
+            dataset["shape"],
+            config.latent_dim,
+            dataset["num_classes"] if config.conditional else 0,
+            config.loss,
+        )
         model.load_state_dict(weights)
-    except (RuntimeError, KeyError) as exc:
-        raise UserError(f"{directory}: weights do not match the config ({_first_line(exc)})") from None
-    return Loaded(model.to(device).eval(), config, dataset, state, directory)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{uri}: weights do not match the config ({first_line(exc, 200)})") from None
+    return Loaded(model.to(device).eval(), config, dataset, state, uri, directory)
 
 
 def load_blob(path: str | Path) -> dict[str, Any]:
     """A checkpoint as one picklable dict for Ray workers: weights (loaded
     safely), config, dataset description and the weights' digest."""
-    import hashlib
-
     loaded = load(path)
-    sha = hashlib.sha256((loaded.path / "model.pt").read_bytes()).hexdigest()
-    return {"weights": loaded.model.state_dict(), "config": loaded.config.to_dict(),
-            "dataset": loaded.dataset, "sha256": sha, "path": str(loaded.path)}
+    sha = hashlib.sha256((loaded.local / "model.pt").read_bytes()).hexdigest()
+    return {
+        "weights": loaded.model.state_dict(),
+        "config": loaded.config.to_dict(),
+        "dataset": loaded.dataset,
+        "sha256": sha,
+        "path": loaded.path,
+    }
 
 
 def model_from_blob(blob: dict[str, Any]) -> VAE:
     cfg, dataset = blob["config"], blob["dataset"]
-    model = build_model(cfg["arch"], dataset["shape"], cfg["latent_dim"],
-                        dataset["num_classes"] if cfg["conditional"] else 0, cfg["loss"])
+    model = build_model(
+        cfg["arch"],
+        dataset["shape"],
+        cfg["latent_dim"],
+        dataset["num_classes"] if cfg["conditional"] else 0,
+        cfg["loss"],
+    )
     model.load_state_dict(blob["weights"])
     return model.eval()
-
-
-def point_latest(run_dir: Path, checkpoint_dir: Path, name: str = "latest") -> None:
-    """Atomically make RUN/<name> a relative symlink to `checkpoint_dir`."""
-    link = run_dir / name
-    tmp = run_dir / f".{name}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(checkpoint_dir, run_dir), tmp)
-    os.replace(tmp, link)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

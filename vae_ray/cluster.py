@@ -1,80 +1,302 @@
-"""Connecting to Ray: a running cluster when one is named, else a local one.
+"""Connecting to Ray: the cluster the user names, else a private local one.
 
-Ray's own logging goes to its session folder, not to the user's terminal; a
-run copies that folder into its run directory at the end.
+Addresses, as Ray users write them (`--address`, else `RAY_ADDRESS`):
+- `host:port`, `auto`: a running cluster's GCS, joined with `ray.init`;
+- `http(s)://host:8265`: a cluster's dashboard, which only the Jobs API
+  (`--submit`, `vae-ray jobs`) uses; other commands say so in one line;
+- nothing: a private local cluster for this command alone.
+
+Token authentication: the token is read the way Ray reads it
+(`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`) and sent to a
+cluster that is joined or called; a missing or rejected token is one line.
+
+A private cluster is pointed at itself explicitly: its processes get the
+address of its own dashboard (RAY_API_SERVER_ADDRESS) and no RAY_ADDRESS,
+so a stale `/tmp/ray/ray_current_cluster` or another cluster on the machine
+can never capture its internals (Ray Train's placement-group cleaner, for
+one, resolves the cluster through those).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
 
-def quiet_ray_environment() -> None:
-    """Environment switches that keep Ray's chatter out of the terminal.
-    Set before `ray.init` so the workers inherit them."""
+LOG_COPY_LIMIT = 200 * 1024**2  # at most this much of a failed run's Ray logs is copied into it
+_STATE = {"private": False}  # whether this process started the cluster it is connected to
+
+
+@dataclass
+class Cluster:
+    """The cluster this process is connected to."""
+
+    resources: dict
+    private: bool  # a local cluster this command started (and ends)
+    address: str = ""
+    nodes: list = field(default_factory=list)  # alive nodes: {"id", "ip", "resources"}
+    dashboard: str = ""
+    logs_dir: str = ""
+
+    @property
+    def node_memory(self) -> list[float]:
+        return [n["resources"].get("memory", 0.0) for n in self.nodes]
+
+    def largest_node_cpus(self) -> int:
+        return int(max((n["resources"].get("CPU", 0) for n in self.nodes), default=self.resources.get("CPU", 1)))
+
+
+# ---------------------------------------------------------------------------
+# Addresses and tokens
+# ---------------------------------------------------------------------------
+def given_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def is_dashboard(address: str) -> bool:
+    return address.startswith(("http://", "https://"))
+
+
+def read_token() -> str | None:
+    """The cluster token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    candidate = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+    try:
+        return candidate.read_text().strip() or None
+    except OSError:
+        if path:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file") from None
+        return None
+
+
+def mask(text: str) -> str:
+    """Text with the cluster token (and AWS secrets) replaced by ***."""
+    for secret in (read_token_quietly(), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")):
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "***")
+    return text
+
+
+def read_token_quietly() -> str | None:
+    try:
+        return read_token()
+    except UserError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Connecting
+# ---------------------------------------------------------------------------
+def quiet_ray_environment(verbose: bool = False) -> None:
+    """Switches that keep Ray's chatter off the terminal (set before `ray.init`
+    so the workers inherit them). Ray's own deduplicated worker output stays
+    available with --verbose."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
-    # Ray Data's advice about actor pools larger than a small input is
-    # harmless here (the pool is sized from the data) and not for users.
-    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
+    # Ray Train polls its workers every 2 s by default: a finished (or failed)
+    # run was noticed seconds late. Half a second costs nothing measurable.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # on for elastic runs (trainer.py)
+    if not verbose:
+        # Ray Data's advice about actor pools larger than a small input is
+        # harmless here (the pool is sized from the data) and not for users.
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
 
-def ensure_ray(cpus_needed: int = 1, address: str | None = None, dashboard: bool = True) -> dict:
-    """Connect once per process; return the cluster's resources.
+def connect(address: str | None = None, cpus_needed: int = 1, dashboard: bool = True, verbose: bool = False) -> Cluster:
+    """Connect once per process; describe the cluster.
 
-    With no address (and no RAY_ADDRESS), a local cluster starts with at least
-    `cpus_needed` logical CPUs, so a run that asks for all the cores still
-    leaves a slot for Ray Data's read tasks. Ray Data jobs (generate,
-    evaluate) pass dashboard=False: they do not need it, and it costs about a
-    second of start-up.
+    With no address, a private local cluster starts with the machine's CPUs
+    (at least `cpus_needed`, which callers keep within the machine). Ray Data
+    jobs (generate, evaluate) pass dashboard=False: they do not need it, and
+    it costs about a second.
     """
     import ray
 
-    quiet_ray_environment()
+    quiet_ray_environment(verbose)
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
-        if address:
-            ray.init(address=address, **common)
+        target = given_address(address)
+        if target and is_dashboard(target):
+            raise UserError(
+                f"{target} is a dashboard (Jobs API) address: add --submit to run this command as a "
+                f"job there, or pass --address HOST:6379 to join the cluster from this machine"
+            )
+        common = dict(
+            log_to_driver=verbose, logging_level=logging.WARNING if verbose else logging.ERROR, configure_logging=True
+        )
+        previous = signal.getsignal(signal.SIGTERM)
+        if target and target != "local":
+            _join(target, common)
         else:
-            # A private local cluster, even when another one runs on this
-            # machine: two commands must never share (and starve) one cluster
-            # by accident. Use --address auto to join a `ray start` cluster.
-            # Ray's dashboard stays on (127.0.0.1): Train's and Tune's resource
-            # clean-up between trials depends on it.
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed),
-                     include_dashboard=dashboard, **common)
-        from ray.data import DataContext
-
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-    # Ray Data configures its own logger (with its own handler) on import;
-    # its per-dataset INFO/WARNING lines belong in the session logs, not here.
+            _start_private(max(os.cpu_count() or 1, cpus_needed), dashboard, common)
+        # Ray's core installs a fatal-signal handler for SIGTERM that aborts the
+        # process; keep the one this process had (the CLI's ends a command
+        # cleanly, exit status 143, partial results marked as partial).
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        _quiet_ray_data()
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    _route_raylet_messages_to_log()
-    return ray.cluster_resources()
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+    if not verbose:
+        _route_raylet_messages_to_log()
+    return describe()
+
+
+def _join(target: str, common: dict) -> None:
+    import ray
+
+    if read_token_quietly() and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60 heads require it by default
+    # A cluster that refuses this client is retried for a while; give up sooner.
+    os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "10")
+    with _quiet_stderr(enabled=not common["log_to_driver"]) as captured:
+        try:
+            ray.init(address=target, **common)
+            return
+        except Exception as exc:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, AuthenticationError
+            message = explain_connection_error(exc, target, captured.text())
+    raise UserError(message)
+
+
+class _Captured:
+    def __init__(self, handle=None):
+        self.handle = handle
+
+    def text(self) -> str:
+        if self.handle is None:
+            return ""
+        self.handle.seek(0)
+        return self.handle.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _quiet_stderr(enabled: bool = True):
+    """While joining a cluster, Ray's C++ client prints a warning a second as it
+    retries a cluster that refuses it (a missing token, say). Those go to a
+    temporary file, read back to explain the refusal in one line."""
+    if not enabled:
+        yield _Captured()
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as handle:
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield _Captured(handle)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _start_private(cpus: int, dashboard: bool, common: dict) -> None:
+    import ray
+
+    # Nothing inherited may point this cluster's processes elsewhere.
+    os.environ.pop("RAY_ADDRESS", None)
+    port = _free_port() if dashboard else None
+    if port:
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    context = ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        **common,
+    )
+    url = getattr(context, "dashboard_url", "") or ""
+    if port and url and not url.endswith(f":{port}"):  # the port was taken meanwhile: follow the dashboard
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{url}" if "://" not in url else url
+    _STATE["private"] = True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def explain_connection_error(exc: BaseException, target: str, printed: str = "") -> str:
+    text = mask(f"{exc}\n{printed}")
+    if "auth" in text.lower() and ("token" in text.lower() or "unauthenticated" in text.lower()):
+        if read_token_quietly():
+            return f"the Ray cluster at {target} rejected the token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+        return (
+            f"the Ray cluster at {target} requires a token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) "
+            f"to the head's ~/.ray/auth_token"
+        )
+    if target == "auto":
+        return "no running Ray cluster found for --address auto (start one with `ray start --head`)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"cannot connect to a Ray cluster at {target} ({(lines[0] if lines else type(exc).__name__)[:200]})"
+
+
+def describe() -> Cluster:
+    import ray
+
+    nodes = [
+        {"id": n["NodeID"], "ip": n.get("NodeManagerAddress", ""), "resources": n.get("Resources", {})}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    context = ray.get_runtime_context()
+    private = _STATE["private"]
+    return Cluster(
+        resources=ray.cluster_resources(),
+        private=private,
+        address=context.gcs_address,
+        nodes=nodes,
+        dashboard=os.environ.get("RAY_API_SERVER_ADDRESS", "") if private else "",
+        logs_dir=_logs_dir() if private else "",
+    )
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _logs_dir() -> str:
+    """The private cluster's log folder. Ray has no public API for it; the
+    session folder is the one `ray.init` just created."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()  # noqa: SLF001 - see tests/test_ray_internals.py
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def _route_raylet_messages_to_log() -> None:
     """The raylet pushes warnings (such as "N worker processes have been
     started ... startup concurrency", routine on a 2-core machine) to every
-    driver's stdout, whatever `log_to_driver` says. Send those to logging; they
-    are in the session's raylet.out, which the run copies, all the same."""
-    try:
-        import ray._private.worker as ray_worker
-    except ImportError:
-        return
+    driver's stdout, whatever `log_to_driver` says. Ray has no public switch
+    for this, so its printer is wrapped to send those to logging; they stay
+    in the session's raylet.out. tests/test_ray_internals.py fails loudly when
+    Ray renames what this wraps."""
+    import ray._private.worker as ray_worker
+
     original = ray_worker.print_to_stdstream
     if getattr(original, "_vae_ray_filtered", False):
         return
@@ -85,22 +307,37 @@ def _route_raylet_messages_to_log() -> None:
             return
         original(data, ignore_prefix)
 
-    filtered._vae_ray_filtered = True
+    filtered._vae_ray_filtered = True  # noqa: SLF001 - our own marker on our own function
     ray_worker.print_to_stdstream = filtered
 
 
-def copy_ray_logs(destination: Path) -> Path | None:
-    """Copy this Ray session's log folder (local clusters only) into `destination`."""
-    try:
-        import ray
-
-        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
-    except Exception:  # noqa: BLE001 - remote cluster or no session: nothing to copy
+def copy_logs(cluster: Cluster, destination: Path) -> Path | None:
+    """Copy a private cluster's logs (never a shared cluster's: other users'
+    jobs log there) into `destination`, largest files last, up to LOG_COPY_LIMIT."""
+    if not cluster.private or not cluster.logs_dir or not Path(cluster.logs_dir).is_dir():
         return None
-    if not logs.is_dir():
-        return None
-    if destination.exists():
-        shutil.rmtree(destination, ignore_errors=True)
-    shutil.copytree(logs, destination, ignore=shutil.ignore_patterns("*.sock", "*.lock"),
-                    dirs_exist_ok=True, ignore_dangling_symlinks=True)
+    source = Path(cluster.logs_dir)
+    files = sorted(
+        (p for p in source.rglob("*") if p.is_file() and not p.name.endswith((".sock", ".lock"))),
+        key=lambda p: p.stat().st_size,
+    )
+    budget = LOG_COPY_LIMIT
+    for path in files:
+        size = path.stat().st_size
+        if size > budget:
+            break
+        target = destination / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        budget -= size
     return destination
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if _STATE["private"]:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        _STATE["private"] = False

@@ -1,9 +1,15 @@
-"""One validated dataclass describes a training run.
+"""The run config: one declaration per setting.
 
-The same object flows CLI -> job entry point -> `train_loop_config` ->
-checkpoint (`config.json`), so a checkpoint alone reproduces its run and
-`generate` / `evaluate` need no model flags. Field docs (the `help` metadata)
-double as the CLI's help text.
+Each field of `TrainConfig` carries its type, default, allowed range or
+choices, help text and help panel. The same declaration validates config
+files, builds the `vae-ray train` options (and the shared ones of `tune`,
+see `cli/options.py`), and is saved in every run and checkpoint
+(`config.json`), so a checkpoint alone reproduces its run and
+`generate` / `evaluate` need no model flags. The object flows
+CLI -> job -> `train_loop_config` -> checkpoint.
+
+Settings left at `None` ("auto") are filled in from the data and the network
+by `trainer.resolve` before a run starts; the saved config never holds one.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+import yaml
 
 from .errors import UserError
 
@@ -22,126 +31,301 @@ LOSSES = ("auto", "matlab", "bernoulli", "gaussian", "logistic")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "memory", "none")
+PANELS = ("Data", "Model", "Loss", "Optimisation", "Scale", "Tracking")
+MAX_SEED = 2**32 - 1
+
+# The best recipe measured per network (docs/benchmarks.md, "Defaults"): what
+# `batch_size`, `lr`, `lr_schedule` and `adam_beta2` become when left at auto.
+RECIPES = {
+    "mnist": {"batch_size": 32, "lr": 3e-3, "lr_schedule": "onecycle", "adam_beta2": 0.99},
+    "cifar": {"batch_size": 128, "lr": 2e-3, "lr_schedule": "onecycle", "adam_beta2": 0.99},
+}
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+@dataclass(frozen=True)
+class Spec:
+    """How one setting may be given: help, panel, choices and range."""
+
+    help: str
+    panel: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low < value (else low <= value)
+    high_open: bool = False  # value < high (else value <= high)
+    flag: str = ""  # CLI flag when it is not the field name
+    short: str = ""
+    negative: str = ""  # bool flags: the name of the "off" form
+    auto: str = ""  # what None means, shown as the default
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None:
+            return
+        if self.choices and value not in self.choices:
+            raise UserError(f"{name} must be one of {', '.join(self.choices)} (got {value!r})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number (got {value!r})")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            raise UserError(f"{name} must be {self.describe_range(isinstance(value, float))} (got {value!r})")
+
+    def describe_range(self, real: bool) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            if self.low == 0 and real:
+                return "a positive number" if self.low_open else "a non-negative number"
+            return f"> {low}" if self.low_open else (f"at least {low}" if self.low else ">= 0")
+        if self.low is not None and not (self.low_open or self.high_open) and not real:
+            return f"between {low} and {high}"
+        lo = f"{'>' if self.low_open else '>='} {low} and " if self.low is not None else ""
+        return f"{lo}{'<' if self.high_open else '<='} {high}"
+
+
+def _number(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def setting(default: Any, help: str, panel: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"spec": Spec(help=help, panel=panel, **spec)})
 
 
 @dataclass
 class TrainConfig:
-    # --- data and output -------------------------------------------------
-    data: str = _f("", "Prepared dataset directory (from `vae-ray data prepare`), local or s3://.")
-    out: str = _f("runs/vae", "Run directory: metrics, checkpoints, plots and samples land here.")
-    # --- model -----------------------------------------------------------
-    arch: str = _f("auto", "Network: mnist (MATLAB example), cifar (PyTorch tutorial), auto = by image shape.")
-    latent_dim: int = _f(16, "Size K of the latent vector z.")
-    conditional: bool = _f(False, "Class-conditional VAE: the one-hot label enters encoder and decoder.")
-    # --- loss ------------------------------------------------------------
-    loss: str = _f("auto", "matlab (0.5*SSE + KL), bernoulli (BCE + KL), gaussian (learned variance), logistic (discretised logistic for 8-bit data, bits/dim); auto = matlab for 1 channel, gaussian otherwise.")
-    beta: float = _f(1.0, "Weight of the KL term.")
-    recon_weight: float = _f(1.0, "Weight of the reconstruction term.")
-    kl_warmup_epochs: int = _f(0, "Ramp the KL weight linearly from 0 to beta over this many epochs.")
-    z_samples: int = _f(1, "Latent samples per training image, drawn in antithetic pairs (eps, -eps); the reconstruction term is their mean. 2 costs a second decoder pass and cancels the gradient noise linear in eps.")
-    binarize: bool = _f(False, "Dynamic binarisation of the inputs (bernoulli loss): x ~ Bernoulli(pixel).")
-    # --- optimisation ----------------------------------------------------
-    epochs: int = _f(30, "Passes over the training split.")
-    batch_size: int = _f(128, "Global mini-batch size, split evenly over workers.")
-    lr: float = _f(1e-3, "Adam learning rate (the peak rate for onecycle).")
-    lr_schedule: str = _f("constant", "constant, cosine (decay to 0) or onecycle (warm-up then cosine decay).")
-    adam_beta2: float = _f(0.999, "Adam's second-moment decay; 0.99 adapts faster, which high peak learning rates need.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    grad_clip: float = _f(0.0, "Clip the gradient norm to this value; 0 = off.")
-    ema: float = _f(0.0, "Decay of an exponential moving average of the weights (e.g. 0.998); the average is what is evaluated, saved and sampled. 0 = off.")
-    precision: str = _f("fp32", "fp32, bf16 or fp16 autocast; KL and likelihood stay in fp32.")
-    # --- scale -----------------------------------------------------------
-    workers: int = _f(1, "Ray Train workers (DDP ranks).")
-    gpu: Optional[bool] = _f(None, "One GPU per worker; None = use GPUs when the cluster has them.")
-    cpus_per_worker: int = _f(1, "CPUs reserved per worker; also its torch thread count.")
-    cache: str = _f("auto", "Keep each worker's shard in memory after the first epoch: auto (when it fits), memory, none.")
-    max_failures: int = _f(2, "Worker failures survived by restarting from the last checkpoint.")
-    keep_checkpoints: int = _f(3, "Checkpoints kept in the run directory (newest first).")
-    # --- reproducibility -------------------------------------------------
-    seed: int = _f(0, "Seed for weights, shuffling and sampling.")
+    # --- Data ----------------------------------------------------------------
+    data: str = setting("", "Prepared dataset folder or s3:// URI (from `vae-ray data prepare`).", "Data", short="-d")
+    out: str = setting(
+        "runs/vae", "Run folder or s3:// URI: metrics, checkpoints, plots and samples land here.", "Data", short="-o"
+    )
+    cache: str = setting(
+        "auto",
+        "How workers get the training split: memory (each rank loads its equal share "
+        "once, then shuffles it in memory every epoch), none (Ray Data streams and reshuffles it "
+        "every epoch), auto (memory when every rank's share fits, decided once on the driver).",
+        "Data",
+        choices=CACHE_MODES,
+    )
+    # --- Model ---------------------------------------------------------------
+    arch: str = setting(
+        "auto",
+        "Network: mnist (the MATLAB example's), cifar (the PyTorch tutorial's); auto picks by image shape.",
+        "Model",
+        choices=ARCHS,
+    )
+    latent_dim: int = setting(16, "Size K of the latent vector z.", "Model", low=1, high=4096)
+    conditional: bool = setting(
+        False,
+        "Class-conditional VAE: the one-hot label enters encoder and decoder.",
+        "Model",
+        negative="--unconditional",
+    )
+    # --- Loss ----------------------------------------------------------------
+    loss: str = setting(
+        "auto",
+        "matlab (0.5*SSE + KL), bernoulli (BCE + KL), gaussian (learned variance), "
+        "logistic (discretised logistic for 8-bit data, bits/dim); auto = matlab for 1 channel, "
+        "gaussian otherwise.",
+        "Loss",
+        choices=LOSSES,
+    )
+    beta: float = setting(1.0, "Weight of the KL term.", "Loss", low=0.0)
+    recon_weight: float = setting(1.0, "Weight of the reconstruction term.", "Loss", low=0.0, low_open=True)
+    kl_warmup_epochs: int = setting(
+        0,
+        "Ramp the KL weight linearly from 0 to beta over this many epochs.",
+        "Loss",
+        low=0,
+        high=100_000,
+        flag="--kl-warmup",
+    )
+    z_samples: int = setting(
+        1,
+        "Latent samples per training image, in antithetic pairs (eps, -eps); the "
+        "reconstruction term is their mean. 2 costs a second decoder pass and cancels the "
+        "gradient noise linear in eps.",
+        "Loss",
+        low=1,
+        high=64,
+    )
+    binarize: bool = setting(
+        False,
+        "Dynamic binarisation of the inputs (bernoulli loss): x ~ Bernoulli(pixel).",
+        "Loss",
+        negative="--no-binarize",
+    )
+    # --- Optimisation --------------------------------------------------------
+    epochs: int = setting(30, "Passes over the training split.", "Optimisation", low=1, high=100_000)
+    batch_size: int | None = setting(
+        None,
+        "Global mini-batch size, split over the workers (on GPUs, larger batches with a larger --lr train faster "
+        "per epoch).",
+        "Optimisation",
+        low=1,
+        high=1 << 20,
+        auto="by network: 32 mnist, 128 cifar",
+    )
+    lr: float | None = setting(
+        None,
+        "Adam learning rate (the peak rate for onecycle).",
+        "Optimisation",
+        low=0.0,
+        low_open=True,
+        auto="by network: 3e-3 mnist, 2e-3 cifar",
+    )
+    lr_schedule: str | None = setting(
+        None,
+        "constant, cosine (decay to 0) or onecycle (10% warm-up, then cosine decay), per global step.",
+        "Optimisation",
+        choices=SCHEDULES,
+        auto="by network: onecycle",
+    )
+    adam_beta2: float | None = setting(
+        None,
+        "Adam's second-moment decay; 0.99 adapts faster, which high peak learning rates need.",
+        "Optimisation",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+        auto="by network: 0.99",
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay.", "Optimisation", low=0.0, high=10.0)
+    grad_clip: float = setting(0.0, "Clip the gradient norm to this value; 0 = off.", "Optimisation", low=0.0)
+    ema: float = setting(
+        0.0,
+        "Decay of an exponential moving average of the weights (e.g. 0.998); the average "
+        "is what is evaluated, saved and sampled. 0 = off.",
+        "Optimisation",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    )
+    precision: str = setting(
+        "fp32",
+        "Autocast precision; KL and likelihood stay in fp32 (fp16 needs GPUs).",
+        "Optimisation",
+        choices=PRECISIONS,
+    )
+    seed: int = setting(0, "Seed for weights, shuffling and sampling.", "Optimisation", low=0, high=MAX_SEED)
+    # --- Scale ---------------------------------------------------------------
+    workers: int = setting(
+        1,
+        "Ray Train workers (DDP ranks); with --min-workers, the most it grows to.",
+        "Scale",
+        low=1,
+        high=4096,
+        short="-w",
+    )
+    min_workers: int = setting(
+        0,
+        "Elastic training: start with what the cluster has (at least this many), "
+        "survive losing nodes and grow back to --workers. 0 = a fixed size.",
+        "Scale",
+        low=0,
+        high=4096,
+    )
+    gpu: bool | None = setting(
+        None, "One GPU per worker.", "Scale", negative="--no-gpu", auto="when the cluster has GPUs"
+    )
+    cpus_per_worker: int = setting(
+        0,
+        "CPUs reserved per worker, also its torch thread count; 0 = fill the "
+        "node: its CPUs shared by the workers on it, one left for Ray Data.",
+        "Scale",
+        low=0,
+        high=1024,
+    )
+    max_failures: int = setting(
+        2, "Worker or node failures survived by restarting from the last checkpoint.", "Scale", low=0, high=1000
+    )
+    keep_checkpoints: int = setting(3, "Checkpoints kept in the run folder (newest first).", "Scale", low=1, high=1000)
+    stall_timeout: int = setting(
+        300,
+        "Seconds without progress (no step, no epoch) before the run ends with a "
+        "message saying what it waited for; --resume continues it.",
+        "Scale",
+        low=10,
+        high=7 * 86400,
+    )
+    # --- Tracking ------------------------------------------------------------
+    mlflow: str = setting(
+        "",
+        "MLflow tracking URI (default: MLFLOW_TRACKING_URI; empty = off): params, "
+        "per-epoch metrics, the final checkpoint and pictures.",
+        "Tracking",
+    )
 
-    # ------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
+    # ------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
         """Raise UserError naming the first impossible value; return self."""
-        checks = [
-            (self.latent_dim >= 1, "latent_dim must be at least 1", self.latent_dim),
-            (self.epochs >= 1, "epochs must be at least 1", self.epochs),
-            (self.batch_size >= 1, "batch_size must be at least 1", self.batch_size),
-            (_positive(self.lr), "lr must be a positive number", self.lr),
-            (_nonneg(self.beta), "beta must be a non-negative number", self.beta),
-            (_positive(self.recon_weight), "recon_weight must be a positive number", self.recon_weight),
-            (self.z_samples >= 1, "z_samples must be at least 1", self.z_samples),
-            (self.kl_warmup_epochs >= 0, "kl_warmup_epochs must be >= 0", self.kl_warmup_epochs),
-            (_nonneg(self.adam_beta2) and 0 < self.adam_beta2 < 1, "adam_beta2 must be > 0 and < 1",
-             self.adam_beta2),
-            (_nonneg(self.weight_decay), "weight_decay must be >= 0", self.weight_decay),
-            (_nonneg(self.grad_clip), "grad_clip must be >= 0", self.grad_clip),
-            (_nonneg(self.ema) and self.ema < 1, "ema must be >= 0 and < 1", self.ema),
-            (self.workers >= 1, "workers must be at least 1", self.workers),
-            (self.cpus_per_worker >= 1, "cpus_per_worker must be at least 1", self.cpus_per_worker),
-            (self.max_failures >= 0, "max_failures must be >= 0", self.max_failures),
-            (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1", self.keep_checkpoints),
-            (self.batch_size % self.workers == 0,
-             f"batch_size must be divisible by workers ({self.workers})", self.batch_size),
-            (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}", self.arch),
-            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}", self.loss),
-            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}", self.lr_schedule),
-            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}", self.precision),
-            (self.cache in CACHE_MODES, f"cache must be one of {', '.join(CACHE_MODES)}", self.cache),
-        ]
-        for ok, message, value in checks:
-            if not ok:
-                raise UserError(f"{message} (got {value!r})")
+        for f in dataclasses.fields(self):
+            spec(f.name).check(f.name, getattr(self, f.name))
+        if self.min_workers > self.workers:
+            raise UserError(f"min_workers ({self.min_workers}) must not exceed workers ({self.workers})")
+        if self.batch_size is not None and self.batch_size < max(self.workers, 1):
+            raise UserError(f"batch_size ({self.batch_size}) must be at least the number of workers ({self.workers})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a plain dict; unknown keys and wrong types are user errors."""
         if not isinstance(values, dict):
             raise UserError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
+            name = str(key).replace("-", "_")
             if name not in known:
-                raise UserError(f"{source}: unknown setting '{key}' (known: {', '.join(known)})")
-            kwargs[name] = _coerce(name, value, known[name].type, source)
+                raise UserError(f"{source}: unknown setting '{key}' (known: {', '.join(sorted(known))})")
+            kwargs[name] = _coerce(name, value, FIELD_TYPES[name], source)
         return cls(**kwargs).validate()
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with `changes` applied (None values are ignored), validated."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        merged = {**self.to_dict(), **changes}
-        return TrainConfig.from_dict(merged)
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes` applied, validated."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+
+
+def spec(name: str) -> Spec:
+    return TrainConfig.__dataclass_fields__[name].metadata["spec"]
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
 def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
-    """Read a YAML or JSON file (if given) and apply CLI overrides on top."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values = read_mapping(Path(path))
+    """Read a YAML or JSON file (if given) and apply overrides on top (None = not given)."""
+    values: dict[str, Any] = read_settings(Path(path)) if path is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(values, source=str(path) if path else "config")
 
 
+def read_settings(path: Path) -> dict[str, Any]:
+    """Settings from a YAML or JSON file; a run's own config.json
+    ({"config": ..., "dataset": ...}) is accepted as it is."""
+    values = read_mapping(path)
+    if isinstance(values.get("config"), dict) and set(values) <= {"config", "dataset"}:
+        values = dict(values["config"])
+    return values
+
+
 def read_mapping(path: Path) -> dict[str, Any]:
     """Parse a YAML or JSON file into a dict, with one-line errors."""
-    import yaml  # YAML is a superset of JSON, so one parser reads both
-
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text())  # YAML is a superset of JSON: one parser reads both
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: not valid YAML or JSON ({first})") from None
@@ -152,51 +336,45 @@ def read_mapping(path: Path) -> dict[str, Any]:
     return values
 
 
-def _positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def _nonneg(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
-
-
-def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
-    """Check (and gently convert) one value against its field's annotation."""
-    kind = str(annotation)
-    optional = "Optional" in kind or "None" in kind
+def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """Check (and gently convert) one value against its field's type."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    kind = next((a for a in args if a is not type(None)), annotation) if args else annotation
     if value is None:
         if optional:
             return None
         raise UserError(f"{source}: setting '{name}' needs a value")
     bad = UserError(f"{source}: setting '{name}' must be {_kind_name(kind)} (got {value!r})")
-    if "bool" in kind:
+    if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise bad
-    for word, number in (("int", int), ("float", float)):
-        if word not in kind:
-            continue
+    if kind in (int, float):
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, (int, float)) and (number is float or float(value).is_integer()):
-            return number(value)
+        if isinstance(value, (int, float)):
+            if kind is int and not float(value).is_integer():
+                raise bad
+            return kind(value)
         if isinstance(value, str):
             try:
-                return number(value)
+                return kind(value)
             except ValueError:
                 raise bad from None
         raise bad
-    if "str" in kind:
+    if kind is str:
         if isinstance(value, str):
             return value
         raise bad
     return value
 
 
-def _kind_name(kind: str) -> str:
-    for word, name in (("bool", "true or false"), ("int", "an integer"), ("float", "a number"), ("str", "a string")):
-        if word in kind:
-            return name
-    return kind
+def _kind_name(kind: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))

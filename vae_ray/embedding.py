@@ -38,10 +38,10 @@ def _affinities(sq_dist: torch.Tensor, perplexity: float, steps: int = 60) -> to
         logits = logits.masked_fill(~mask, -float("inf"))
         p = torch.softmax(logits, 1)
         entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1, keepdim=True)
-        too_flat = entropy > target            # entropy too high: sharpen (raise beta)
+        too_flat = entropy > target  # entropy too high: sharpen (raise beta)
         lo = torch.where(too_flat, beta, lo)
         hi = torch.where(too_flat, hi, beta)
-        beta = torch.sqrt(lo * hi)              # bisection in log space
+        beta = torch.sqrt(lo * hi)  # bisection in log space
     return p
 
 

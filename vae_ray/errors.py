@@ -1,8 +1,14 @@
-"""The one exception type a user's mistake turns into.
+"""The exceptions a command can end with, and how their text is shortened.
 
-Anything raised as `UserError` reaches the terminal as a single line and exit
-status 2 (see `cli.py`); everything else is a bug and keeps its traceback.
+`UserError` (the user's input is wrong) reaches the terminal as one line and
+exit status 2; `RunFailed` (a run could not finish) as one line and exit
+status 1; `Interrupted` (Ctrl-C or SIGTERM) as exit status 130 or 143.
+Everything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import signal
 
 
 class UserError(Exception):
@@ -10,6 +16,34 @@ class UserError(Exception):
 
 
 class RunFailed(Exception):
-    """A run that could not finish (a worker crashed, the loss went non-finite).
+    """A run that could not finish (a worker crashed, the loss went non-finite, no progress)."""
 
-    Reaches the terminal as one line and exit status 1."""
+
+class Interrupted(Exception):
+    """The command was stopped by a signal; partial results are marked as partial."""
+
+    def __init__(self, signum: int = signal.SIGINT, what: str = ""):
+        self.signum = signum
+        super().__init__(what or f"interrupted by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's text (or its type's name)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def root_cause(exc: BaseException, limit: int = 300) -> str:
+    """The innermost exception's last line: what actually went wrong on a worker."""
+    seen = exc
+    while True:
+        nxt = seen.__cause__ or getattr(seen, "cause", None)
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    lines = [line for line in str(seen).strip().splitlines() if line.strip()]
+    return (lines[-1].strip() if lines else type(seen).__name__)[:limit]

@@ -13,21 +13,44 @@ train`); without one those keys are null and the summary says how to get it.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
-from pathlib import Path
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 
+from . import judge, storage
+from .checkpoint import load_blob, model_from_blob
+from .cluster import connect
+from .data import decode_images, load_split, read_arrays, read_meta
 from .errors import UserError
+from .images import to_float, to_uint8
+from .keyed_random import binarize, hashed_normals
+from .metrics import (
+    active_units,
+    bits_per_dim,
+    frechet_distance,
+    inception_score,
+    inception_score_splits,
+    likelihood_terms,
+    precision_recall,
+)
+from .rundir import RunDir
 
 LIKELIHOOD_KEYS = ("matlab_elbo", "neg_elbo_nats", "nll_iw_nats", "recon_mse", "kl")
-QUALITY_KEYS = ("fd", "fd_real", "inception_score", "inception_score_real", "precision", "recall",
-                "tstr_accuracy")
-KEYS = ("matlab_elbo", "neg_elbo_nats", "bits_per_dim", "nll_iw_nats", "recon_mse", "kl",
-        "active_units") + QUALITY_KEYS
+QUALITY_KEYS = (
+    "fd",
+    "fd_real",
+    "inception_score",
+    "inception_score_mean",
+    "inception_score_std",
+    "inception_score_real",
+    "precision",
+    "recall",
+    "tstr_accuracy",
+)
+KEYS = ("matlab_elbo", "neg_elbo_nats", "bits_per_dim", "nll_iw_nats", "recon_mse", "kl", "active_units") + QUALITY_KEYS
 ROWS_PER_BATCH = 256
 
 
@@ -36,9 +59,6 @@ class LikelihoodScorer:
 
     def __init__(self, model_blob_ref: list, iw_samples: int, seed: int, threads: int):
         import ray
-        import torch
-
-        from .checkpoint import model_from_blob
 
         torch.set_num_threads(threads)
         blob = ray.get(model_blob_ref[0])
@@ -47,17 +67,14 @@ class LikelihoodScorer:
         self.shape = blob["dataset"]["shape"]
         self.binarize = blob["config"]["binarize"] and blob["config"]["loss"] == "bernoulli"
         self.iw_samples, self.seed = iw_samples, seed
+        self.run_seed = blob["config"]["seed"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from .data import decode_images
-        from .metrics import binarize, hashed_normals, likelihood_terms
-
         indices = np.asarray(batch["index"], dtype=np.int64)
         labels = np.asarray(batch["label"], dtype=np.int64)
-        x = torch.from_numpy(decode_images(batch["image"], self.shape)).permute(0, 3, 1, 2).float() / 255
-        target = binarize(x, self.seed, indices) if self.binarize else x
+        x = to_float(decode_images(batch["image"], self.shape))
+        # The run's own seed: the same binary test images its per-epoch figures scored.
+        target = binarize(x, self.run_seed, indices) if self.binarize else x
         y = torch.from_numpy(labels) if self.model.num_classes else None
         eps = hashed_normals(self.seed, indices, self.iw_samples, self.model.latent_dim)
         terms = likelihood_terms(self.model, x, y, target, eps)
@@ -67,57 +84,73 @@ class LikelihoodScorer:
 class Evaluation:
     """Checks every input up front (nothing runs on bad input), then `run()`."""
 
-    def __init__(self, checkpoint: str, data: Optional[str] = None, split: str = "test",
-                 iw_samples: int = 100, samples: int = 10_000, limit: Optional[int] = None,
-                 actors: Optional[int] = None, seed: int = 0, tstr: bool = False, tstr_samples: int = 20_000):
-        from .checkpoint import load_blob
-        from .data import read_meta
-
-        if iw_samples < 1:
-            raise UserError(f"--iw-samples must be at least 1 (got {iw_samples})")
-        if samples < 0:
-            raise UserError(f"--samples must be >= 0 (got {samples})")
-        if limit is not None and limit < 1:
-            raise UserError(f"--limit must be at least 1 (got {limit})")
-        if actors is not None and actors < 1:
-            raise UserError(f"--actors must be at least 1 (got {actors})")
+    def __init__(
+        self,
+        checkpoint: str,
+        data: str | None = None,
+        split: str = "test",
+        iw_samples: int = 100,
+        samples: int = 10_000,
+        limit: int | None = None,
+        actors: int | None = None,
+        seed: int = 0,
+        tstr: bool = False,
+        tstr_samples: int = 20_000,
+    ):
+        check_options(
+            iw_samples=iw_samples,
+            samples=samples,
+            limit=limit,
+            actors=actors,
+            seed=seed,
+            tstr=tstr,
+            tstr_samples=tstr_samples,
+        )
         self.blob = load_blob(checkpoint)
         self.config, self.dataset = self.blob["config"], self.blob["dataset"]
         self.data = data or self.config["data"]
+        if not self.data:
+            raise UserError(f"{checkpoint}: the checkpoint does not name its dataset; pass --data")
         self.meta = read_meta(self.data)
         if split not in self.meta["splits"]:
             raise UserError(f"{self.data}: no split '{split}' (has {', '.join(self.meta['splits'])})")
         if list(self.meta["shape"]) != list(self.dataset["shape"]):
-            raise UserError(f"{self.data}: images are {tuple(self.meta['shape'])} but the model was trained on "
-                            f"{tuple(self.dataset['shape'])}")
+            raise UserError(
+                f"{self.data}: images are {tuple(self.meta['shape'])} but the model was trained on "
+                f"{tuple(self.dataset['shape'])}"
+            )
         if tstr and not self.config["conditional"]:
             raise UserError("--tstr needs a class-conditional model (trained with --conditional)")
-        if tstr and tstr_samples < 100:
-            raise UserError(f"--tstr-samples must be at least 100 (got {tstr_samples})")
         self.checkpoint, self.split, self.iw_samples, self.samples = checkpoint, split, iw_samples, samples
         self.limit, self.actors, self.seed = limit, actors, seed
         self.tstr, self.tstr_samples = tstr, tstr_samples
 
-    def run(self, address: Optional[str] = None,
-            progress: Optional[Callable[[str, int, int], None]] = None) -> dict[str, Any]:
+    def run(
+        self, address: str | None = None, progress: Callable[[str, int, int], None] | None = None
+    ) -> dict[str, Any]:
         started = time.time()
         per_image = self.score_likelihoods(address, progress)
         result = summarise(per_image, self.config["loss"], int(np.prod(self.meta["shape"])))
         result.update(self.sample_quality(progress))
-        result.update({"split": self.split, "images": int(len(per_image["index"])),
-                       "iw_samples": self.iw_samples, "checkpoint": self.blob["path"],
-                       "data": self.meta["root"], "loss": self.config["loss"],
-                       "latent_dim": self.config["latent_dim"], "seconds": round(time.time() - started, 2)})
+        result.update(
+            {
+                "split": self.split,
+                "images": int(len(per_image["index"])),
+                "iw_samples": self.iw_samples,
+                "checkpoint": self.blob["path"],
+                "data": self.meta["root"],
+                "loss": self.config["loss"],
+                "latent_dim": self.config["latent_dim"],
+                "seconds": round(time.time() - started, 2),
+            }
+        )
         return result
 
     # -- likelihoods: the Ray Data job ------------------------------------
     def score_likelihoods(self, address, progress) -> dict[str, np.ndarray]:
         import ray
 
-        from .cluster import ensure_ray
-        from .data import load_split
-
-        resources = ensure_ray(2, address, dashboard=False)
+        resources = connect(address, cpus_needed=2, dashboard=False).resources
         total = self.meta["splits"][self.split]["count"]
         if self.limit:
             total = min(total, self.limit)
@@ -130,11 +163,19 @@ class Evaluation:
             # Test splits are often one Parquet file, and a limit may need only
             # one: split the rows so every actor gets work.
             ds = ds.repartition(pool * 2)
-        scored = _map_without_restarts(
-            ds, LikelihoodScorer, batch_size=ROWS_PER_BATCH, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1,
-            fn_constructor_kwargs={"model_blob_ref": [ray.put(self.blob)], "iw_samples": self.iw_samples,
-                                   "seed": self.seed, "threads": 1})
+        scored = ds.map_batches(
+            LikelihoodScorer,
+            batch_size=ROWS_PER_BATCH,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            num_cpus=1,
+            fn_constructor_kwargs={
+                "model_blob_ref": [ray.put(self.blob)],
+                "iw_samples": self.iw_samples,
+                "seed": self.seed,
+                "threads": 1,
+            },
+        )
         parts: dict[str, list] = {}
         done = 0
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
@@ -151,14 +192,9 @@ class Evaluation:
     @functools.cached_property
     def model(self):
         """The model on this process, for drawing samples (built once)."""
-        from .checkpoint import model_from_blob
-
         return model_from_blob(self.blob)
 
     def sample_quality(self, progress) -> dict[str, Any]:
-        from . import judge
-        from .data import read_arrays
-
         empty = {key: None for key in QUALITY_KEYS}
         if self.samples == 0:
             return empty | {"judge": "not asked (--samples 0)"}
@@ -178,14 +214,21 @@ class Evaluation:
         f_test, p_test = judge.features_and_probs(model, test)
         f_train, _ = judge.features_and_probs(model, train)
         f_fake, p_fake = judge.features_and_probs(model, fake)
-        from .metrics import frechet_distance, inception_score, precision_recall
-
         precision, recall = precision_recall(f_test, f_fake, k=3)
-        result = {"fd": frechet_distance(f_fake, f_test), "fd_real": frechet_distance(f_train, f_test),
-                  "inception_score": inception_score(p_fake), "inception_score_real": inception_score(p_test),
-                  "precision": precision, "recall": recall, "tstr_accuracy": None,
-                  "quality_samples": n, "judge": f"{info['dataset']} classifier, "
-                                                   f"test accuracy {info['test_accuracy']:.4f}"}
+        is_mean, is_std = inception_score_splits(p_fake)
+        result = {
+            "fd": frechet_distance(f_fake, f_test),
+            "fd_real": frechet_distance(f_train, f_test),
+            "inception_score": inception_score(p_fake),
+            "inception_score_real": inception_score(p_test),
+            "inception_score_mean": is_mean,
+            "inception_score_std": is_std,
+            "precision": precision,
+            "recall": recall,
+            "tstr_accuracy": None,
+            "quality_samples": n,
+            "judge": f"{info['dataset']} classifier, test accuracy {info['test_accuracy']:.4f}",
+        }
         if progress:
             progress("sample quality", n, n)
         if self.tstr:
@@ -194,66 +237,66 @@ class Evaluation:
 
     def draw(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """n generated uint8 images (balanced labels for a conditional model)."""
-        import torch
-
-        from .pictures import to_uint8
-
         model = self.model
         gen = torch.Generator().manual_seed(seed)
         labels = np.arange(n) % self.dataset["num_classes"] if model.num_classes else np.zeros(n, np.int64)
         out = []
         for start in range(0, n, 1000):
-            y = torch.from_numpy(labels[start:start + 1000]) if model.num_classes else None
+            y = torch.from_numpy(labels[start : start + 1000]) if model.num_classes else None
             out.append(to_uint8(model.sample(min(1000, n - start), y, generator=gen)))
         return np.concatenate(out), labels
 
     def train_on_synthetic(self, test: np.ndarray, test_labels: np.ndarray, progress) -> float:
         """Train-on-Synthetic-Test-on-Real: a fresh judge fitted on generated
         labelled images only, scored on the real test split."""
-        from . import judge
-
         images, labels = self.draw(self.tstr_samples, self.seed + 1)
 
         def report(step: int, steps: int, loss: float) -> None:
             if progress:
                 progress("train on synthetic", step, steps)
+
         model = judge.fit(images, labels, self.dataset["num_classes"], epochs=3, seed=self.seed, progress=report)
         return judge.accuracy(model, test, test_labels)
 
 
-def _map_without_restarts(ds, fn, **kwargs):
-    """map_batches with actors that are not restarted: a lost scoring actor
-    fails the command, which is simply rerun. Without restarts, Ray also stops
-    printing its actor-argument warning (ray-project/ray#57733) on every run.
-    `max_restarts` is a deprecated pass-through in Ray 2.60; when a later Ray
-    drops it, the default (restarting) actors are used instead."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        try:
-            return ds.map_batches(fn, max_restarts=0, **kwargs)
-        except TypeError:
-            return ds.map_batches(fn, **kwargs)
+def check_options(
+    iw_samples: int = 100,
+    samples: int = 10_000,
+    limit: int | None = None,
+    actors: int | None = None,
+    seed: int = 0,
+    tstr: bool = False,
+    tstr_samples: int = 20_000,
+    **_: Any,
+) -> None:
+    """Every check that needs no files: run before anything else, and before --submit."""
+    if not 1 <= iw_samples <= 100_000:
+        raise UserError(f"--iw-samples must be between 1 and 100000 (got {iw_samples})")
+    if not 0 <= samples <= 1_000_000:
+        raise UserError(f"--samples must be between 0 and 1000000 (got {samples})")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 (got {limit})")
+    if actors is not None and not 1 <= actors <= 10_000:
+        raise UserError(f"--actors must be between 1 and 10000 (got {actors})")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
+    if tstr and not 100 <= tstr_samples <= 10_000_000:
+        raise UserError(f"--tstr-samples must be at least 100 (got {tstr_samples})")
 
 
 def summarise(per_image: dict[str, np.ndarray], loss: str, dims: int) -> dict[str, Any]:
     """Means of the per-image terms, bits/dim and active units."""
-    from .metrics import active_units, bits_per_dim
-
     result: dict[str, Any] = {key: float(np.mean(per_image[key], dtype=np.float64)) for key in LIKELIHOOD_KEYS}
     result["bits_per_dim"] = bits_per_dim(result["nll_iw_nats"], loss, dims)
     result["active_units"] = active_units(per_image["mu"])
     return result
 
 
-def save(result: dict[str, Any], checkpoint: str) -> Optional[Path]:
+def save(result: dict[str, Any], checkpoint: str) -> str | None:
     """Keep the result beside a run (RUN/evaluation.json) when given a run folder."""
-    run = Path(checkpoint).expanduser()
-    if not (run / "latest").exists():
+    run = RunDir(checkpoint)
+    if run.latest() is None:
         return None
-    path = run / "evaluation.json"
-    tmp = path.with_name(".evaluation.json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    path = run.path("evaluation.json")
+    storage.write_json(path, result)
     return path

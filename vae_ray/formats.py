@@ -8,20 +8,29 @@
   fixes the timestamp so shards are reproducible.
 - Parquet: the same schema as prepared datasets (raw uint8 image bytes,
   label, index), so generated sets read back like any dataset.
+- Hugging Face Parquet: `image` is the `Image` feature (a struct of PNG bytes
+  and a file name), `label` a `ClassLabel` with the class names, with the
+  schema metadata `datasets` reads, so `load_dataset("parquet", ...)` gives
+  PIL images and named labels.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zipfile
 import zlib
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .data import images_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IEND = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:
@@ -37,8 +46,7 @@ def encode_pngs(images: np.ndarray, level: int = 6) -> list[bytes]:
     # Every scanline starts with its filter byte (0 = none).
     rows = np.zeros((n, h, 1 + w * c), dtype=np.uint8)
     rows[:, :, 1:] = images.reshape(n, h, w * c)
-    return [PNG_SIGNATURE + header + _chunk(b"IDAT", zlib.compress(rows[i].tobytes(), level)) + _IEND
-            for i in range(n)]
+    return [PNG_SIGNATURE + header + _chunk(b"IDAT", zlib.compress(rows[i].tobytes(), level)) + _IEND for i in range(n)]
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -53,11 +61,38 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def parquet_bytes(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> bytes:
-    """One Parquet file in the prepared-dataset schema."""
-    from .data import images_table
-
-    table = images_table(images, labels, indices)
+def _parquet(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", row_group_size=2048)
     return sink.getvalue()
+
+
+def parquet_bytes(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> bytes:
+    """One Parquet file in the prepared-dataset schema."""
+    return _parquet(images_table(images, labels, indices))
+
+
+def hf_features(classes: list[str] | None) -> dict:
+    """The `datasets` Features of a Hugging Face set, as `datasets` writes them."""
+    features = {"image": {"_type": "Image"}}
+    if classes:
+        features["label"] = {"names": list(classes), "_type": "ClassLabel"}
+    features["index"] = {"dtype": "int64", "_type": "Value"}
+    return features
+
+
+def hf_parquet_bytes(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, classes: list[str] | None) -> bytes:
+    """One Parquet file of the Hugging Face `Image` (+ `ClassLabel`) features;
+    labels are written only for a class-conditional set (`classes` given)."""
+    pngs = encode_pngs(images)
+    image = pa.StructArray.from_arrays(
+        [pa.array(pngs, pa.binary()), pa.array([f"{i:09d}.png" for i in indices], pa.string())], fields=list(HF_IMAGE)
+    )
+    columns, fields = [image], [pa.field("image", HF_IMAGE)]
+    if classes:
+        columns.append(pa.array(labels, pa.int64()))
+        fields.append(pa.field("label", pa.int64()))
+    columns.append(pa.array(indices, pa.int64()))
+    fields.append(pa.field("index", pa.int64()))
+    metadata = {"huggingface": json.dumps({"info": {"features": hf_features(classes)}})}
+    return _parquet(pa.table(columns, schema=pa.schema(fields, metadata=metadata)))

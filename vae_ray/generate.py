@@ -1,43 +1,67 @@
-"""Bulk generation: a Ray Data job that decodes latent vectors on an actor
-pool and writes images exactly once, resumably, to local disk or s3://.
+"""Bulk generation: decode latent vectors and write images exactly once,
+resumably, to local disk or s3://.
 
-Work is cut into fixed shards of SHARD images (one PNG sub-folder, one
-Parquet or NPZ file). Image i depends only on the checkpoint, the seed, i
-and its label:
-- its latent vector comes from a counter-based generator keyed by (seed, i),
-  not from a stream shared with other images;
-- it is decoded in a CHUNK-sized batch aligned to global indices, so the
-  arithmetic is the same whatever the block sizes, actor count or restarts.
+Work is cut into fixed shards of at most SHARD images (one PNG sub-folder,
+one Parquet or NPZ file). A multi-shard job (or any job on a named cluster)
+is a Ray Data job: one row per shard through `map_batches` to a pool of
+decoder actors. A one-shard job with no cluster named runs the very same
+`ShardWriter` in this process, which skips Ray's start-up (the output says
+which path ran); the bytes are identical.
 
-Exactly once: a shard's files appear under their final names only when
-complete (locally a PNG shard's folder is written under a temporary name and
-renamed whole, other files one by one; single PUTs on S3), then a marker
-records its checksum. A restart skips marked shards and rewrites the rest.
-The manifest, written first with the run's identity and last with every
-shard's checksum, guards the folder against a different run.
+Image i depends only on the checkpoint, the seed, i and its label: its latent
+vector comes from a counter-based generator keyed by (seed, i), and it is
+decoded in a CHUNK-sized batch aligned to global indices, so the arithmetic is
+the same whatever the block sizes, actor count or restarts.
+
+What the destination promises:
+- a shard's files appear under their final names only when complete (a PNG
+  shard's folder is written under a temporary name and renamed whole; files
+  are written to a temporary name and renamed; one PUT each on S3), then a
+  marker records its checksum; a rerun skips marked shards;
+- `_manifest.json` is written first with the run's identity (status
+  "running") and last with every shard's checksum ("complete"); the same
+  command on a complete set changes nothing and says so;
+- `--overwrite` replaces only a generated set, and only once the new one is
+  complete: the new set is built in a hidden sibling folder and swapped in;
+- one writer at a time (a lock beside the destination).
+The manifest's leading underscore (and the markers' dot) keep the side files
+out of the way of pandas, pyarrow, DuckDB and Hugging Face `datasets`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
+import torch
 
+from . import storage
 from .checkpoint import load_blob, model_from_blob
 from .errors import UserError
+from .formats import encode_pngs, hf_features, hf_parquet_bytes, npz_bytes, parquet_bytes
+from .images import to_uint8
+from .keyed_random import latent_normals
 
-SHARD = 10_000          # images per shard (PNG folder, Parquet/NPZ file)
-CHUNK = 256             # decode batch, aligned to global indices
-FORMATS = ("png", "parquet", "npz")
-MANIFEST = "manifest.json"
+SHARD = 10_000  # images per shard (PNG folder, Parquet/NPZ file)
+CHUNK = 256  # decode batch, aligned to global indices
+MAX_NUM = 1_000_000_000  # file names hold nine digits of index
+MAX_TEMPERATURE = 100.0
+FORMATS = ("png", "parquet", "npz", "hf")
+FORMAT_ID = "vae-ray-generated/1"
+MANIFEST = "_manifest.json"
+OLD_MANIFEST = "manifest.json"  # sets written before the manifest was renamed
 MARKERS = ".progress"
+CARD = "README.md"
 
 
 # ---------------------------------------------------------------------------
@@ -46,14 +70,15 @@ MARKERS = ".progress"
 @dataclass(frozen=True)
 class Plan:
     """The identity of a generation run: two runs with equal plans write equal bytes."""
+
     num: int
     seed: int
     format: str
     temperature: float
-    labels: str               # "none", "per-class" or a class index as text
+    labels: str  # "none", "per-class" or a class index as text
     checkpoint_sha256: str
     shard_size: int = SHARD
-    chunk: int = CHUNK        # decode batch; part of the identity, since kernels may round differently
+    chunk: int = CHUNK  # decode batch; part of the identity, since kernels may round differently
 
     @property
     def num_shards(self) -> int:
@@ -63,28 +88,8 @@ class Plan:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num)
 
-
-def latent_normals(seed: int, indices: np.ndarray, dim: int) -> np.ndarray:
-    """Standard normal z (len(indices), dim) from a counter-based hash of
-    (seed, index, coordinate): splitmix64 to uniforms, then Box-Muller."""
-    idx = indices.astype(np.uint64)[:, None]
-    pairs = (dim + 1) // 2
-    counter = idx * np.uint64(2 * pairs) + np.arange(2 * pairs, dtype=np.uint64)[None, :]
-    key = np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
-    bits = _splitmix64(counter ^ key)
-    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
-    u1, u2 = uniform[:, :pairs], uniform[:, pairs:]
-    radius = np.sqrt(-2.0 * np.log(u1))
-    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)], axis=1)
-    return z[:, :dim].astype(np.float32)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def labels_for(plan: Plan, indices: np.ndarray, num_classes: int) -> np.ndarray:
@@ -96,115 +101,34 @@ def labels_for(plan: Plan, indices: np.ndarray, num_classes: int) -> np.ndarray:
     return np.full(len(indices), int(plan.labels), dtype=np.int64)
 
 
-def class_folder(name: str) -> str:
-    """A class name as a folder name (Fashion-MNIST has 'T-shirt/top')."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name) or "class"
+def class_folders(classes: list[str]) -> list[str]:
+    """Safe, distinct folder names for class names, which are data (from
+    batches.meta, dataset.json or a checkpoint) and must never steer a write:
+    no separators, no leading dot or underscore, no '..', at most 64
+    characters. The manifest keeps the real names beside them."""
+    out: list[str] = []
+    for k, name in enumerate(classes):
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip(".-_")[:64] or f"class-{k}"
+        if safe in out or safe.lower() in (s.lower() for s in out):
+            safe = f"{safe[:58]}-{k}"
+        out.append(safe)
+    return out
 
 
 # ---------------------------------------------------------------------------
-# Storage: local folders or S3 through pyarrow
+# Writing one shard (in a Ray Data actor, or in this process)
 # ---------------------------------------------------------------------------
-class Store:
-    """A folder at a URI. Files appear under their final names only when complete."""
-
-    def __init__(self, uri: str):
-        import pyarrow.fs as pafs
-
-        self.uri = uri.rstrip("/")
-        self.remote = "://" in uri
-        if self.remote:
-            try:
-                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-            except (pafs.ArrowInvalid, ValueError, OSError) as exc:
-                raise UserError(f"{uri}: unusable output URI ({str(exc).splitlines()[0]})") from None
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-
-    def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
-
-    def write(self, rel: str, data: bytes) -> None:
-        if self.remote:  # a single PUT: the object exists whole or not at all
-            with self.fs.open_output_stream(self.path(rel)) as fh:
-                fh.write(data)
-            return
-        target = Path(self.path(rel))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{target.name}")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-
-    def write_folder(self, rel: str, files: dict[str, bytes]) -> None:
-        """Write a whole folder of files. Locally they are written into a
-        temporary sibling folder that is renamed when complete: one rename
-        per folder instead of one per file (file creation and renames are most
-        of the kernel time of a PNG shard on ext4)."""
-        if self.remote:
-            for name, data in files.items():
-                self.write(f"{rel}/{name}", data)
-            return
-        target = Path(self.path(rel))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{target.name}")
-        tmp.mkdir()
-        for name, data in files.items():
-            with open(tmp / name, "xb") as fh:
-                fh.write(data)
-        if target.exists():  # an earlier attempt at this shard (a restarted actor) got this far
-            shutil.rmtree(target)
-        tmp.rename(target)
-
-    def read(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as fh:
-            return fh.read()
-
-    def exists(self, rel: str) -> bool:
-        import pyarrow.fs as pafs
-
-        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
-
-    def files(self, rel: str = "") -> list[str]:
-        """Every file below `rel`, as paths relative to the root."""
-        import pyarrow.fs as pafs
-
-        base = self.path(rel)
-        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        cut = len(self.root) + 1
-        return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File)
-
-    def delete(self, rel: str) -> None:
-        import pyarrow.fs as pafs
-
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.path(rel))
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(self.path(rel))
-
-    def clear(self) -> None:
-        import pyarrow.fs as pafs
-
-        if self.fs.get_file_info(self.root).type == pafs.FileType.Directory:
-            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
-
-    def makedirs(self) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-
-
-# ---------------------------------------------------------------------------
-# Writing one shard (runs inside the Ray Data actors)
-# ---------------------------------------------------------------------------
-def shard_files(plan: Plan, shard: int, classes: list[str]) -> list[str]:
-    """The files a shard owns, relative to the output root, in index order."""
+def shard_files(plan: Plan, shard: int, folders: list[str]) -> list[str]:
+    """The files a shard owns, relative to the set's root, in index order."""
     start, end = plan.shard_range(shard)
+    if plan.format == "hf":
+        return [f"data/train-{shard:05d}-of-{plan.num_shards:05d}.parquet"]
     if plan.format != "png":
         return [f"part-{shard:05d}.{plan.format}"]
-    labels = labels_for(plan, np.arange(start, end), len(classes))
+    labels = labels_for(plan, np.arange(start, end), len(folders))
     names = []
-    for i, label in zip(range(start, end), labels):
-        prefix = f"{class_folder(classes[label])}/" if label >= 0 else ""
+    for i, label in zip(range(start, end), labels, strict=True):
+        prefix = f"{folders[label]}/" if label >= 0 else ""
         names.append(f"{prefix}{shard:05d}/{i:09d}.png")
     return names
 
@@ -218,18 +142,20 @@ def digest(chunks: list[bytes]) -> str:
 
 
 class ShardWriter:
-    """A Ray Data actor: loads the model once, then writes whole shards."""
+    """Loads the model once, then writes whole shards (a Ray Data actor, or
+    called directly for a one-shard job)."""
 
-    def __init__(self, model_blob_ref: list, plan: dict, out: str, device: str, threads: int):
-        import ray
-        import torch
-
+    def __init__(self, model_blob: Any, plan: dict, root: str, device: str, threads: int):
         torch.set_num_threads(threads)
         _keep_freed_memory()
-        blob = ray.get(model_blob_ref[0])
-        self.plan, self.store, self.device = Plan(**plan), Store(out), torch.device(device)
-        self.classes, self.shape = blob["dataset"]["classes"], blob["dataset"]["shape"]
-        self.model = model_from_blob(blob)
+        if isinstance(model_blob, list):  # a Ray object reference, wrapped so Ray does not resolve it early
+            import ray
+
+            model_blob = ray.get(model_blob[0])
+        self.plan, self.root, self.device = Plan(**plan), root, torch.device(device)
+        self.classes = model_blob["dataset"]["classes"]
+        self.folders = class_folders(self.classes)
+        self.model = model_from_blob(model_blob)
         # Channels-last transposed convolutions decode about 1.8x faster on
         # CPUs (oneDNN's NHWC kernels); every run uses the same kernels, so
         # outputs stay byte-identical.
@@ -247,55 +173,79 @@ class ShardWriter:
             counts.append(n)
             sums.append(checksum)
             seconds.append(time.perf_counter() - started)
-        return {"shard": np.array(shards), "images": np.array(counts), "sha256": np.array(sums),
-                "seconds": np.array(seconds)}
+        return {
+            "shard": np.array(shards),
+            "images": np.array(counts),
+            "sha256": np.array(sums),
+            "seconds": np.array(seconds),
+        }
 
+    @torch.no_grad()
     def decode(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images and labels for indices [start, end), in aligned chunks."""
-        import torch
-
         size = self.plan.chunk
         first, last = (start // size) * size, -(-end // size) * size
         images, labels = [], []
-        with torch.no_grad():
-            for chunk in range(first, last, size):
-                idx = np.arange(chunk, chunk + size)
-                z = torch.from_numpy(latent_normals(self.plan.seed, idx, self.model.latent_dim))
-                z = (z * self.plan.temperature).to(self.device)
-                lab = labels_for(self.plan, idx, len(self.classes))
-                y = torch.from_numpy(lab).to(self.device) if self.model.num_classes else None
-                pixels = self.model.mean_image(self.model.decode(z, y))
-                images.append((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-                labels.append(lab)
+        for chunk in range(first, last, size):
+            idx = np.arange(chunk, chunk + size)
+            z = torch.from_numpy(latent_normals(self.plan.seed, idx, self.model.latent_dim))
+            z = (z * self.plan.temperature).to(self.device)
+            lab = labels_for(self.plan, idx, len(self.classes))
+            y = torch.from_numpy(lab).to(self.device) if self.model.num_classes else None
+            images.append(to_uint8(self.model.mean_image(self.model.decode(z, y))))
+            labels.append(lab)
         images, labels = np.concatenate(images), np.concatenate(labels)
-        return images[start - first:end - first], labels[start - first:end - first]
+        return images[start - first : end - first], labels[start - first : end - first]
 
     def write_shard(self, shard: int) -> tuple[int, str]:
-        from .formats import encode_pngs, npz_bytes, parquet_bytes
-
         start, end = self.plan.shard_range(shard)
         images, labels = self.decode(start, end)
         indices = np.arange(start, end)
-        names = shard_files(self.plan, shard, self.classes)
+        names = shard_files(self.plan, shard, self.folders)
         if self.plan.format == "png":
             blobs = encode_pngs(images)
-        elif self.plan.format == "parquet":
-            blobs = [parquet_bytes(images, labels, indices)]
-        else:
-            blobs = [npz_bytes(images=images, labels=labels, index=indices)]
-        if self.plan.format == "png":
             folders: dict[str, dict[str, bytes]] = {}
-            for name, data in zip(names, blobs):
+            for name, data in zip(names, blobs, strict=True):
                 folder, file = name.rsplit("/", 1)
                 folders.setdefault(folder, {})[file] = data
             for folder, files in folders.items():
-                self.store.write_folder(folder, files)
+                write_folder(self.root, folder, files)
         else:
-            self.store.write(names[0], blobs[0])
+            if self.plan.format == "parquet":
+                blobs = [parquet_bytes(images, labels, indices)]
+            elif self.plan.format == "hf":
+                blobs = [
+                    hf_parquet_bytes(images, labels, indices, self.classes if self.plan.labels != "none" else None)
+                ]
+            else:
+                blobs = [npz_bytes(images=images, labels=labels, index=indices)]
+            storage.write_bytes(storage.join(self.root, names[0]), blobs[0])
         checksum = digest(blobs)
         marker = {"shard": shard, "images": end - start, "sha256": checksum}
-        self.store.write(f"{MARKERS}/{shard:05d}.json", json.dumps(marker).encode())
+        storage.write_bytes(storage.join(self.root, MARKERS, f"{shard:05d}.json"), json.dumps(marker).encode())
         return end - start, checksum
+
+
+def write_folder(root: str, rel: str, files: dict[str, bytes]) -> None:
+    """Write a whole folder of files. Locally they go into a temporary sibling
+    folder renamed when complete: one rename per folder instead of one per
+    file (file creation and renames are most of the kernel time of a PNG
+    shard on ext4). On S3 each file is one PUT."""
+    target_uri = storage.join(root, rel)
+    if storage.is_remote(root):
+        for name, data in files.items():
+            storage.write_bytes(storage.join(target_uri, name), data)
+        return
+    target = Path(storage.filesystem(target_uri)[1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{target.name}")
+    tmp.mkdir()
+    for name, data in files.items():
+        with open(tmp / name, "xb") as fh:
+            fh.write(data)
+    if target.exists():  # an earlier attempt at this shard (a restarted actor) got this far
+        shutil.rmtree(target)
+    tmp.rename(target)
 
 
 def _keep_freed_memory() -> None:
@@ -309,142 +259,346 @@ def _keep_freed_memory() -> None:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 32 * 2**20)    # M_MMAP_THRESHOLD: allocate up to 32 MB from the heap
-        libc.mallopt(-1, 512 * 2**20)   # M_TRIM_THRESHOLD: do not give it back between batches
-    except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to tune
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: allocate up to 32 MB from the heap
+        libc.mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD: do not give it back between batches
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         pass
 
 
 # ---------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------
-def make_plan(blob: dict[str, Any], num: int, fmt: str, seed: int, temperature: float,
-              label: Optional[int], per_class: bool, chunk: int = CHUNK, shard_size: int = SHARD) -> Plan:
+def make_plan(
+    blob: dict[str, Any],
+    num: int,
+    fmt: str,
+    seed: int,
+    temperature: float,
+    label: int | None,
+    per_class: bool,
+    chunk: int = CHUNK,
+    shard_size: int = SHARD,
+) -> Plan:
+    check_options(
+        num=num,
+        fmt=fmt,
+        seed=seed,
+        temperature=temperature,
+        chunk=chunk,
+        shard_size=shard_size,
+        label=label,
+        per_class=per_class,
+    )
+    classes = blob["dataset"]["classes"]
+    if (label is not None or per_class) and not blob["config"]["conditional"]:
+        raise UserError(
+            f"{blob['path']}: not a class-conditional model; train with --conditional to use --label or --per-class"
+        )
+    if label is not None and not 0 <= label < len(classes):
+        raise UserError(f"--label must be between 0 and {len(classes) - 1} (got {label})")
+    labels = "per-class" if per_class else ("none" if label is None else str(label))
+    return Plan(
+        num=num,
+        seed=seed,
+        format=fmt,
+        temperature=float(temperature),
+        labels=labels,
+        checkpoint_sha256=blob["sha256"],
+        chunk=chunk,
+        shard_size=shard_size,
+    )
+
+
+def check_options(
+    num: int = 1,
+    fmt: str = "png",
+    seed: int = 0,
+    temperature: float = 1.0,
+    chunk: int = CHUNK,
+    shard_size: int = SHARD,
+    label: int | None = None,
+    per_class: bool = False,
+    actors: int | None = None,
+) -> None:
+    """Every check that needs no files: run before anything else, and before --submit."""
     if not 1 <= shard_size <= SHARD:
         raise UserError(f"--shard-size must be between 1 and {SHARD} (got {shard_size})")
     if not 1 <= chunk <= 65536:
         raise UserError(f"--batch-size must be between 1 and 65536 (got {chunk})")
-    if num < 1:
-        raise UserError(f"--num must be at least 1 (got {num})")
+    if not 1 <= num <= MAX_NUM:
+        raise UserError(f"--num must be between 1 and {MAX_NUM:,} (got {num})")
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    if not temperature > 0:
-        raise UserError(f"--temperature must be positive (got {temperature})")
+    if not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE
+    ):
+        raise UserError(f"--temperature must be a finite number in (0, {MAX_TEMPERATURE:g}] (got {temperature})")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
     if label is not None and per_class:
         raise UserError("--label and --per-class exclude each other")
-    classes = blob["dataset"]["classes"]
-    if (label is not None or per_class) and not blob["config"]["conditional"]:
-        raise UserError(f"{blob['path']}: not a class-conditional model; train with --conditional "
-                        f"to use --label or --per-class")
-    if label is not None and not 0 <= label < len(classes):
-        raise UserError(f"--label must be between 0 and {len(classes) - 1} (got {label})")
-    labels = "per-class" if per_class else ("none" if label is None else str(label))
-    return Plan(num=num, seed=seed, format=fmt, temperature=float(temperature), labels=labels,
-                checkpoint_sha256=blob["sha256"], chunk=chunk, shard_size=shard_size)
+    if actors is not None and not 1 <= actors <= 10_000:
+        raise UserError(f"--actors must be between 1 and 10000 (got {actors})")
 
 
-def must_clear(store: Store, plan: Plan, overwrite: bool) -> bool:
-    """Whether the destination must be emptied first. Empty and same-plan
-    folders are used as they are; anything else needs --overwrite."""
-    existing = [f for f in store.files() if not f.startswith(f"{MARKERS}/")]
-    if not existing:
-        return False
-    if MANIFEST in existing:
+def read_manifest(root: str) -> dict[str, Any] | None:
+    """A generated set's manifest, or None when the folder holds none."""
+    for name in (MANIFEST, OLD_MANIFEST):
         try:
-            manifest = json.loads(store.read(MANIFEST))
+            manifest = storage.read_json(storage.join(root, name))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue
         except ValueError:
-            manifest = {}
-        if manifest.get("plan") == asdict(plan) and not overwrite:
-            return False  # the same run: resume it
+            raise UserError(f"{root}: {name} is not valid JSON (a damaged set)") from None
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_ID:
+            return manifest
+    return None
+
+
+def destination_state(out: str, plan: Plan, overwrite: bool) -> str:
+    """'new', 'resume', 'complete' or 'replace'; anything else is refused in one line."""
+    if storage.is_file(out):
+        raise UserError(f"{out}: exists and is not a folder")
+    entries = [n for n in storage.list_dir(out) if not n.startswith(".")]
+    if not entries:
+        return "new"
+    manifest = read_manifest(out)
+    if manifest is None:
+        shown = ", ".join(sorted(entries)[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise UserError(
+            f"{out}: holds other files ({shown}), not a generated set; choose an empty or new folder "
+            f"(--overwrite replaces only a generated set)"
+        )
+    if manifest.get("plan") == asdict(plan):
+        return "complete" if manifest.get("status") == "complete" else "resume"
     if not overwrite:
-        what = "a different generation run" if MANIFEST in existing else "other files"
-        raise UserError(f"{store.uri}: holds {what} (other checkpoint, seed, count or format); "
-                        f"choose an empty folder or pass --overwrite")
-    return True
+        raise UserError(
+            f"{out}: holds a different generation run (other checkpoint, seed, count or format); "
+            f"choose an empty folder or pass --overwrite"
+        )
+    return "replace"
 
 
-def completed_shards(store: Store, plan: Plan) -> dict[int, dict]:
+def staging_folder(out: str, plan: Plan) -> str:
+    """Where an --overwrite builds its new set: a hidden sibling named by the plan, so a rerun resumes it."""
+    return storage.join(storage.parent_of(out), f".{storage.name_of(out)}.overwrite-{plan.digest()}")
+
+
+def completed_shards(root: str, plan: Plan) -> dict[int, dict]:
     done = {}
-    for rel in store.files(MARKERS):
+    for name in storage.list_dir(storage.join(root, MARKERS)):
         try:
-            marker = json.loads(store.read(rel))
+            marker = storage.read_json(storage.join(root, MARKERS, name))
         except ValueError:
             continue
-        if 0 <= marker.get("shard", -1) < plan.num_shards:
+        if isinstance(marker, dict) and 0 <= marker.get("shard", -1) < plan.num_shards:
             done[marker["shard"]] = marker
     return done
 
 
 class Generation:
     """A generation run: the constructor checks everything a user can get
-    wrong (checkpoint, options, destination) before anything is written;
+    wrong (options, checkpoint, destination) before anything is written;
     `run` then does the work."""
 
-    def __init__(self, checkpoint: str, num: int, out: str, fmt: str = "png", seed: int = 0,
-                 actors: Optional[int] = None, gpu: Optional[bool] = None, temperature: float = 1.0,
-                 label: Optional[int] = None, per_class: bool = False, overwrite: bool = False,
-                 batch_size: Optional[int] = None, shard_size: int = SHARD):
-        if actors is not None and actors < 1:
-            raise UserError(f"--actors must be at least 1 (got {actors})")
+    def __init__(
+        self,
+        checkpoint: str,
+        num: int,
+        out: str,
+        fmt: str = "png",
+        seed: int = 0,
+        actors: int | None = None,
+        gpu: bool | None = None,
+        temperature: float = 1.0,
+        label: int | None = None,
+        per_class: bool = False,
+        overwrite: bool = False,
+        batch_size: int | None = None,
+        shard_size: int = SHARD,
+    ):
+        chunk = CHUNK if batch_size is None else batch_size
+        check_options(num, fmt, seed, temperature, chunk, shard_size, label, per_class, actors)
+        self.out = storage.check_uri(out)
         self.blob = load_blob(checkpoint)
-        self.plan = make_plan(self.blob, num, fmt, seed, temperature, label, per_class,
-                              CHUNK if batch_size is None else batch_size, shard_size)
-        self.store = Store(out)
-        if not self.store.remote and Path(self.store.root).exists() and not Path(self.store.root).is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
-        self.clear_first = must_clear(self.store, self.plan, overwrite)
-        self.out, self.actors, self.gpu = out, actors, gpu
+        if self.blob["path"].rstrip("/").startswith(self.out.rstrip("/") + "/") or self.blob["path"] == self.out:
+            raise UserError(f"{out}: holds the checkpoint being sampled; choose another --out")
+        self.plan = make_plan(self.blob, num, fmt, seed, temperature, label, per_class, chunk, shard_size)
+        self.state = destination_state(self.out, self.plan, overwrite)
+        self.actors, self.gpu, self.overwrite = actors, gpu, overwrite
+        self.path_taken = ""
 
-    def run(self, address: Optional[str] = None,
-            progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
-        """Write the images; return the manifest."""
+    def run(self, address: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Write the images; return the manifest (with `already_complete` when there was nothing to do)."""
+        from .cluster import given_address
+
+        with storage.Lock(self.out, "vae-ray generate"):
+            self.state = destination_state(self.out, self.plan, self.overwrite)  # again, under the lock
+            if self.state == "complete":
+                self.path_taken = "nothing to do"
+                return read_manifest(self.out) | {"already_complete": True}
+            root = staging_folder(self.out, self.plan) if self.state == "replace" else self.out
+            in_process = (
+                given_address(address) is None and self.actors is None and not self.gpu and self.plan.num_shards == 1
+            )
+            decoder = None if in_process else self._connect(address)  # checks the cluster (GPUs) first
+            started = time.time()
+            identity = self._identity(root)
+            existing = read_manifest(root)
+            if existing is None or existing.get("plan") != asdict(self.plan):
+                storage.makedirs(root)
+                storage.write_json(storage.join(root, MANIFEST), identity)
+            done = completed_shards(root, self.plan)
+            todo = [s for s in range(self.plan.num_shards) if s not in done]
+            for shard in todo:  # leftovers of an interrupted run are rewritten whole
+                self._remove_partial(root, shard)
+            written = sum(m["images"] for m in done.values())
+            if progress:
+                progress(written, self.plan.num)
+            if in_process:
+                self.path_taken = "in this process (one shard, no cluster named)"
+                writer = ShardWriter(self.blob, asdict(self.plan), root, "cpu", _threads())
+                for shard in todo:
+                    n, checksum = writer.write_shard(shard)
+                    done[shard] = {"shard": shard, "images": n, "sha256": checksum}
+                    if progress:
+                        progress(written + n, self.plan.num)
+            else:
+                done = decoder(root, todo, done, written, progress)
+            manifest = {
+                **identity,
+                "status": "complete",
+                "shards": [done[s] for s in range(self.plan.num_shards)],
+                "seconds": round(time.time() - started, 3),
+                "path": self.path_taken,
+            }
+            if self.plan.format == "hf":
+                storage.write_text(storage.join(root, CARD), dataset_card(manifest))
+            storage.write_json(storage.join(root, MANIFEST), manifest)
+            self._clean_leftovers(root)
+            if self.state == "replace":
+                self._swap_in(root)
+            return manifest
+
+    # -- the Ray Data path --------------------------------------------------
+    def _connect(self, address: str | None):
         import ray
 
-        from .cluster import ensure_ray
+        from .cluster import connect
 
-        plan, store, blob = self.plan, self.store, self.blob
-        if self.clear_first:
-            store.clear()
-        store.makedirs()
-        started = time.time()
-        identity = {"format": "vae-ray-generated/1", "status": "running", "plan": asdict(plan),
-                    "count": plan.num, "seed": plan.seed, "image_format": plan.format,
-                    "checkpoint": blob["path"], "checkpoint_sha256": blob["sha256"],
-                    "config": blob["config"], "dataset": blob["dataset"]}
-        store.write(MANIFEST, json.dumps(identity, indent=2).encode())
-
-        done = completed_shards(store, plan)
-        todo = [s for s in range(plan.num_shards) if s not in done]
-        resources = ensure_ray(1, address, dashboard=False)
+        cluster = connect(address, cpus_needed=1, dashboard=False)
+        resources = cluster.resources
         use_gpu = bool(resources.get("GPU", 0)) if self.gpu is None else self.gpu
         if use_gpu and not resources.get("GPU", 0):
             raise UserError("--gpu asks for GPU actors but the cluster has no GPUs")
-        pool = self.actors or (int(resources.get("GPU", 1)) if use_gpu else max(1, int(resources.get("CPU", 1))))
-        pool = max(1, min(pool, len(todo) or 1))
-        written = sum(m["images"] for m in done.values())
-        if progress:
-            progress(written, plan.num)
-        for shard in todo:  # partial leftovers of an interrupted run are rewritten whole
-            _remove_partial(store, plan, shard, blob["dataset"]["classes"])
-        if todo:
+        want = self.actors or (int(resources.get("GPU", 1)) if use_gpu else max(1, int(resources.get("CPU", 1))))
+
+        def decode(root: str, todo: list[int], done: dict, written: int, progress) -> dict:
+            pool = max(1, min(want, len(todo) or 1))
+            self.path_taken = f"a Ray Data actor pool of {pool} {'GPU' if use_gpu else 'CPU'} actor(s)"
+            if not todo:
+                return done
             ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
             results = ds.map_batches(
-                ShardWriter, batch_size=1, compute=_pool(pool),
-                fn_constructor_kwargs={"model_blob_ref": [ray.put(blob)], "plan": asdict(plan), "out": self.out,
-                                       "device": "cuda" if use_gpu else "cpu", "threads": 1},
-                num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+                ShardWriter,
+                batch_size=1,
+                compute=_pool(pool),
+                fn_constructor_kwargs={
+                    "model_blob": [ray.put(self.blob)],
+                    "plan": asdict(self.plan),
+                    "root": root,
+                    "device": "cuda" if use_gpu else "cpu",
+                    "threads": 1,
+                },
+                num_gpus=1 if use_gpu else 0,
+                num_cpus=0 if use_gpu else 1,
+            )
             for row in results.iter_rows():
-                done[int(row["shard"])] = {"shard": int(row["shard"]), "images": int(row["images"]),
-                                           "sha256": str(row["sha256"])}
+                done[int(row["shard"])] = {
+                    "shard": int(row["shard"]),
+                    "images": int(row["images"]),
+                    "sha256": str(row["sha256"]),
+                }
                 written += int(row["images"])
                 if progress:
-                    progress(written, plan.num)
-        manifest = {**identity, "status": "complete",
-                    "shards": [done[s] for s in range(plan.num_shards)],
-                    "seconds": round(time.time() - started, 3), "actors": pool, "gpu": use_gpu}
-        store.write(MANIFEST, json.dumps(manifest, indent=2).encode())
-        _clean_leftovers(store, plan, blob["dataset"]["classes"])
-        return manifest
+                    progress(written, self.plan.num)
+            return done
+
+        return decode
+
+    # -- files --------------------------------------------------------------
+    def _identity(self, root: str) -> dict[str, Any]:
+        blob, plan = self.blob, self.plan
+        classes = blob["dataset"]["classes"]
+        return {
+            "format": FORMAT_ID,
+            "status": "running",
+            "plan": asdict(plan),
+            "count": plan.num,
+            "seed": plan.seed,
+            "image_format": plan.format,
+            "temperature": plan.temperature,
+            "checkpoint": blob["path"],
+            "checkpoint_sha256": blob["sha256"],
+            "class_folders": dict(zip(classes, class_folders(classes), strict=True)) if plan.labels != "none" else {},
+            "config": blob["config"],
+            "dataset": blob["dataset"],
+            "evaluation": _evaluation_of(blob["path"]),
+        }
+
+    def _remove_partial(self, root: str, shard: int) -> None:
+        folders = class_folders(self.blob["dataset"]["classes"])
+        parents = {
+            name.rsplit("/", 1)[0] if self.plan.format == "png" else name
+            for name in shard_files(self.plan, shard, folders)
+        }
+        for rel in parents:
+            storage.delete(storage.join(root, rel))
+
+    def _clean_leftovers(self, root: str) -> None:
+        """Markers served their purpose (the manifest holds the checksums now);
+        temporary files and folders of killed writers must not survive a
+        finished run. They only exist locally (S3 objects appear whole with one
+        PUT), beside the shard folders: at the top, in data/, or in the class
+        folders of a labelled set. Shard folders themselves are never listed."""
+        storage.delete(storage.join(root, MARKERS))
+        if storage.is_remote(root):
+            return
+        base = Path(storage.filesystem(root)[1])
+        parents = ["", "data"] + (class_folders(self.blob["dataset"]["classes"]) if self.plan.labels != "none" else [])
+        for parent in parents:
+            for leftover in (base / parent).glob(".tmp-*") if (base / parent).is_dir() else []:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            for leftover in (base / parent).glob(".*.tmp") if (base / parent).is_dir() else []:
+                leftover.unlink()
+
+    def _swap_in(self, staging: str) -> None:
+        """Replace the old set with the complete new one."""
+        if storage.is_remote(self.out):
+            new = set(storage.walk_files(staging))
+            fs, _ = storage.filesystem(self.out)
+            for rel in sorted(new):
+                fs.copy_file(
+                    storage.filesystem(storage.join(staging, rel))[1],
+                    storage.filesystem(storage.join(self.out, rel))[1],
+                )
+            for rel in storage.walk_files(self.out):
+                if rel not in new and not rel.startswith("."):
+                    storage.delete(storage.join(self.out, rel))
+            storage.delete(staging)
+            return
+        out, new = Path(self.out), Path(staging)
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+        new.rename(out)
+        storage.fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _threads() -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1)
 
 
 def _pool(size: int):
@@ -456,61 +610,147 @@ def _pool(size: int):
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
-def generate(checkpoint: str, num: int, out: str, address: Optional[str] = None,
-             progress: Optional[Callable[[int, int], None]] = None, **options: Any) -> dict[str, Any]:
+def _evaluation_of(checkpoint: str) -> dict[str, Any]:
+    """The model's evaluation figures for the dataset card: RUN/evaluation.json
+    when `vae-ray evaluate` saved one, else the checkpoint epoch's test metrics."""
+    run = storage.parent_of(checkpoint)
+    try:
+        saved = storage.read_json(storage.join(run, "evaluation.json"))
+        return {
+            k: saved.get(k)
+            for k in (
+                "matlab_elbo",
+                "neg_elbo_nats",
+                "nll_iw_nats",
+                "bits_per_dim",
+                "fd",
+                "inception_score",
+                "precision",
+                "recall",
+            )
+            if saved.get(k) is not None
+        }
+    except (FileNotFoundError, ValueError, OSError):
+        pass
+    try:
+        metrics = storage.read_json(storage.join(checkpoint, "state.json")).get("metrics", {})
+    except (FileNotFoundError, ValueError, OSError):
+        return {}
+    return {k: metrics[k] for k in ("epoch", "test_matlab_elbo", "test_neg_elbo_nats") if k in metrics}
+
+
+def generate(
+    checkpoint: str,
+    num: int,
+    out: str,
+    address: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Write `num` generated images to `out` (see `Generation` for the options)."""
     return Generation(checkpoint, num, out, **options).run(address, progress)
 
 
-def _remove_partial(store: Store, plan: Plan, shard: int, classes: list[str]) -> None:
-    """Files of an unfinished shard are rewritten anyway; drop them first so a
-    shorter rewrite can never leave stale files behind."""
-    if plan.format != "png":
-        store.delete(f"part-{shard:05d}.{plan.format}")
-        return
-    folders = {name.rsplit("/", 1)[0] for name in shard_files(plan, shard, classes)}
-    for folder in folders:
-        store.delete(folder)
+def dataset_card(manifest: dict[str, Any]) -> str:
+    """A Hugging Face dataset card (README.md) for a generated set."""
+    plan, dataset = manifest["plan"], manifest["dataset"]
+    features = hf_features(dataset["classes"] if plan["labels"] != "none" else None)
+    lines = [
+        "---",
+        "tags:",
+        "- synthetic",
+        "- vae-ray",
+        "- image",
+        "task_categories:",
+        "- unconditional-image-generation" if plan["labels"] == "none" else "- image-classification",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        "    path: data/train-*",
+        "dataset_info:",
+        "  features:",
+        "  - name: image",
+        "    dtype: image",
+    ]
+    if "label" in features:
+        lines += ["  - name: label", "    dtype:", "      class_label:", "        names:"]
+        lines += [f"          '{k}': {json.dumps(name)}" for k, name in enumerate(features["label"]["names"])]
+    lines += [
+        "  - name: index",
+        "    dtype: int64",
+        "  splits:",
+        "  - name: train",
+        f"    num_examples: {manifest['count']}",
+        "---",
+        "",
+    ]
+    evaluation = manifest.get("evaluation") or {}
+    figures = (
+        "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in evaluation.items())
+        or "| (none saved) | |"
+    )
+    body = f"""# Synthetic {dataset["name"]} images ({manifest["count"]:,})
 
+Images decoded by a variational autoencoder with `vae-ray generate`; none of
+them is a real {dataset["name"]} image.
 
-def _clean_leftovers(store: Store, plan: Plan, classes: list[str]) -> None:
-    """Markers served their purpose (the manifest holds the checksums now);
-    temporary files and folders of killed writers must not survive a finished
-    run. They only exist locally (S3 objects appear whole with one PUT), beside
-    the shard folders: at the top, or in the class folders of a labelled set.
-    Shard folders themselves are never listed."""
-    store.delete(MARKERS)
-    if store.remote:
-        return
-    parents = [""] + ([class_folder(c) for c in classes] if plan.labels != "none" else [])
-    for parent in parents:
-        for leftover in Path(store.path(parent)).glob(".tmp-*"):
-            store.delete(leftover.relative_to(store.root).as_posix())
+| | |
+|---|---|
+| images | {manifest["count"]:,} ({dataset["shape"][0]}x{dataset["shape"][1]}, {dataset["shape"][2]} channel(s), PNG) |
+| labels | {"image i has label i mod " + str(len(dataset["classes"])) if plan["labels"] == "per-class" else ("class " + plan["labels"] if plan["labels"] != "none" else "none (an unconditional model)")} |
+| seed | {plan["seed"]} (image i depends only on the checkpoint, the seed, i and its label) |
+| temperature | {plan["temperature"]:g} (z ~ N(0, T^2 I)) |
+| checkpoint | `{manifest["checkpoint"]}` |
+| checkpoint SHA-256 | `{manifest["checkpoint_sha256"]}` |
+| model | {manifest["config"]["arch"]} network, latent {manifest["config"]["latent_dim"]}, {manifest["config"]["loss"]} loss{", class-conditional" if manifest["config"]["conditional"] else ""} |
+| trained on | {dataset["name"]} |
+
+## The model's evaluation figures
+
+| figure | value |
+|---|---|
+{figures}
+
+## Loading
+
+```python
+from datasets import load_dataset
+ds = load_dataset("parquet", data_files="data/*.parquet", split="train")
+```
+
+`_manifest.json` lists every shard with its checksum; `vae-ray generate --verify DIR` checks them.
+"""
+    return "\n".join(lines) + body
 
 
 def verify(out: str) -> dict[str, Any]:
     """Check a finished set against its manifest: every file, every checksum."""
-    store = Store(out)
-    try:
-        manifest = json.loads(store.read(MANIFEST))
-    except (FileNotFoundError, OSError):
-        raise UserError(f"{out}: no {MANIFEST}; not a generated set") from None
-    except ValueError:
-        raise UserError(f"{out}: {MANIFEST} is not valid JSON") from None
+    root = storage.check_uri(out)
+    if not storage.is_dir(root):
+        raise UserError(f"{out}: no such folder")
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise UserError(f"{out}: no {MANIFEST}; not a generated set")
     if manifest.get("status") != "complete":
         raise UserError(f"{out}: generation did not finish (status {manifest.get('status')!r}); rerun it to resume")
-    plan = Plan(**manifest["plan"])
-    classes = manifest["dataset"]["classes"]
-    for entry in manifest["shards"]:
-        names = shard_files(plan, entry["shard"], classes)
+    try:
+        plan = Plan(**manifest["plan"])
+        folders = class_folders(manifest["dataset"]["classes"])
+        shards = manifest["shards"]
+    except (KeyError, TypeError):
+        raise UserError(f"{out}: {MANIFEST} is incomplete") from None
+    for entry in shards:
+        names = shard_files(plan, entry["shard"], folders)
         try:
-            blobs = [store.read(name) for name in names]
-        except (FileNotFoundError, OSError):
+            blobs = [storage.read_bytes(storage.join(root, name)) for name in names]
+        except (FileNotFoundError, IsADirectoryError, OSError):
             raise UserError(f"{out}: shard {entry['shard']} is missing files") from None
         if digest(blobs) != entry["sha256"]:
             raise UserError(f"{out}: shard {entry['shard']} does not match its checksum")
-    expected = {n for s in range(plan.num_shards) for n in shard_files(plan, s, classes)} | {MANIFEST}
-    extra = [f for f in store.files() if f not in expected]
+    expected = {n for s in range(plan.num_shards) for n in shard_files(plan, s, folders)}
+    expected |= {MANIFEST, OLD_MANIFEST, CARD}
+    extra = [f for f in storage.walk_files(root) if f not in expected and not f.split("/")[-1].startswith(".")]
     if extra:
         raise UserError(f"{out}: {len(extra)} file(s) not in the manifest, e.g. {extra[0]}")
     return manifest

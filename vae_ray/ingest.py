@@ -1,97 +1,175 @@
-"""A training worker's view of its Ray Data shard.
+"""A training worker's view of the data.
 
-The first pass streams the shard from Ray Data (Arrow batches, decoded with
-one zero-copy `np.frombuffer` each). When the shard fits, those uint8 batches
-are kept, on the GPU when training there, and later epochs shuffle and slice
-that tensor directly: no Ray Data, no decode, no host-to-device copy. On
-2 CPU cores this is the difference between ~0.5x and ~1x the speed of a plain
-in-memory PyTorch loop (benchmarks/train_throughput.py).
+Two ways in, chosen once on the driver (`choose_ingest`) so that every rank
+takes the same one:
+- **memory**: the rank reads its equal share of the split straight from the
+  Parquet shards (pyarrow, local or S3) and keeps it as one uint8 tensor, on
+  the GPU when training there and it fits. Every epoch shuffles that tensor
+  with a permutation keyed by (seed, epoch, rank). No per-epoch pipeline, no
+  decode in the loop: on 2 CPU cores this trains at the speed of a plain
+  in-memory PyTorch loop (benchmarks/train_throughput.py) and starts in a
+  second where a Ray Data pipeline needs several.
+- **stream**: Ray Data streams the split to the ranks (`streaming_split`,
+  equal rows per rank), with the block order and a local buffer reshuffled
+  every epoch; for splits that do not fit in memory.
+
+Per-rank batch sizes add up to the global batch size (they differ by at
+most one image when the world size does not divide it), and every rank runs
+the same number of steps per epoch, so no rank ever waits on another.
+The test split is read by each rank in contiguous row ranges, every row
+exactly once whatever the world size.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Iterator
+import math
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from . import storage
 from .data import decode_images
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (N, H, W, C), int64 labels
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 (N, H, W, C), int64 labels, int64 indices
+MEMORY_SHARE = 0.25  # ingest "auto": the split may use at most this share of the smallest node's memory
 
 
-class ShardFeeder:
-    def __init__(self, shard, shape, batch_size: int, device: torch.device, cache: str,
-                 rows: int, seed: int, rank: int, shuffle_buffer: int = 0):
-        self.shard, self.shape, self.batch_size = shard, tuple(shape), batch_size
-        self.device, self.seed, self.rank = device, seed, rank
-        self.shuffle_buffer = shuffle_buffer
-        self.cache_on = _should_cache(cache, rows * int(np.prod(shape)), device)
-        self.images: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
-
-    @property
-    def cached(self) -> bool:
-        return self.images is not None
-
-    def batches(self, epoch: int, train: bool = True) -> Iterator[Batch]:
-        """One pass: shuffled full batches for training, every row in order for eval."""
-        if self.cached:
-            yield from self._from_cache(epoch, train)
-        else:
-            yield from self._from_ray(train)
-
-    # -- streaming pass (first epoch, or every epoch without cache) ---------
-    def _from_ray(self, train: bool) -> Iterator[Batch]:
-        kept_images, kept_labels = [], []
-        batches = self.shard.iter_batches(
-            batch_size=self.batch_size, batch_format="pyarrow", prefetch_batches=4, drop_last=False,
-            local_shuffle_buffer_size=(self.shuffle_buffer or None) if train else None,
-            local_shuffle_seed=(self.seed * 1000 + self.rank) if train and self.shuffle_buffer else None)
-        for table in batches:
-            images = torch.from_numpy(decode_images(table.column("image"), self.shape).copy())
-            labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            if self.cache_on:
-                kept_images.append(images)
-                kept_labels.append(labels)
-            # A short last batch trains nothing (MATLAB drops it too) but is kept.
-            if not train or len(labels) == self.batch_size:
-                yield images, labels
-        if self.cache_on and kept_images:
-            self.images, self.labels = torch.cat(kept_images), torch.cat(kept_labels)
-
-    # -- cached passes ---------------------------------------------------------
-    def _from_cache(self, epoch: int, train: bool) -> Iterator[Batch]:
-        n = len(self.labels)
-        if train:
-            gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
-            order = torch.randperm(n, generator=gen).to(self.device)
-            for start in range(0, n - self.batch_size + 1, self.batch_size):
-                idx = order[start:start + self.batch_size]
-                yield self.images[idx], self.labels[idx]
-        else:
-            for start in range(0, n, self.batch_size):
-                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+# ---------------------------------------------------------------------------
+# Geometry: shares, batches and steps
+# ---------------------------------------------------------------------------
+def rank_batch(batch_size: int, world: int, rank: int) -> int:
+    """This rank's share of the global batch (shares add up to batch_size)."""
+    return batch_size // world + (1 if rank < batch_size % world else 0)
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1]."""
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
+def steps_per_epoch(rows: int, batch_size: int, world: int) -> int:
+    """Steps every rank runs per epoch: its equal share of rows in full batches
+    of the largest per-rank size."""
+    return (rows // world) // math.ceil(batch_size / world)
 
 
-def _should_cache(mode: str, nbytes: int, device: torch.device) -> bool:
+def row_range(rows: int, world: int, rank: int, equal: bool) -> tuple[int, int]:
+    """Rows [start, stop) of a split that a rank owns: equal shares for
+    training (the remainder is left out, like streaming_split(equal=True));
+    for evaluation the shares cover every row."""
+    if equal:
+        share = rows // world
+        return rank * share, (rank + 1) * share
+    return rank * rows // world, (rank + 1) * rows // world
+
+
+def choose_ingest(mode: str, train_bytes: int, node_memory: list[float]) -> str:
+    """memory or stream, decided once (on the driver) for every rank.
+
+    auto keeps the split in memory when all of it fits in MEMORY_SHARE of the
+    smallest node's memory: the ranks on one node hold at most all of it.
+    """
     if mode == "memory":
-        return True
-    if mode == "none":
-        return False
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return nbytes < 0.25 * free
-    try:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):
-        return False
-    return nbytes < 0.25 * available
+        return "memory"
+    if mode == "none" or not node_memory:
+        return "stream"
+    return "memory" if train_bytes <= MEMORY_SHARE * min(node_memory) else "stream"
+
+
+# ---------------------------------------------------------------------------
+# Reading rows straight from the shards
+# ---------------------------------------------------------------------------
+def iter_rows(dataset: dict[str, Any], split: str, start: int, stop: int) -> Iterator[pa.Table]:
+    """Tables of rows [start, stop) of a split, shard by shard, in index order."""
+    fs, root = storage.filesystem(dataset["root"])
+    offset = 0
+    for shard in dataset["shards"][split]:
+        lo, hi = offset, offset + shard["rows"]
+        offset = hi
+        if hi <= start or lo >= stop:
+            continue
+        table = pq.read_table(f"{root}/{shard['file']}", filesystem=fs, columns=["image", "label", "index"])
+        first = max(start, lo) - lo
+        yield table.slice(first, min(stop, hi) - lo - first)
+
+
+def to_batch(table: pa.Table, shape) -> Batch:
+    images = torch.from_numpy(decode_images(table.column("image"), shape).copy())
+    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+    indices = torch.from_numpy(table.column("index").to_numpy().astype(np.int64))
+    return images, labels, indices
+
+
+def read_rows(dataset: dict[str, Any], split: str, start: int, stop: int) -> Batch:
+    parts = [to_batch(t, dataset["shape"]) for t in iter_rows(dataset, split, start, stop)]
+    if not parts:
+        h, w, c = dataset["shape"]
+        return (
+            torch.empty((0, h, w, c), dtype=torch.uint8),
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0, dtype=torch.int64),
+        )
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------
+# The two feeds
+# ---------------------------------------------------------------------------
+class MemoryFeed:
+    """This rank's equal share of the training split, held in memory."""
+
+    kind = "memory"
+
+    def __init__(self, dataset: dict[str, Any], rank: int, world: int, device: torch.device, seed: int):
+        start, stop = row_range(dataset["counts"]["train"], world, rank, equal=True)
+        images, labels, indices = read_rows(dataset, "train", start, stop)
+        if device.type == "cuda" and images.numel() > 0.25 * torch.cuda.mem_get_info(device)[0]:
+            device = torch.device("cpu")  # too big for the GPU: batches travel there one at a time
+        self.images, self.labels, self.indices = images.to(device), labels.to(device), indices.to(device)
+        self.seed, self.rank = seed, rank
+
+    def batches(self, epoch: int, batch_size: int, steps: int) -> Iterator[Batch]:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+        order = torch.randperm(len(self.labels), generator=gen).to(self.images.device)
+        for step in range(steps):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            yield self.images[idx], self.labels[idx], self.indices[idx]
+
+
+class StreamFeed:
+    """This rank's Ray Data shard, streamed and reshuffled every epoch."""
+
+    kind = "stream"
+
+    def __init__(self, shard, shape, device: torch.device, seed: int, rank: int):
+        self.shard, self.shape, self.device, self.seed, self.rank = shard, tuple(shape), device, seed, rank
+
+    def batches(self, epoch: int, batch_size: int, steps: int) -> Iterator[Batch]:
+        tables = self.shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            prefetch_batches=4,
+            drop_last=True,
+            local_shuffle_buffer_size=8 * batch_size,
+            local_shuffle_seed=(self.seed * 1_000_003 + epoch * 1009 + self.rank) % 2**32,
+        )
+        for done, table in enumerate(tables):
+            # Every rank runs `steps` steps; a rank with a batch more than that
+            # still drains its iterator, so the next epoch starts together.
+            if done < steps:
+                images, labels, indices = to_batch(table, self.shape)
+                yield (
+                    images.to(self.device, non_blocking=True),
+                    labels.to(self.device, non_blocking=True),
+                    indices.to(self.device, non_blocking=True),
+                )
+
+
+def eval_batches(
+    dataset: dict[str, Any], rank: int, world: int, batch_size: int, device: torch.device
+) -> Iterator[Batch]:
+    """This rank's contiguous part of the test split, in order, in batches."""
+    start, stop = row_range(dataset["counts"]["test"], world, rank, equal=False)
+    for table in iter_rows(dataset, "test", start, stop):
+        for first in range(0, table.num_rows, batch_size):
+            images, labels, indices = to_batch(table.slice(first, batch_size), dataset["shape"])
+            yield images.to(device), labels.to(device), indices.to(device)

@@ -1,64 +1,65 @@
 """Ray Jobs: run any vae-ray command on a remote Ray cluster, and manage jobs.
 
-`--submit` turns a command into a *job spec* (the command name and its
-resolved settings, plain JSON) and submits `python entry.py '<spec>'` through
-the Ray Jobs API. The runtime environment carries this package
-(`py_modules`) and the thin entry point (`working_dir` = `jobs/`); the
-cluster's image provides the requirements (see cluster.yaml), or
-`--install-requirements` adds them to the runtime environment.
+`--submit` turns a command into a job spec, `{"command": ..., "kwargs": ...}`
+(plain JSON), and submits `python -m vae_ray.jobs '<spec>'` through the Ray
+Jobs API. The job runs the spec with `commands.run`, the very function the
+command runs on the user's machine. The runtime environment ships this
+package (`py_modules`), so it works the same from a source checkout or a
+pip-installed wheel; the cluster provides the requirements (its image, or
+`--install-requirements` to pip-install them into the job's environment).
+
+Like `ray job submit`, a submission streams the job's logs and exits with its
+outcome by default; `--no-wait` detaches after printing the job id.
 
 Token authentication: when RAY_AUTH_TOKEN (or the file named by
 RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) holds a token, every request
 carries it as a bearer token. It is never printed.
+
+    python -m vae_ray.jobs '{"command": "train", "kwargs": {"settings": {...}}}'
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import platform
 import shlex
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-from .errors import RunFailed, UserError
+from .cluster import is_dashboard, mask, read_token
+from .errors import Interrupted, RunFailed, UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-JOBS_DIR = PACKAGE_DIR.parent / "jobs"
-COMMANDS = ("train", "tune", "generate", "evaluate")
-PASSED_ENV = ("VAE_RAY_", "RAY_DATA_", "TUNE_")   # environment prefixes a job inherits
+PASSED_ENV = ("VAE_RAY_", "RAY_DATA_", "TUNE_")  # environment prefixes a job inherits
+PASSED_NAMES = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")  # where S3 is; never credentials
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-AGENT_PATIENCE_S = 60     # how long a submission waits for a just-started head's job agent
+AGENT_PATIENCE_S = 60  # how long a submission waits for a just-started head's job agent
+DEFAULT_DASHBOARD_PORT = 8265
 
 
 # ---------------------------------------------------------------------------
 # Connection
 # ---------------------------------------------------------------------------
-def dashboard_url(address: Optional[str]) -> str:
+def dashboard_url(address: str | None) -> str:
+    """The Jobs API address for --address / RAY_ADDRESS, as `ray job submit` reads it."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UserError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
-    if address.startswith(("ray://", "auto", "local")):
+    if is_dashboard(address):
+        return address.rstrip("/")
+    if address.startswith(("ray://", "local")):
         raise UserError(f"--address {address}: jobs go to the dashboard's HTTP address, e.g. http://HEAD:8265")
-    return address if "://" in address else f"http://{address}"
-
-
-def read_token() -> Optional[str]:
-    """The cluster token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    candidate = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
-    try:
-        return candidate.read_text().strip() or None
-    except OSError:
-        if path:
-            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file") from None
-        return None
+    if address == "auto":
+        return f"http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}"
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return f"http://{host}:{DEFAULT_DASHBOARD_PORT}"  # a GCS address: the dashboard listens on the same head
 
 
 def auth_headers() -> dict[str, str]:
@@ -66,11 +67,9 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def connect(address: Optional[str]):
+def connect(address: str | None):
     """A JobSubmissionClient, or one line saying why there is none."""
     from ray.job_submission import JobSubmissionClient
-
-    import logging
 
     logging.getLogger("ray.dashboard").setLevel(logging.ERROR)  # the SDK's INFO lines stay off the terminal
     url = dashboard_url(address)
@@ -81,10 +80,7 @@ def connect(address: Optional[str]):
 
 
 def _explain(exc: BaseException, url: str) -> str:
-    text = str(exc)
-    token = read_token()
-    if token:
-        text = text.replace(token, "***")  # never echo the token
+    text = mask(str(exc))
     if "401" in text or "Missing authentication token" in text:
         return f"{url}: the cluster requires a token; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
     if "403" in text or "Invalid authentication token" in text or "Forbidden" in text:
@@ -109,56 +105,92 @@ def _call(url: str, fn: Callable, *args, **kwargs):
 # Submitting
 # ---------------------------------------------------------------------------
 def runtime_env(install_requirements: bool = False) -> dict[str, Any]:
-    if not (JOBS_DIR / "entry.py").is_file():
-        raise UserError(f"{JOBS_DIR / 'entry.py'} is missing: submit from a vae-ray source checkout")
-    env = {"working_dir": str(JOBS_DIR), "py_modules": [str(PACKAGE_DIR)],
-           "env_vars": {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}}
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV) or k in PASSED_NAMES}
+    env: dict[str, Any] = {"py_modules": [str(PACKAGE_DIR)], "env_vars": env_vars}
     if install_requirements:
-        from importlib.metadata import requires
+        from importlib.metadata import PackageNotFoundError, requires
 
-        reqs = [r.split(";")[0].strip() for r in (requires("vae-ray") or []) if "extra ==" not in r]
+        try:
+            reqs = [r.split(";")[0].strip() for r in (requires("vae-ray") or []) if "extra ==" not in r]
+        except PackageNotFoundError:
+            raise UserError("--install-requirements needs vae-ray installed (pip install vae-ray)") from None
         env["pip"] = {"packages": reqs, "pip_check": False}
     return env
 
 
-def warn_local_paths(client, paths: list[str], warn: Callable[[str], None]) -> None:
+def entrypoint(spec: dict[str, Any]) -> str:
+    return f"python -m vae_ray.jobs {shlex.quote(json.dumps(spec))}"
+
+
+def warn_local_paths(url: str, paths: list[str], warn: Callable[[str], None]) -> None:
     """Runs and datasets must sit on shared storage when the cluster has several nodes."""
     local = [p for p in paths if p and "://" not in p]
     if not local:
         return
     try:
-        nodes = client._do_request("GET", "/api/v0/nodes?limit=1000&detail=false")
-        alive = [n for n in nodes.json()["data"]["result"]["result"] if n.get("state") == "ALIVE"]
-    except Exception:  # noqa: BLE001 - an older dashboard: say nothing rather than guess
+        from ray.util.state import list_nodes
+
+        alive = [n for n in list_nodes(address=url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)]
+    except Exception:  # noqa: BLE001 - an older dashboard, or no state API: say nothing rather than guess
         return
     if len(alive) > 1:
-        warn(f"the cluster has {len(alive)} nodes but {', '.join(local)} "
-             f"{'is a local path' if len(local) == 1 else 'are local paths'}: every node must see the same files "
-             "(use s3:// or a shared filesystem)")
+        warn(
+            f"the cluster has {len(alive)} nodes but {', '.join(local)} "
+            f"{'is a local path' if len(local) == 1 else 'are local paths'}: every node must see the same files "
+            "(use s3:// or a shared filesystem)"
+        )
 
 
-def submit(spec: dict[str, Any], address: Optional[str], wait: bool, print_line: Callable[[str], None],
-           warn: Callable[[str], None], install_requirements: bool = False,
-           paths: Optional[list[str]] = None) -> str:
+def submit(
+    spec: dict[str, Any],
+    address: str | None,
+    wait: bool,
+    print_line: Callable[[str], None],
+    warn: Callable[[str], None],
+    install_requirements: bool = False,
+    paths: list[str] | None = None,
+    driver_cpus: float = 0,
+    driver_gpus: float = 0,
+) -> str:
     """Submit a job spec; with `wait`, stream its logs and raise unless it succeeds."""
-    if spec.get("command") not in COMMANDS:
-        raise UserError(f"cannot submit {spec.get('command')!r}")
+    from . import commands
+
+    commands.validate(spec)  # everything checkable here fails here, before anything is sent
     url = dashboard_url(address)
     env = runtime_env(install_requirements)
     client = connect(url)
-    warn_local_paths(client, paths or [], warn)
+    warn_local_paths(url, paths or [], warn)
     job_id = f"vae-ray-{spec['command']}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    entrypoint = f"python entry.py {shlex.quote(json.dumps(spec))}"
-    _submit_when_ready(url, client, entrypoint=entrypoint, runtime_env=env, submission_id=job_id,
-                       metadata={"vae_ray_command": spec["command"]})
+    resources = {}
+    if driver_cpus:
+        resources["entrypoint_num_cpus"] = driver_cpus
+    if driver_gpus:
+        resources["entrypoint_num_gpus"] = driver_gpus
+    _submit_when_ready(
+        url,
+        client,
+        entrypoint=entrypoint(spec),
+        runtime_env=env,
+        submission_id=job_id,
+        metadata={"vae_ray_command": spec["command"]},
+        **resources,
+    )
     if not wait:
         return job_id
-    follow(client, url, job_id, print_line)
+    try:
+        follow(client, url, job_id, print_line)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            what=f"stopped following {job_id}; it keeps running on the cluster (vae-ray jobs stop {job_id})"
+        ) from None
     status = _job_status(url, client, job_id)
     if status != "SUCCEEDED":
         info = _call(url, client.get_job_info, job_id)
-        last = (info.message or "").strip().splitlines()
-        raise RunFailed(f"job {job_id} {status.lower()}" + (f": {last[-1]}" if last else ""))
+        last = [line for line in (info.message or "").strip().splitlines() if line.strip()]
+        reason = next(
+            (line for line in reversed(last) if line.startswith(("error:", "failed:"))), last[-1] if last else ""
+        )
+        raise RunFailed(f"job {job_id} {status.lower()}" + (f": {mask(reason)}" if reason else ""))
     return job_id
 
 
@@ -188,12 +220,16 @@ def _submit_when_ready(url: str, client, patience_s: float = AGENT_PATIENCE_S, *
 
 def follow(client, url: str, job_id: str, print_line: Callable[[str], None]) -> None:
     """Stream a job's logs until it ends."""
+
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             for line in chunk.splitlines():
-                print_line(line)
+                print_line(mask(line))
+
     try:
         asyncio.run(tail())
+    except KeyboardInterrupt:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise UserError(_explain(exc, url)) from None
 
@@ -201,30 +237,42 @@ def follow(client, url: str, job_id: str, print_line: Callable[[str], None]) -> 
 # ---------------------------------------------------------------------------
 # Managing
 # ---------------------------------------------------------------------------
-def list_jobs(address: Optional[str]) -> list[dict[str, Any]]:
+def list_jobs(address: str | None) -> list[dict[str, Any]]:
     url = dashboard_url(address)
     client = connect(url)
     rows = []
     for job in _call(url, client.list_jobs):
         if not job.submission_id:
             continue  # drivers started by hand, not submitted jobs
-        rows.append({"id": job.submission_id, "status": _status_name(job.status),
-                     "command": (job.metadata or {}).get("vae_ray_command", job.entrypoint.split(" ")[0]),
-                     "start": job.start_time, "end": job.end_time, "message": job.message or ""})
+        rows.append(
+            {
+                "id": job.submission_id,
+                "status": _status_name(job.status),
+                "command": (job.metadata or {}).get("vae_ray_command", job.entrypoint.split(" ")[0]),
+                "start": job.start_time,
+                "end": job.end_time,
+                "message": job.message or "",
+            }
+        )
     rows.sort(key=lambda r: r["start"] or 0, reverse=True)
     return rows
 
 
-def job_status(address: Optional[str], job_id: str) -> dict[str, Any]:
+def job_status(address: str | None, job_id: str) -> dict[str, Any]:
     url = dashboard_url(address)
     client = connect(url)
     info = _call(url, client.get_job_info, job_id)
-    return {"id": job_id, "status": _status_name(info.status), "message": info.message or "",
-            "start": info.start_time, "end": info.end_time,
-            "command": (info.metadata or {}).get("vae_ray_command", "")}
+    return {
+        "id": job_id,
+        "status": _status_name(info.status),
+        "message": mask(info.message or ""),
+        "start": info.start_time,
+        "end": info.end_time,
+        "command": (info.metadata or {}).get("vae_ray_command", ""),
+    }
 
 
-def job_logs(address: Optional[str], job_id: str, follow_logs: bool, print_line: Callable[[str], None]) -> None:
+def job_logs(address: str | None, job_id: str, follow_logs: bool, print_line: Callable[[str], None]) -> None:
     url = dashboard_url(address)
     client = connect(url)
     if follow_logs:
@@ -233,10 +281,10 @@ def job_logs(address: Optional[str], job_id: str, follow_logs: bool, print_line:
         return
     text = _call(url, client.get_job_logs, job_id)
     for line in text.splitlines():
-        print_line(line)
+        print_line(mask(line))
 
 
-def stop_job(address: Optional[str], job_id: str, wait_s: float = 30.0) -> str:
+def stop_job(address: str | None, job_id: str, wait_s: float = 30.0) -> str:
     url = dashboard_url(address)
     client = connect(url)
     _call(url, client.stop_job, job_id)
@@ -251,50 +299,42 @@ def stop_job(address: Optional[str], job_id: str, wait_s: float = 30.0) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The job side (jobs/entry.py)
+# The job side: python -m vae_ray.jobs '<spec json>'
 # ---------------------------------------------------------------------------
-def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run a submitted command on the cluster (RAY_ADDRESS is set by Ray)."""
-    command = spec.get("command")
-    if command == "train":
-        from .config import TrainConfig
-        from .train import fit
-
-        return fit(TrainConfig.from_dict(spec["config"]), resume=bool(spec.get("resume")), show=False)
-    if command == "tune":
-        from .config import TrainConfig
-        from .tune import SearchSpec, search
-
-        rows = search(TrainConfig.from_dict(spec["config"]), SearchSpec(**spec["search"]), spec["out"],
-                      show=False, **spec["options"])
-        return {"best": str(Path(spec["out"]) / "best"), "trials": [{k: v for k, v in r.items() if k != "history"}
-                                                                   for r in rows]}
-    if command == "generate":
-        from .generate import Generation
-
-        manifest = Generation(**spec["options"]).run()
-        return {k: manifest[k] for k in ("count", "seconds", "actors", "gpu")} | {"out": spec["options"]["out"]}
-    if command == "evaluate":
-        from .evaluate import Evaluation, save
-
-        result = Evaluation(**spec["options"]).run()
-        save(result, spec["options"]["checkpoint"])
-        return result
-    raise UserError(f"unknown job command {command!r}")
+def _missing_module_message(exc: ImportError) -> str:
+    name = getattr(exc, "name", None) or str(exc)
+    return (
+        f"error: the job ran {sys.executable} (Python {platform.python_version()}), which cannot import "
+        f"{name}: install vae-ray's requirements in the environment the cluster's `ray start` runs from "
+        f"(pip install vae-ray), or submit with --install-requirements"
+    )
 
 
 def entry(argv: list[str]) -> int:
-    """`python entry.py '<spec json>'`: exit 0 on success, 2 on bad input, 1 on failure."""
+    """Exit 0 on success, 2 on bad input, 1 on failure; the summary is one JSON line."""
     if len(argv) != 2:
-        print("usage: python entry.py '<job spec json>'", file=sys.stderr)
+        print("usage: python -m vae_ray.jobs '<job spec json>'", file=sys.stderr)
         return 2
     try:
-        result = run_spec(json.loads(argv[1]))
+        spec = json.loads(argv[1])
+        from .commands import run
+
+        result = run(spec, show=False)
+    except ImportError as exc:
+        print(_missing_module_message(exc), file=sys.stderr)
+        return 2
     except (UserError, json.JSONDecodeError, KeyError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunFailed as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(json.dumps(result, default=str))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entry(sys.argv))

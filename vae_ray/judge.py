@@ -11,18 +11,21 @@ so a changed dataset is never judged by a stale classifier.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import storage
+from .data import read_arrays, read_meta
 from .errors import UserError
+from .images import to_float
 
 FEATURES = 128
 FOLDER = "classifier"
@@ -36,11 +39,18 @@ class Judge(nn.Module):
 
         def block(i: int, o: int) -> list[nn.Module]:
             return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
         self.body = nn.Sequential(
-            *block(channels, 32), nn.MaxPool2d(2),
-            *block(32, 64), nn.MaxPool2d(2),
-            *block(64, 128), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(128 * 4, FEATURES), nn.ReLU())
+            *block(channels, 32),
+            nn.MaxPool2d(2),
+            *block(32, 64),
+            nn.MaxPool2d(2),
+            *block(64, 128),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128 * 4, FEATURES),
+            nn.ReLU(),
+        )
         self.dropout = nn.Dropout(0.3)
         self.out = nn.Linear(FEATURES, num_classes)
 
@@ -50,13 +60,16 @@ class Judge(nn.Module):
         return feats, self.out(self.dropout(feats))
 
 
-def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-
-
-def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 3, batch_size: int = 128,
-        lr: float = 2e-3, seed: int = 0, progress: Optional[Callable[[int, int, float], None]] = None) -> Judge:
+def fit(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Judge:
     """Train a judge on uint8 images; `progress(step, steps, loss)` is called now and then."""
     torch.manual_seed(seed)
     model = Judge(images.shape[-1], num_classes)
@@ -70,8 +83,8 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 
     for _ in range(epochs):
         order = rng.permutation(len(images))
         for b in range(steps_per_epoch):
-            pick = order[b * batch_size:(b + 1) * batch_size]
-            _, logits = model(to_input(images[pick]))
+            pick = order[b * batch_size : (b + 1) * batch_size]
+            _, logits = model(to_float(images[pick]))
             loss = F.cross_entropy(logits, torch.from_numpy(labels[pick]).long())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -88,7 +101,7 @@ def features_and_probs(model: Judge, images: np.ndarray, batch_size: int = 1000)
     model.eval()
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
-        f, logits = model(to_input(images[start:start + batch_size]))
+        f, logits = model(to_float(images[start : start + batch_size]))
         feats.append(f.numpy())
         probs.append(torch.softmax(logits, 1).numpy())
     return np.concatenate(feats), np.concatenate(probs)
@@ -109,38 +122,53 @@ def dataset_digest(meta: dict) -> str:
 
 
 def folder_for(data: str) -> Path:
-    if "://" in str(data):
+    if storage.is_remote(str(data)):
         raise UserError(f"{data}: the judge classifier is cached beside a local dataset; copy it locally first")
-    return Path(data).expanduser() / FOLDER
+    return Path(storage.check_uri(str(data))) / FOLDER
 
 
-def train(data: str, epochs: int = 3, batch_size: int = 128, seed: int = 0, overwrite: bool = False,
-          progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
+def train(
+    data: str,
+    epochs: int = 3,
+    batch_size: int = 128,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict:
     """Train and cache the judge of a prepared dataset; return its info."""
-    from .data import read_arrays, read_meta
-
     meta = read_meta(data)
     if meta["num_classes"] < 2:
         raise UserError(f"{data}: the judge needs labelled data with at least 2 classes")
-    if epochs < 1:
-        raise UserError(f"--epochs must be at least 1 (got {epochs})")
+    if not 1 <= epochs <= 1000:
+        raise UserError(f"--epochs must be between 1 and 1000 (got {epochs})")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
     folder = folder_for(data)
     if (folder / "info.json").exists() and not overwrite:
         info = json.loads((folder / "info.json").read_text())
         if info.get("dataset_sha256") == dataset_digest(meta):
-            raise UserError(f"{folder}: a classifier is already cached "
-                            f"(test accuracy {info['test_accuracy']:.4f}); --overwrite to retrain")
+            raise UserError(
+                f"{folder}: a classifier is already cached "
+                f"(test accuracy {info['test_accuracy']:.4f}); --overwrite to retrain"
+            )
     started = time.time()
     images, labels = read_arrays(data, "train", meta=meta)
     model = fit(images, labels, meta["num_classes"], epochs, batch_size, seed=seed, progress=progress)
     test_images, test_labels = read_arrays(data, "test", meta=meta)
-    info = {"dataset": meta["name"], "dataset_sha256": dataset_digest(meta),
-            "channels": meta["shape"][2], "num_classes": meta["num_classes"], "epochs": epochs,
-            "train_images": len(images), "test_accuracy": accuracy(model, test_images, test_labels),
-            "seconds": round(time.time() - started, 1)}
-    folder.mkdir(exist_ok=True)
-    _atomic_save(lambda p: torch.save(model.state_dict(), p), folder / "model.pt")
-    _atomic_save(lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"), folder / "info.json")
+    info = {
+        "dataset": meta["name"],
+        "dataset_sha256": dataset_digest(meta),
+        "channels": meta["shape"][2],
+        "num_classes": meta["num_classes"],
+        "epochs": epochs,
+        "train_images": len(images),
+        "test_accuracy": accuracy(model, test_images, test_labels),
+        "seconds": round(time.time() - started, 1),
+    }
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    storage.write_local_atomic(folder / "model.pt", buffer.getvalue())
+    storage.write_local_atomic(folder / "info.json", (json.dumps(info, indent=2) + "\n").encode())
     return info | {"path": str(folder)}
 
 
@@ -157,12 +185,8 @@ def load(data: str, meta: dict) -> tuple[Judge, dict] | None:
     try:
         model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001 - damaged file
-        raise UserError(f"{folder / 'model.pt'}: corrupt classifier ({type(exc).__name__}); "
-                        "retrain with `vae-ray classifier train --overwrite`") from None
+        raise UserError(
+            f"{folder / 'model.pt'}: corrupt classifier ({type(exc).__name__}); "
+            "retrain with `vae-ray classifier train --overwrite`"
+        ) from None
     return model.eval(), info
-
-
-def _atomic_save(write: Callable[[str], None], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

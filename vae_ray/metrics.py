@@ -23,31 +23,14 @@ import torch
 
 from .model import DISCRETE_LOSSES, LOG_2PI, VAE, kl_divergence, matlab_recon, recon_nll
 
-ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al.: Cov_x(E_q[z_u]) above this counts as active
-MAX_DECODE_ROWS = 4096          # images decoded at once when drawing K samples each
-
-
-def hashed_normals(seed: int, indices: np.ndarray, samples: int, dim: int) -> torch.Tensor:
-    """(samples, len(indices), dim) standard normals that depend only on
-    (seed, image index, sample number): results do not change with batch
-    sizes, actor counts or the order Ray Data delivers rows in."""
-    from .generate import latent_normals
-
-    idx = indices.astype(np.int64)[None, :] * samples + np.arange(samples)[:, None]
-    return torch.from_numpy(latent_normals(seed, idx.reshape(-1), dim)).view(samples, len(indices), dim)
-
-
-def binarize(x: torch.Tensor, seed: int, indices: np.ndarray) -> torch.Tensor:
-    """A fixed stochastic binarisation of each image (x ~ Bernoulli(pixel)),
-    keyed by the image index, so every evaluation scores the same binary set."""
-    d = x[0].numel()
-    noise = hashed_normals(seed + 7919, indices, 1, d)[0].view_as(x).to(x.device)
-    return (torch.special.ndtr(noise) < x).to(x.dtype)
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) above this counts as active
+MAX_DECODE_ROWS = 4096  # images decoded at once when drawing K samples each
 
 
 @torch.no_grad()
-def likelihood_terms(model: VAE, x: torch.Tensor, y: torch.Tensor | None, target: torch.Tensor,
-                     eps: torch.Tensor) -> dict[str, torch.Tensor]:
+def likelihood_terms(
+    model: VAE, x: torch.Tensor, y: torch.Tensor | None, target: torch.Tensor, eps: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-image metrics of a batch from K posterior samples.
 
     x: inputs in [0, 1] (N, C, H, W); target: what the likelihood scores (x,
@@ -60,9 +43,9 @@ def likelihood_terms(model: VAE, x: torch.Tensor, y: torch.Tensor | None, target
     log_w, matlab = [], []
     step = max(1, MAX_DECODE_ROWS // max(n, 1))  # samples decoded together
     for start in range(0, k, step):
-        e = eps[start:start + step].to(x.device)
+        e = eps[start : start + step].to(x.device)
         kk = e.shape[0]
-        z = mu.unsqueeze(0) + e * std.unsqueeze(0)                        # (kk, N, latent)
+        z = mu.unsqueeze(0) + e * std.unsqueeze(0)  # (kk, N, latent)
         yy = y.repeat(kk) if y is not None else None
         logits = model.decode(z.reshape(kk * n, -1), yy)
         rep = (kk,) + (1,) * (x.dim() - 1)
@@ -114,17 +97,25 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def inception_score(probs: np.ndarray) -> float:
-    """exp(E_x KL(p(y|x) || p(y))) with the judge's class probabilities."""
+    """exp(E_x KL(p(y|x) || p(y))) with the judge's class probabilities, over all images at once."""
     p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
     marginal = p.mean(0, keepdims=True)
     return float(np.exp((p * (np.log(p) - np.log(marginal))).sum(1).mean()))
+
+
+def inception_score_splits(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """The conventional report (Salimans et al. 2016): the score on each of
+    `splits` equal parts of the images, as mean and standard deviation."""
+    parts = [part for part in np.array_split(probs, splits) if len(part)]
+    scores = np.array([inception_score(part) for part in parts])
+    return float(scores.mean()), float(scores.std())
 
 
 def knn_radii(features: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
     radii = []
     for start in range(0, len(features), chunk):
-        d = torch.cdist(features[start:start + chunk], features)
+        d = torch.cdist(features[start : start + chunk], features)
         radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
     return torch.cat(radii)
 
@@ -133,7 +124,7 @@ def covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, ch
     """For each point: does it lie inside any centre's k-NN ball?"""
     inside = []
     for start in range(0, len(points), chunk):
-        d = torch.cdist(points[start:start + chunk], centres)
+        d = torch.cdist(points[start : start + chunk], centres)
         inside.append((d <= radii.unsqueeze(0)).any(1))
     return torch.cat(inside)
 

@@ -24,14 +24,15 @@ from torch import nn
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # keeps exp(logvar) finite in fp32
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -6.0, 2.0
-LOG_SCALE_MIN = -8.0      # logistic scale floor: well under one 8-bit step (1/255)
-HALF_BIN = 0.5 / 255      # half the width of one 8-bit intensity step in [0, 1]
+LOG_SCALE_MIN = -8.0  # logistic scale floor: well under one 8-bit step (1/255)
+HALF_BIN = 0.5 / 255  # half the width of one 8-bit intensity step in [0, 1]
 DISCRETE_LOSSES = ("logistic",)  # likelihoods of 8-bit data: bits/dim are meaningful
 
 
 class VAE(nn.Module):
-    def __init__(self, arch: str, shape: tuple[int, int, int], latent_dim: int,
-                 num_classes: int = 0, loss: str = "matlab"):
+    def __init__(
+        self, arch: str, shape: tuple[int, int, int], latent_dim: int, num_classes: int = 0, loss: str = "matlab"
+    ):
         super().__init__()
         h, w, c = shape
         self.arch, self.shape, self.latent_dim = arch, (h, w, c), latent_dim
@@ -102,8 +103,13 @@ class VAE(nn.Module):
         return torch.sigmoid(logits.float())
 
     @torch.no_grad()
-    def sample(self, n: int, labels: torch.Tensor | None = None, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Decode z ~ N(0, temperature^2 I); returns images in [0, 1], (n, C, H, W)."""
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
@@ -135,9 +141,12 @@ def _glorot(module: nn.Module) -> None:
 
 def _mnist_encoder(c: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(c, 32, 3, stride=2, padding=1), nn.ReLU(),   # "same": H/2
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),  # H/4
-        nn.Flatten())
+        nn.Conv2d(c, 32, 3, stride=2, padding=1),
+        nn.ReLU(),  # "same": H/2
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),  # H/4
+        nn.Flatten(),
+    )
 
 
 class _MnistDecoder(nn.Module):
@@ -146,9 +155,12 @@ class _MnistDecoder(nn.Module):
         self.h4, self.w4 = h // 4, w // 4
         self.project = nn.Linear(z_dim, 64 * self.h4 * self.w4)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(64, 64, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(32, c, 3, stride=1, padding=1))
+            nn.ConvTranspose2d(64, 64, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, c, 3, stride=1, padding=1),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(self.project(z).view(-1, 64, self.h4, self.w4))
@@ -157,6 +169,7 @@ class _MnistDecoder(nn.Module):
 def _cifar_encoder(c: int) -> nn.Module:
     def block(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 4, stride=2, padding=1), nn.ReLU(), nn.BatchNorm2d(o)]
+
     return nn.Sequential(*block(c, 32), *block(32, 64), *block(64, 128), nn.Flatten())
 
 
@@ -166,9 +179,14 @@ class _CifarDecoder(nn.Module):
         self.h8, self.w8 = h // 8, w // 8
         self.fc = nn.Sequential(nn.Linear(z_dim, 1024), nn.Linear(1024, 128 * self.h8 * self.w8), nn.ReLU())
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), nn.ReLU(), nn.BatchNorm2d(64),
-            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(), nn.BatchNorm2d(32),
-            nn.ConvTranspose2d(32, c, 4, stride=2, padding=1))
+            nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.BatchNorm2d(64),
+            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.BatchNorm2d(32),
+            nn.ConvTranspose2d(32, c, 4, stride=2, padding=1),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(self.fc(z).view(-1, 128, self.h8, self.w8))
@@ -216,15 +234,13 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     inv_scale = torch.exp(-log_scale)
     plus_in = inv_scale * (centered + HALF_BIN)
     min_in = inv_scale * (centered - HALF_BIN)
-    log_cdf_plus = plus_in - F.softplus(plus_in)             # log sigmoid(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)              # log (1 - sigmoid(min_in))
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid(plus_in)
+    log_one_minus_cdf_min = -F.softplus(min_in)  # log (1 - sigmoid(min_in))
     cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
-    mid_in = inv_scale * centered                            # when the bin mass underflows:
+    mid_in = inv_scale * centered  # when the bin mass underflows:
     log_pdf_mid = mid_in - log_scale - 2 * F.softplus(mid_in)  # density times the bin width
-    inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)),
-                        log_pdf_mid + math.log(2 * HALF_BIN))
-    return torch.where(x < HALF_BIN, log_cdf_plus,
-                       torch.where(x > 1 - HALF_BIN, log_one_minus_cdf_min, inner))
+    inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid + math.log(2 * HALF_BIN))
+    return torch.where(x < HALF_BIN, log_cdf_plus, torch.where(x > 1 - HALF_BIN, log_one_minus_cdf_min, inner))
 
 
 def recon_term(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -238,16 +254,24 @@ def recon_term(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 @dataclass
 class BatchTerms:
     """Per-image terms of one batch, all fp32 tensors of shape (N,)."""
-    loss: torch.Tensor        # the training objective, weights and warm-up applied
-    recon: torch.Tensor       # reconstruction term of the training objective
+
+    loss: torch.Tensor  # the training objective, weights and warm-up applied
+    recon: torch.Tensor  # reconstruction term of the training objective
     kl: torch.Tensor
     neg_elbo_nats: torch.Tensor
     matlab_elbo: torch.Tensor
 
 
-def batch_terms(model: VAE, x: torch.Tensor, target: torch.Tensor, logits: torch.Tensor,
-                mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0,
-                recon_weight: float = 1.0) -> BatchTerms:
+def batch_terms(
+    model: VAE,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    logits: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: float = 1.0,
+    recon_weight: float = 1.0,
+) -> BatchTerms:
     """Every per-image quantity training and evaluation report, from one forward pass.
 
     `x` is the [0, 1] input; `target` is what the likelihood scores (the
@@ -258,12 +282,16 @@ def batch_terms(model: VAE, x: torch.Tensor, target: torch.Tensor, logits: torch
     kl = kl_divergence(mu, logvar)
     # Sample-major logits: one (N, ...) slice per latent sample, each scored against the same input.
     parts = logits.chunk(logits.shape[0] // x.shape[0])
-    mean = lambda values: torch.stack(values).mean(0)
+
+    def mean(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values).mean(0)
+
     recon = mean([recon_term(model, part, target) for part in parts])
     nll = mean([recon_nll(model, part, target) for part in parts])
     matlab = mean([matlab_recon(part, x) for part in parts]) + kl
-    return BatchTerms(loss=recon_weight * recon + beta * kl, recon=recon, kl=kl,
-                      neg_elbo_nats=nll + kl, matlab_elbo=matlab)
+    return BatchTerms(
+        loss=recon_weight * recon + beta * kl, recon=recon, kl=kl, neg_elbo_nats=nll + kl, matlab_elbo=matlab
+    )
 
 
 def build_model(arch: str, shape, latent_dim: int, num_classes: int = 0, loss: str = "matlab") -> VAE:

@@ -2,10 +2,12 @@
 
 As in the MATLAB example: the loss curves, two test images of each class
 beside their reconstructions, and 64 images decoded from z ~ N(0, I).
+Written locally, or built in a temporary folder and uploaded for s3:// runs.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +15,13 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import storage
 from .data import read_arrays
+from .images import to_float, to_uint8
 from .plots import loss_curves, pairs_grid, save_grid, save_png
+from .rundir import RunDir
 
 MAX_TEST_ROWS = 5000
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[0, 1] float (N, C, H, W) -> uint8 (N, H, W, C)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def two_per_class(labels: np.ndarray, num_classes: int, per_class: int = 2, seed: int = 0) -> np.ndarray:
@@ -38,9 +38,8 @@ def two_per_class(labels: np.ndarray, num_classes: int, per_class: int = 2, seed
 @torch.no_grad()
 def reconstruct(model, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Decode each image's posterior mean (the clearest picture of what the model keeps)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(labels) if model.num_classes else None
-    mu, _ = model.encode(x, y)
+    mu, _ = model.encode(to_float(images), y)
     return to_uint8(model.mean_image(model.decode(mu, y)))
 
 
@@ -51,23 +50,26 @@ def samples(model, n: int = 64, seed: int = 0) -> np.ndarray:
     return to_uint8(model.sample(n, labels, generator=gen))
 
 
-def write_run_pictures(run_dir: Path, data_uri: str) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    plots, sample_dir = run_dir / "plots", run_dir / "samples"
-    from .train import read_history
-
-    history = read_history(run_dir)
-    if history:
-        loss_curves(history, plots / "loss_curves.png", title=run_dir.name)
-    loaded = ckpt.load(run_dir)
-    images, labels = read_arrays(data_uri, "test", limit=MAX_TEST_ROWS)
-    pick = two_per_class(labels, loaded.dataset["num_classes"], seed=loaded.config.seed)
-    recon = reconstruct(loaded.model, images[pick], labels[pick])
-    scale = max(1, min(4, 96 // images.shape[1]))
-    save_png(pairs_grid(images[pick], recon, cols=10, scale=scale), plots / "reconstructions.png")
-    drawn = samples(loaded.model, 64, seed=loaded.config.seed)
-    save_grid(drawn, plots / "samples.png", cols=8)
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(drawn):
-        save_png(img, sample_dir / f"sample_{i:02d}.png")
-    return {"plots": str(plots), "samples": str(sample_dir)}
+def write_run_pictures(run: RunDir, data_uri: str) -> dict[str, Any]:
+    """Loss curves, reconstructions and samples of a run's latest checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) if run.remote else Path(run.uri)
+        plots, sample_dir = local / "plots", local / "samples"
+        history = run.history()
+        if history:
+            loss_curves(history, plots / "loss_curves.png", title=run.name)
+        loaded = ckpt.load(run.uri)
+        images, labels = read_arrays(data_uri, "test", limit=MAX_TEST_ROWS)
+        pick = two_per_class(labels, loaded.dataset["num_classes"], seed=loaded.config.seed)
+        recon = reconstruct(loaded.model, images[pick], labels[pick])
+        scale = max(1, min(4, 96 // images.shape[1]))
+        save_png(pairs_grid(images[pick], recon, cols=10, scale=scale), plots / "reconstructions.png")
+        drawn = samples(loaded.model, 64, seed=loaded.config.seed)
+        save_grid(drawn, plots / "samples.png", cols=8)
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(drawn):
+            save_png(img, sample_dir / f"sample_{i:02d}.png")
+        if run.remote:
+            storage.upload(plots, run.path("plots"))
+            storage.upload(sample_dir, run.path("samples"))
+    return {"plots": run.path("plots"), "samples": run.path("samples")}

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 
-def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1,
-               background: int = 40) -> np.ndarray:
+def image_grid(
+    images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1, background: int = 40
+) -> np.ndarray:
     """Tile (n, H, W, C) uint8 images into one (rows*H, cols*W, C) array."""
     n, h, w, c = images.shape
     cols = cols or max(1, math.ceil(math.sqrt(n)))
@@ -24,7 +25,7 @@ def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale:
     for i in range(n):
         r, col = divmod(i, cols)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = images[i]
+        grid[y : y + h, x : x + w] = images[i]
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid
@@ -54,8 +55,8 @@ def pairs_grid(originals: np.ndarray, reconstructions: np.ndarray, cols: int = 1
     """Originals above their reconstructions, in pairs of rows."""
     rows = []
     for start in range(0, len(originals), cols):
-        rows.append(originals[start:start + cols])
-        rows.append(reconstructions[start:start + cols])
+        rows.append(originals[start : start + cols])
+        rows.append(reconstructions[start : start + cols])
     stacked = []
     for r in rows:
         if len(r) < cols:  # pad a short last row with black tiles
@@ -101,8 +102,11 @@ def trial_curves(rows: Sequence[dict], metric: str, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
         if row["history"]:
-            label = f"K={row['latent_dim']} lr={row['lr']:.1e}" + (f" beta={row['beta']}" if row["beta"] != 1 else "") \
+            label = (
+                f"K={row['latent_dim']} lr={row['lr']:.1e}"
+                + (f" beta={row['beta']}" if row["beta"] != 1 else "")
                 + (f" recon={row['recon_weight']}" if row.get("recon_weight", 1) != 1 else "")
+            )
             style = "-" if row["status"] == "completed" else ":"
             ax.plot(range(1, len(row["history"]) + 1), row["history"], style, marker="o", ms=3, label=label)
     ax.set_xlabel("epoch")
@@ -115,8 +119,9 @@ def trial_curves(rows: Sequence[dict], metric: str, path: str | Path) -> Path:
     return _save_fig(fig, path)
 
 
-def latent_scatter(points: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: str | Path,
-                   title: str, ax=None) -> Path | None:
+def latent_scatter(
+    points: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: str | Path, title: str, ax=None
+) -> Path | None:
     """2-D latent map coloured by class; draws into `ax` when given (no file)."""
     plt = _pyplot()
     fig = None
@@ -156,9 +161,10 @@ def labelled_rows(strips: Sequence[np.ndarray], names: Sequence[str], path: str 
     plt = _pyplot()
     height = sum(s.shape[0] for s in strips) / 80 + 0.6
     fig, axes = plt.subplots(len(strips), 1, figsize=(12, max(2.0, height)), squeeze=False)
-    for ax, strip, name in zip(axes[:, 0], strips, names):
-        ax.imshow(strip[..., 0] if strip.shape[2] == 1 else strip, cmap="gray", vmin=0, vmax=255,
-                  interpolation="nearest")
+    for ax, strip, name in zip(axes[:, 0], strips, names, strict=True):
+        ax.imshow(
+            strip[..., 0] if strip.shape[2] == 1 else strip, cmap="gray", vmin=0, vmax=255, interpolation="nearest"
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
@@ -167,12 +173,13 @@ def labelled_rows(strips: Sequence[np.ndarray], names: Sequence[str], path: str 
     return _save_fig(fig, path)
 
 
-def metric_by_setting(names: Sequence[str], series: dict[str, Sequence[float]], path: str | Path,
-                      xlabel: str, title: str) -> Path:
+def metric_by_setting(
+    names: Sequence[str], series: dict[str, Sequence[float]], path: str | Path, xlabel: str, title: str
+) -> Path:
     """One line per metric over a few named settings (e.g. latent sizes)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
-    for ax, (label, values) in zip(axes[0], series.items()):
+    for ax, (label, values) in zip(axes[0], series.items(), strict=True):
         ax.plot(range(len(names)), values, "o-")
         for i, v in enumerate(values):
             ax.annotate(f"{v:.2f}", (i, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
@@ -185,19 +192,31 @@ def metric_by_setting(names: Sequence[str], series: dict[str, Sequence[float]], 
     return _save_fig(fig, path)
 
 
-def recon_and_maps(truth: np.ndarray, panels: Sequence[tuple[str, np.ndarray, np.ndarray]], labels: np.ndarray,
-                   classes: Sequence[str], path: str | Path, title: str) -> Path:
+def recon_and_maps(
+    truth: np.ndarray,
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    title: str,
+) -> Path:
     """Ground truth, then per setting its reconstruction grid above a 2-D
     latent map coloured by class. `panels`: (name, recon grid, points)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 10),
-                             gridspec_kw={"height_ratios": [1, 1.3]}, squeeze=False)
+    fig, axes = plt.subplots(
+        2,
+        len(panels) + 1,
+        figsize=(5.5 * (len(panels) + 1), 10),
+        gridspec_kw={"height_ratios": [1, 1.3]},
+        squeeze=False,
+    )
 
     def show(ax, grid: np.ndarray, name: str) -> None:
         ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255)
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
+
     show(axes[0, 0], truth, "ground truth")
     axes[1, 0].axis("off")
     for col, (name, grid, points) in enumerate(panels, start=1):

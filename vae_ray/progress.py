@@ -1,87 +1,198 @@
-"""Live progress of a distributed run on the driver's terminal.
+"""Live progress of distributed work on the driver's terminal, and the
+watchdog that turns a silent hang into a message.
 
-Rank 0 posts its step, loss and speed to a tiny named actor (fire and forget,
-every few steps); the driver polls it and draws a Rich progress bar, printing
-one line per finished epoch above it.
+Rank 0 of every run posts its step, loss and speed to a tiny named actor
+(`ProgressBoard`, fire and forget, every few steps, one entry per run); the
+driver polls it, draws a Rich progress bar, prints one line per finished
+epoch above it, and notices when nothing has moved for `stall_timeout`
+seconds.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
 
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
+    """Step-level progress of one or more runs (a search's trials share one)."""
+
     def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
+        self.state: dict[str, dict[str, Any]] = {}
 
-    def update(self, **values: Any) -> None:
-        self.state.update(values)
+    def update(self, key: str = "", **values: Any) -> None:
+        self.state.setdefault(key, {}).update(values, at=time.time())
 
-    def get(self) -> dict[str, Any]:
-        return dict(self.state)
+    def get(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.state.items()}
 
 
 def epoch_line(m: dict[str, Any]) -> str:
-    return (f"epoch {m['epoch']:>3}  loss {m['train_loss']:.3f}  test ELBO {m['test_matlab_elbo']:.3f} "
-            f"(-ELBO {m['test_neg_elbo_nats']:.1f} nats)  {m['train_images_per_s']:,.0f} img/s  "
-            f"{m['epoch_seconds']:.1f} s")
+    workers = f"  {m['workers']} workers" if m.get("workers", 1) > 1 else ""
+    return (
+        f"epoch {m['epoch']:>3}  loss {m['train_loss']:.3f}  test ELBO {m['test_matlab_elbo']:.3f} "
+        f"(-ELBO {m['test_neg_elbo_nats']:.1f} nats)  {m['train_images_per_s']:,.0f} img/s  "
+        f"{m['epoch_seconds']:.1f} s{workers}"
+    )
 
 
 class TrainingDisplay:
-    def __init__(self, board, enabled: bool = True, history: Callable[[], list] | None = None,
-                 console: Console | None = None):
-        self.board, self.enabled, self.history = board, enabled, history or (lambda: [])
-        self.console = console or Console(stderr=True, highlight=False)
+    """Follows `trainer.fit` running in a thread; returns True if it stalled."""
 
-    def follow(self, thread: threading.Thread) -> None:
-        """Draw progress until `thread` (running trainer.fit) ends."""
-        if not self.enabled:
-            thread.join()
-            return
-        printed = {h["epoch"] for h in self.history()}
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(),
-                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=True) as bar:
+    def __init__(
+        self,
+        board,
+        enabled: bool = True,
+        history: Callable[[], list] | None = None,
+        stall_timeout: float = 300,
+        out: Console | None = None,
+    ):
+        self.board, self.enabled, self.history = board, enabled, history or (lambda: [])
+        self.stall_timeout = stall_timeout
+        self.console = out or console
+
+    def follow(self, thread: threading.Thread) -> bool:
+        printed = {h["epoch"] for h in self._history()}
+        last_change, last_seen = time.monotonic(), None
+        bar = None
+        if self.enabled:
+            bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            bar.start()
             task = bar.add_task("starting workers", total=None, detail="")
+        try:
             while thread.is_alive():
                 thread.join(timeout=0.5)
-                for m in self.history():
+                for m in self._history():
                     if m["epoch"] not in printed:
                         printed.add(m["epoch"])
-                        bar.console.print(epoch_line(m))
+                        last_change = time.monotonic()
+                        if bar is not None:
+                            bar.console.print(epoch_line(m), markup=False)
                 state = self._poll()
-                if "epoch" in state:
+                mark = (state.get("epoch"), state.get("step"), state.get("at"))
+                if "epoch" in state and mark != last_seen:
+                    last_seen, last_change = mark, time.monotonic()
+                if bar is not None and "epoch" in state:
                     total = state["epochs"] * state["steps"]
                     done = (state["epoch"] - 1) * state["steps"] + state["step"]
-                    bar.update(task, total=total, completed=done,
-                               description=f"epoch {state['epoch']}/{state['epochs']}",
-                               detail=f"step {state['step']}/{state['steps']}  loss {state['loss']:.3f}  "
-                                      f"{state['images_per_s']:,.0f} img/s")
-            for m in self.history():
-                if m["epoch"] not in printed:
-                    bar.console.print(epoch_line(m))
+                    bar.update(
+                        task,
+                        total=total,
+                        completed=done,
+                        description=f"epoch {state['epoch']}/{state['epochs']}",
+                        detail=f"step {state['step']}/{state['steps']}  loss {state['loss']:.3f}  "
+                        f"{state['images_per_s']:,.0f} img/s",
+                    )
+                if time.monotonic() - last_change > self.stall_timeout:
+                    return True
+            if bar is not None:
+                for m in self._history():
+                    if m["epoch"] not in printed:
+                        bar.console.print(epoch_line(m), markup=False)
+            return False
+        finally:
+            if bar is not None:
+                bar.stop()
+
+    def _history(self) -> list:
+        try:
+            return self.history()
+        except Exception:  # noqa: BLE001 - a run folder being written; the next poll reads it
+            return []
 
     def _poll(self) -> dict[str, Any]:
         try:
-            return ray.get(self.board.get.remote(), timeout=2)
+            boards = ray.get(self.board.get.remote(), timeout=2)
         except Exception:  # noqa: BLE001 - a missed poll only delays the bar
             time.sleep(0.1)
             return {}
+        return boards.get("", {})
 
 
+def diagnose_stall(cfg, use_gpu: bool) -> str:
+    """What a run that made no progress was most likely waiting for, in words."""
+    try:
+        table = ray.util.placement_group_table()
+        available = ray.available_resources()
+    except Exception as exc:  # noqa: BLE001 - the GCS itself is gone
+        return f"the Ray cluster stopped answering ({type(exc).__name__})"
+    pending = [pg for pg in table.values() if pg.get("state") in ("PENDING", "RESCHEDULING")]
+    if pending:
+        want = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        free = ", ".join(f"{k} {v:g}" for k, v in sorted(available.items()) if k in ("CPU", "GPU")) or "none"
+        return (
+            f"waiting for resources: {cfg.min_workers or cfg.workers} worker(s) x {want} "
+            f"are not free on the cluster (free now: {free})"
+        )
+    return "the workers started but reported no training step (stuck starting up or reading data)"
+
+
+# ---------------------------------------------------------------------------
+# Stages of a batch job (prepare, generate, evaluate, classifier)
+# ---------------------------------------------------------------------------
+class Stages:
+    """A Rich bar per named stage; call it as `progress(stage, done, total)`."""
+
+    def __init__(self, enabled: bool = True, rate: bool = False):
+        self.enabled, self.rate = enabled, rate
+        self.tasks: dict[str, int] = {}
+        self.started = time.perf_counter()
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> Stages:
+        if self.enabled:
+            columns = [
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+            ]
+            # Transient: a finished (or failed) command leaves its one summary line, not bars.
+            self.bar = Progress(*columns, console=console, transient=True)
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total, rate="")
+            self.started = time.perf_counter()
+        rate = f"{done / max(time.perf_counter() - self.started, 1e-9):,.0f}/s" if self.rate and done else ""
+        self.bar.update(self.tasks[stage], completed=done, total=total, rate=rate)
+
+
+# ---------------------------------------------------------------------------
+# A search: epochs over all trials, trials ended, the best metric
+# ---------------------------------------------------------------------------
 class SearchDisplay:
-    """A Tune callback (it runs in the driver) that draws the search's progress:
-    epochs reported over all trials, and trials finished, stopped or failed."""
+    """A Tune callback target (it runs in the driver) that draws the search's
+    progress and records when anything last moved, for the watchdog."""
 
-    def __init__(self, total: int, epochs: int, metric: str, enabled: bool = True, console: Console | None = None):
+    def __init__(self, total: int, epochs: int, metric: str, enabled: bool = True):
         from ray.tune import Callback
 
         class _Callback(Callback):
@@ -109,16 +220,22 @@ class SearchDisplay:
 
         self.callback = _Callback(self)
         self.total, self.epochs, self.metric, self.enabled = total, epochs, metric, enabled
-        self.console = console or Console(stderr=True, highlight=False)
         self.best: float | None = None
         self.done: dict[str, str] = {}
         self.reported = 0
+        self.last_change = time.monotonic()
         self.bar: Progress | None = None
 
-    def __enter__(self) -> "SearchDisplay":
+    def __enter__(self) -> SearchDisplay:
         if self.enabled:
-            self.bar = Progress(TextColumn("[bold]search"), BarColumn(), TextColumn("{task.fields[detail]}"),
-                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar = Progress(
+                TextColumn("[bold]search"),
+                BarColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
             self.bar.start()
             self.task = self.bar.add_task("search", total=self.total * self.epochs, detail="starting trials")
         return self
@@ -127,8 +244,12 @@ class SearchDisplay:
         if self.bar is not None:
             self.bar.stop()
 
+    def touch(self) -> None:
+        self.last_change = time.monotonic()
+
     def result(self, trial_id: str, result: dict) -> None:
         self.reported += 1
+        self.touch()
         value = result.get(self.metric)
         if value is not None and (self.best is None or value < self.best):
             self.best = value
@@ -136,11 +257,13 @@ class SearchDisplay:
 
     def finished(self, trial_id: str, how: str) -> None:
         self.done[trial_id] = how
+        self.touch()
         self._draw()
 
     def _draw(self) -> None:
         if self.bar is None:
             return
         best = f"best {self.metric} {self.best:.3f}" if self.best is not None else ""
-        self.bar.update(self.task, completed=self.reported,
-                        detail=f"{len(self.done)}/{self.total} trials ended  {best}")
+        self.bar.update(
+            self.task, completed=self.reported, detail=f"{len(self.done)}/{self.total} trials ended  {best}"
+        )

@@ -10,23 +10,31 @@ arithmetic example and the distribution of reconstruction errors.
 from __future__ import annotations
 
 import html
-import json
 import math
+import shutil
+import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import storage
+from .data import read_arrays, read_meta
+from .embedding import pca_2d, tsne_2d
 from .errors import UserError
-from .pictures import samples, to_uint8, two_per_class
+from .images import to_float, to_uint8
+from .pictures import samples, two_per_class
 from .plots import histogram, image_grid, latent_scatter, loss_curves, pairs_grid, save_png
+from .rundir import RunDir
 
-MAP_POINTS = 1000        # points in the PCA / t-SNE maps
-ERROR_IMAGES = 5000      # images in the reconstruction-error histogram
-STEPS = 10               # frames per interpolation strip
+MAP_POINTS = 1000  # points in the PCA / t-SNE maps
+ERROR_IMAGES = 5000  # images in the reconstruction-error histogram
+STEPS = 10  # frames per interpolation strip
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
@@ -40,49 +48,84 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
-class Report:
-    def __init__(self, run: str, out: Optional[str] = None, data: Optional[str] = None, seed: int = 0):
-        from .data import read_meta
+MARKER = "report.json"  # what makes a folder a vae-ray report (and safe to replace)
 
-        self.run = Path(run).expanduser()
-        self.loaded = ckpt.load(self.run)       # a clear error for a missing or broken run
+
+class Report:
+    """Everything is checked in the constructor; `build` writes the page into a
+    temporary folder and swaps it in whole (an old report is replaced only then;
+    any other folder is refused)."""
+
+    def __init__(self, run: str, out: str | None = None, data: str | None = None, seed: int = 0):
+        self.loaded = ckpt.load(run)  # a clear error for a missing or broken run
+        self.run = RunDir(run)
+        self.is_run = self.run.latest() is not None
         self.model = self.loaded.model
+        self.out = (
+            storage.check_uri(out) if out else storage.join(self.run.uri if self.is_run else self.loaded.path, "report")
+        )
+        _check_destination(self.out)
         self.data = data or self.loaded.config.data
+        if not self.data:
+            raise UserError(f"{run}: the checkpoint does not name its dataset; pass --data")
         self.meta = read_meta(self.data)
         if list(self.meta["shape"]) != list(self.loaded.dataset["shape"]):
-            raise UserError(f"{self.data}: images are {tuple(self.meta['shape'])} but the model was trained on "
-                            f"{tuple(self.loaded.dataset['shape'])}")
-        self.out = Path(out).expanduser() if out else (self.run if (self.run / "latest").exists()
-                                                         else self.loaded.path) / "report"
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"{self.out}: exists and is not a folder")
+            raise UserError(
+                f"{self.data}: images are {tuple(self.meta['shape'])} but the model was trained on "
+                f"{tuple(self.loaded.dataset['shape'])}"
+            )
+        if not 0 <= seed < 2**32:
+            raise UserError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
         self.seed = seed
         self.classes = self.loaded.dataset["classes"] or [str(k) for k in range(self.loaded.dataset["num_classes"])]
-        self.history = self._read_history()
+        self.history = self.run.history() if self.is_run else []
 
     # -----------------------------------------------------------------
-    def build(self, progress: Optional[Callable[[str], None]] = None) -> Path:
-        from .data import read_arrays
+    def build(self, progress: Callable[[str], None] | None = None) -> str:
+        with storage.Lock(self.out, "vae-ray report"), tempfile.TemporaryDirectory() as tmp:
+            _check_destination(self.out)
+            folder = Path(tmp) / "report"
+            folder.mkdir()
+            self._build(folder, progress or (lambda _: None))
+            storage.write_json(
+                str(folder / MARKER),
+                {"run": self.run.uri, "checkpoint": self.loaded.path, "written": time.strftime("%Y-%m-%d %H:%M:%S")},
+            )
+            _publish(folder, self.out)
+        return storage.join(self.out, "index.html")
 
-        say = progress or (lambda _: None)
-        self.out.mkdir(parents=True, exist_ok=True)
+    def _build(self, out: Path, say: Callable[[str], None]) -> None:
+        self.out_dir = out
         images, labels = read_arrays(self.data, "test", limit=ERROR_IMAGES, meta=self.meta)
         rng = np.random.default_rng(self.seed)
         sections: list[tuple[str, str, str]] = []  # (title, png, caption)
         if self.history:
             say("loss curves")
-            loss_curves(self.history, self.out / "loss_curves.png", title=self.run.name)
-            sections.append(("Loss curves", "loss_curves.png",
-                             "Training objective on the train and test splits per epoch, and the test ELBO "
-                             "in the MATLAB example's unit (0.5 * summed squared error + KL, per image)."))
+            loss_curves(self.history, self.out_dir / "loss_curves.png", title=self.run.name)
+            sections.append(
+                (
+                    "Loss curves",
+                    "loss_curves.png",
+                    "Training objective on the train and test splits per epoch, and the test ELBO "
+                    "in the MATLAB example's unit (0.5 * summed squared error + KL, per image).",
+                )
+            )
         say("reconstructions")
         mu = self._encode(images, labels)  # every picture below starts from these posterior means
         sections.append(self._reconstructions(images, labels, mu))
         say("samples")
-        save_png(image_grid(samples(self.model, 64, seed=self.seed), cols=8, scale=self._scale()),
-                 self.out / "samples.png")
-        sections.append(("Samples", "samples.png", "64 images decoded from z ~ N(0, I)"
-                         + (", classes in turn (class-conditional model)." if self.model.num_classes else ".")))
+        save_png(
+            image_grid(samples(self.model, 64, seed=self.seed), cols=8, scale=self._scale()),
+            self.out_dir / "samples.png",
+        )
+        sections.append(
+            (
+                "Samples",
+                "samples.png",
+                "64 images decoded from z ~ N(0, I)"
+                + (", classes in turn (class-conditional model)." if self.model.num_classes else "."),
+            )
+        )
         say("latent maps")
         sections.extend(self._latent_maps(mu, labels, rng))
         if self.model.latent_dim == 2:
@@ -93,20 +136,15 @@ class Report:
         say("reconstruction errors")
         sections.append(self._error_histogram(images, labels, mu))
         say("page")
-        return self._write_html(sections)
+        self._write_html(sections)
 
     # -- pictures -------------------------------------------------------
     def _scale(self) -> int:
         return max(1, min(4, 96 // self.meta["shape"][0]))
 
-    def _read_history(self) -> list[dict]:
-        from .train import read_history
-
-        return read_history(self.run) if (self.run / "metrics.jsonl").is_file() else []
-
     @torch.no_grad()
     def _encode(self, images: np.ndarray, labels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        x = to_float(images)
         y = torch.from_numpy(labels) if self.model.num_classes else None
         return self.model.encode(x, y)[0].float()
 
@@ -115,40 +153,65 @@ class Report:
         """Decoder means as uint8 images; `label`: one class for every z, or one per z."""
         y = None
         if self.model.num_classes:
-            y = torch.from_numpy(label) if isinstance(label, np.ndarray) else \
-                torch.full((len(z),), label, dtype=torch.long)
+            y = (
+                torch.from_numpy(label)
+                if isinstance(label, np.ndarray)
+                else torch.full((len(z),), label, dtype=torch.long)
+            )
         return to_uint8(self.model.mean_image(self.model.decode(z, y)))
 
     def _reconstructions(self, images, labels, mu):
         pick = two_per_class(labels, self.loaded.dataset["num_classes"], seed=self.seed)
         recon = self._decode(mu[pick], labels[pick])
-        save_png(pairs_grid(images[pick], recon, cols=10, scale=self._scale()), self.out / "reconstructions.png")
-        return ("Reconstructions", "reconstructions.png",
-                "Two test images of each class (upper rows) above their reconstructions from the posterior mean.")
+        save_png(pairs_grid(images[pick], recon, cols=10, scale=self._scale()), self.out_dir / "reconstructions.png")
+        return (
+            "Reconstructions",
+            "reconstructions.png",
+            "Two test images of each class (upper rows) above their reconstructions from the posterior mean.",
+        )
 
     def _latent_maps(self, mu: torch.Tensor, labels: np.ndarray, rng) -> list[tuple[str, str, str]]:
-        from .embedding import pca_2d, tsne_2d
-
         pick = rng.choice(len(mu), min(MAP_POINTS, len(mu)), replace=False)
         points, lab = mu[pick].numpy(), labels[pick]
-        latent_scatter(pca_2d(points), lab, self.classes, self.out / "latent_pca.png",
-                       f"PCA of test-set means (K={self.model.latent_dim})")
-        latent_scatter(tsne_2d(points, seed=self.seed), lab, self.classes, self.out / "latent_tsne.png",
-                       f"t-SNE of test-set means (K={self.model.latent_dim})")
-        return [("Latent space: PCA", "latent_pca.png",
-                 f"Posterior means of {len(pick):,} test images on their two principal axes, coloured by class."),
-                ("Latent space: t-SNE", "latent_tsne.png",
-                 "The same means embedded with t-SNE (perplexity 30): neighbours in latent space stay neighbours.")]
+        latent_scatter(
+            pca_2d(points),
+            lab,
+            self.classes,
+            self.out_dir / "latent_pca.png",
+            f"PCA of test-set means (K={self.model.latent_dim})",
+        )
+        latent_scatter(
+            tsne_2d(points, seed=self.seed),
+            lab,
+            self.classes,
+            self.out_dir / "latent_tsne.png",
+            f"t-SNE of test-set means (K={self.model.latent_dim})",
+        )
+        return [
+            (
+                "Latent space: PCA",
+                "latent_pca.png",
+                f"Posterior means of {len(pick):,} test images on their two principal axes, coloured by class.",
+            ),
+            (
+                "Latent space: t-SNE",
+                "latent_tsne.png",
+                "The same means embedded with t-SNE (perplexity 30): neighbours in latent space stay neighbours.",
+            ),
+        ]
 
     def _manifold(self, side: int = 15):
         # Grid on Gaussian quantiles, as in Kingma & Welling's figure 4.
         q = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, side))
         zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
         tiles = self._decode(zz, label=0)
-        save_png(image_grid(tiles, cols=side, pad=0, scale=max(1, self._scale() // 2)), self.out / "manifold.png")
-        return ("Decoded 2-D manifold", "manifold.png",
-                "Images decoded on a 15 x 15 grid of Gaussian quantiles of the 2-D latent space"
-                + (" (class 0)." if self.model.num_classes else "."))
+        save_png(image_grid(tiles, cols=side, pad=0, scale=max(1, self._scale() // 2)), self.out_dir / "manifold.png")
+        return (
+            "Decoded 2-D manifold",
+            "manifold.png",
+            "Images decoded on a 15 x 15 grid of Gaussian quantiles of the 2-D latent space"
+            + (" (class 0)." if self.model.num_classes else "."),
+        )
 
     def _interpolations(self, images, labels, mu, rng, strips: int = 6):
         rows = []
@@ -156,11 +219,16 @@ class Report:
             i, j = rng.choice(len(mu), 2, replace=False)
             path = slerp(mu[i], mu[j], STEPS)
             frames = self._decode(path, label=int(labels[i]))
-            rows.append(np.concatenate([images[i:i + 1], frames, images[j:j + 1]]))
-        save_png(image_grid(np.concatenate(rows), cols=STEPS + 2, scale=self._scale()), self.out / "interpolation.png")
-        return ("Interpolations", "interpolation.png",
-                f"Spherical interpolation in {STEPS} steps between the posterior means of two test images "
-                "(the originals at both ends of each row).")
+            rows.append(np.concatenate([images[i : i + 1], frames, images[j : j + 1]]))
+        save_png(
+            image_grid(np.concatenate(rows), cols=STEPS + 2, scale=self._scale()), self.out_dir / "interpolation.png"
+        )
+        return (
+            "Interpolations",
+            "interpolation.png",
+            f"Spherical interpolation in {STEPS} steps between the posterior means of two test images "
+            "(the originals at both ends of each row).",
+        )
 
     def _arithmetic(self, images, labels, mu, rng, examples: int = 4):
         rows = []
@@ -169,48 +237,93 @@ class Report:
             result = self._decode((mu[a] - mu[b] + mu[c]).unsqueeze(0), label=int(labels[c]))
             decoded = self._decode(mu[[a, b, c]], label=int(labels[c]))
             rows.append(np.concatenate([images[[a, b, c]], decoded, result]))
-        save_png(image_grid(np.concatenate(rows), cols=7, scale=self._scale()), self.out / "arithmetic.png")
-        return ("Latent arithmetic", "arithmetic.png",
-                "Each row: test images x1, x2, x3; their reconstructions; then the decoding of "
-                "z1 - z2 + z3 (posterior means).")
+        save_png(image_grid(np.concatenate(rows), cols=7, scale=self._scale()), self.out_dir / "arithmetic.png")
+        return (
+            "Latent arithmetic",
+            "arithmetic.png",
+            "Each row: test images x1, x2, x3; their reconstructions; then the decoding of "
+            "z1 - z2 + z3 (posterior means).",
+        )
 
     def _error_histogram(self, images, labels, mu):
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        recon = torch.from_numpy(self._decode(mu, labels)).permute(0, 3, 1, 2).float() / 255
+        x = to_float(images)
+        recon = to_float(self._decode(mu, labels))
         sse = 0.5 * (recon - x).pow(2).flatten(1).sum(1).numpy()
-        histogram(sse, self.out / "recon_error.png", "0.5 * summed squared error per image",
-                  f"Reconstruction error of {len(images):,} test images")
-        return ("Reconstruction error", "recon_error.png",
-                "Distribution of the per-image reconstruction error (the MATLAB example's term) over the test split.")
+        histogram(
+            sse,
+            self.out_dir / "recon_error.png",
+            "0.5 * summed squared error per image",
+            f"Reconstruction error of {len(images):,} test images",
+        )
+        return (
+            "Reconstruction error",
+            "recon_error.png",
+            "Distribution of the per-image reconstruction error (the MATLAB example's term) over the test split.",
+        )
 
     # -- the page -------------------------------------------------------
-    def _write_html(self, sections: list[tuple[str, str, str]]) -> Path:
+    def _write_html(self, sections: list[tuple[str, str, str]]) -> None:
         cfg = self.loaded.config.to_dict()
         history = self.history
         metrics = dict(history[-1]) if history else dict(self.loaded.state.get("metrics", {}))
-        evaluation = _read_json(self.run / "evaluation.json")
-        body = [f"<h1>{html.escape(self.run.name)}</h1>",
-                f"<p class=meta>{html.escape(self.meta['name'])}, {len(history)} epochs, checkpoint "
-                f"<code>{html.escape(str(self.loaded.path))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}</p>",
-                "<div class=tables>", _table("Configuration", cfg), _table("Last epoch", metrics)]
+        evaluation = _read_json(self.run.path("evaluation.json"))
+        body = [
+            f"<h1>{html.escape(self.run.name)}</h1>",
+            f"<p class=meta>{html.escape(self.meta['name'])}, {len(history)} epochs, checkpoint "
+            f"<code>{html.escape(str(self.loaded.path))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}</p>",
+            "<div class=tables>",
+            _table("Configuration", cfg),
+            _table("Last epoch", metrics),
+        ]
         if evaluation:
             body.append(_table("Evaluation", evaluation))
         body.append("</div>")
         for title, png, caption in sections:
-            body.append(f"<section><h2>{html.escape(title)}</h2><img src=\"{png}\" alt=\"{html.escape(title)}\">"
-                        f"<p>{html.escape(caption)}</p></section>")
+            body.append(
+                f'<section><h2>{html.escape(title)}</h2><img src="{png}" alt="{html.escape(title)}">'
+                f"<p>{html.escape(caption)}</p></section>"
+            )
         page = PAGE.format(title=html.escape(f"vae-ray report: {self.run.name}"), body="\n".join(body))
-        path = self.out / "index.html"
-        tmp = path.with_name(".index.html.tmp")
-        tmp.write_text(page)
-        tmp.replace(path)
-        return path
+        (self.out_dir / "index.html").write_text(page)
 
 
-def _read_json(path: Path) -> dict:
+def _check_destination(out: str) -> None:
+    """A report goes into a new or empty folder, or replaces an earlier report."""
+    if storage.is_file(out):
+        raise UserError(f"{out}: exists and is not a folder")
+    entries = [n for n in storage.list_dir(out) if not n.startswith(".")]
+    if entries and MARKER not in entries:
+        shown = ", ".join(sorted(entries)[:3])
+        raise UserError(f"{out}: holds other files ({shown}), not a vae-ray report; choose another --out")
+
+
+def _publish(folder: Path, out: str) -> None:
+    """Put the finished report in place: locally a whole-folder swap, on S3 one PUT per file."""
+    if storage.is_remote(out):
+        stale = set(storage.walk_files(out)) - {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+        storage.upload(folder, out)
+        for rel in stale:
+            storage.delete(storage.join(out, rel))
+        return
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.new-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(folder, staged)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(old)
+    staged.rename(target)
+    storage.fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(uri: str) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        value = storage.read_json(uri)
+        return value if isinstance(value, dict) else {}
+    except (FileNotFoundError, ValueError, OSError):
         return {}
 
 

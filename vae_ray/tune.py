@@ -1,57 +1,86 @@
 """Hyperparameter search with Ray Tune; every trial is a distributed Ray
 Train run built exactly as `vae-ray train` builds one.
 
-    OUT/tune/                Tune's experiment state (what --resume reads)
-    OUT/trials/<trial id>/   each trial's run folder (config, metrics.jsonl, checkpoints, latest)
-    OUT/results.csv          one row per trial
-    OUT/best -> trials/<id>/checkpoint_epoch_...   the best trial's checkpoint
-    OUT/curves.png           the metric per epoch for every trial
+    OUT/search.json            what was searched (and "complete" once it all ran)
+    OUT/tune/                  Tune's experiment state (what --resume reads)
+    OUT/trials/<trial id>/     each trial's run folder (config, metrics.jsonl, checkpoints, latest)
+    OUT/results.csv            one row per trial
+    OUT/best -> trials/<id>/checkpoint_epoch_...   the best trial's checkpoint (a complete search only)
+    OUT/curves.png             the metric per epoch for every trial
 
 Trials are Tune *function* trainables that start their own TorchTrainer
 (not the deprecated `Tuner(trainer)` form) and pass `TuneReportCallback`,
 so ASHA sees each epoch's metric and stops weak trials early.
+
+Ctrl-C or SIGTERM stops the search gracefully (Tune saves its state), writes
+results.csv with the trials' status and no `best`, and exits 130 or 143;
+`--resume` continues it. A search that makes no progress for
+`stall_timeout` seconds stops the same way, saying what it waited for.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
-import json
+import logging
 import math
 import os
-from dataclasses import dataclass, field
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from . import cluster as clusters
+from . import storage
 from .config import TrainConfig
-from .errors import RunFailed, UserError
+from .data import read_meta, summary
+from .errors import Interrupted, RunFailed, UserError, root_cause
+from .ingest import choose_ingest
+from .plots import trial_curves
+from .progress import ProgressBoard, SearchDisplay, diagnose_stall
+from .rundir import RunDir
+from .tracking import Tracking, mlflow_uri
+from .trainer import auto_cpus_per_worker, build_trainer, private_cluster_cpus, resolve
 
 METRICS = ("test_matlab_elbo", "test_neg_elbo_nats")
 SEARCHED = ("latent_dim", "lr", "beta", "recon_weight")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 STOPPED_TRIAL_GRACE_S = 5
+SEARCH_FILE = "search.json"
 
 
 @dataclass
 class SearchSpec:
     latent_dims: list[int]
-    lrs: Optional[list[float]] = None
-    lr_range: Optional[tuple[float, float]] = None
+    lrs: list[float] | None = None
+    lr_range: tuple[float, float] | None = None
     num_samples: int = 1
     betas: list[float] = field(default_factory=lambda: [1.0])
     recon_weights: list[float] = field(default_factory=lambda: [1.0])
     # (recon_weight, beta) pairs searched together instead of as a grid
-    weight_pairs: Optional[list[tuple[float, float]]] = None
+    weight_pairs: list[tuple[float, float]] | None = None
 
-    def validate(self, base: TrainConfig) -> "SearchSpec":
+    def validate(self, base: TrainConfig) -> SearchSpec:
         if (self.lrs is None) == (self.lr_range is None):
             raise UserError("give either --lrs (a grid) or --lr-min and --lr-max (random search)")
-        if self.num_samples < 1:
-            raise UserError(f"--num-samples must be at least 1 (got {self.num_samples})")
+        if not 1 <= self.num_samples <= 10_000:
+            raise UserError(f"--num-samples must be between 1 and 10000 (got {self.num_samples})")
         if self.lr_range is not None:
             low, high = self.lr_range
             if not (0 < low < high and math.isfinite(high)):
                 raise UserError(f"--lr-min and --lr-max must satisfy 0 < min < max (got {low}, {high})")
+        if self.trial_count() > 10_000:
+            raise UserError(f"the search has {self.trial_count():,} trials; at most 10000")
         # Every combination must make a valid run config.
         lrs = self.lrs or list(self.lr_range)
         for k, lr, (rw, beta) in itertools.product(self.latent_dims, lrs, self.weights()):
@@ -63,8 +92,6 @@ class SearchSpec:
         return self.weight_pairs or list(itertools.product(self.recon_weights, self.betas))
 
     def param_space(self) -> dict[str, Any]:
-        from ray import tune
-
         def grid(values: list) -> Any:
             return tune.grid_search(values) if len(values) > 1 else values[0]
 
@@ -87,7 +114,15 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def parse_list(text: Optional[str], kind: type, option: str) -> Optional[list]:
+class SearchRows(list):
+    """The trial rows, best first; `already_complete` when nothing had to run."""
+
+    def __init__(self, rows, already_complete: bool = False):
+        super().__init__(rows)
+        self.already_complete = already_complete
+
+
+def parse_list(text: str | None, kind: type, option: str) -> list | None:
     """'2,5,10' -> [2, 5, 10], with a one-line error naming the option."""
     if text is None:
         return None
@@ -97,6 +132,8 @@ def parse_list(text: Optional[str], kind: type, option: str) -> Optional[list]:
         raise UserError(f"{option}: expected comma-separated {kind.__name__} values (got {text!r})") from None
     if not values:
         raise UserError(f"{option}: no values given")
+    if kind is float and any(not math.isfinite(v) for v in values):
+        raise UserError(f"{option}: values must be finite numbers (got {text!r})")
     return values
 
 
@@ -105,178 +142,361 @@ def parse_list(text: Optional[str], kind: type, option: str) -> Optional[list]:
 # ---------------------------------------------------------------------------
 def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """A Tune function trainable: one TorchTrainer for this trial's config."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .train import build_trainer
-
     trial_id = ray.tune.get_context().get_trial_id()
-    run_dir = Path(setup["trials_dir"]) / trial_id  # deterministic: resume finds the same run
-    params = trial_params(config)
-    cfg = TrainConfig.from_dict({**setup["base"], **params, "out": str(run_dir)})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "dataset": setup["dataset"]},
-                                                    indent=2) + "\n")
-    trainer = build_trainer(cfg, setup["dataset"], run_dir, setup["meta"], setup["use_gpu"],
-                            callbacks=[TuneReportCallback()])
-    trainer.fit()
+    run = RunDir(storage.join(setup["trials_dir"], trial_id))  # deterministic: resume finds the same run
+    cfg = TrainConfig.from_dict({**setup["base"], **trial_params(config), "out": run.uri})
+    if run.read_config() is None:
+        run.write_config(cfg.to_dict(), setup["dataset"])
+    tracking, info = None, {}
+    if setup.get("mlflow_parent"):
+        tracking = Tracking(setup["mlflow_uri"], parent_run_id=setup["mlflow_parent"], run_name=trial_id)
+        info = tracking.start(cfg, run)
+    trainer = build_trainer(
+        cfg,
+        setup["dataset"],
+        run,
+        setup["ingest"],
+        setup["use_gpu"],
+        callbacks=[TuneReportCallback()],
+        board=setup["board"],
+        board_key=trial_id,
+        tracking=info,
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(run, status="FAILED")
+        raise
+    if tracking is not None:
+        tracking.finish(run)
 
 
 # ---------------------------------------------------------------------------
 # The search (driver)
 # ---------------------------------------------------------------------------
-def search(base: TrainConfig, spec: SearchSpec, out: str | Path, *, grace_period: int = 1,
-           metric: str = "test_matlab_elbo", max_concurrent: Optional[int] = None,
-           gpus_per_trial: float = 0, resume: bool = False, show: bool = True,
-           address: Optional[str] = None) -> list[dict[str, Any]]:
-    """Run (or resume) a search; return the trial rows sorted by the metric."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from .cluster import ensure_ray
-    from .data import read_meta
-    from .train import dataset_summary, resolve
-
+def check_options(
+    metric: str, grace_period: int, epochs: int, max_concurrent: int | None, gpus_per_trial: float
+) -> None:
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)} (got {metric!r})")
-    if grace_period < 1 or grace_period > base.epochs:
-        raise UserError(f"--grace-period must be between 1 and --epochs ({base.epochs}); got {grace_period}")
+    if grace_period < 1 or grace_period > epochs:
+        raise UserError(f"--grace-period must be between 1 and --epochs ({epochs}); got {grace_period}")
     if gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0 (got {gpus_per_trial})")
+    if max_concurrent is not None and not 1 <= max_concurrent <= 10_000:
+        raise UserError(f"--max-concurrent must be at least 1 (got {max_concurrent})")
+
+
+def search(
+    base: TrainConfig,
+    spec: SearchSpec,
+    out: str | Path,
+    *,
+    grace_period: int = 1,
+    metric: str = "test_matlab_elbo",
+    max_concurrent: int | None = None,
+    gpus_per_trial: float = 0,
+    resume: bool = False,
+    show: bool = True,
+    address: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) a search; return the trial rows sorted by the metric."""
+    check_options(metric, grace_period, base.epochs, max_concurrent, gpus_per_trial)
     meta = read_meta(base.data)
     base = resolve(base.replace(gpu=gpus_per_trial > 0), meta)
     spec.validate(base)
-    out = Path(out).expanduser().resolve()
-    tune_dir, trials_dir = out / "tune", out / "trials"
-    if resume and not tune_dir.is_dir():
-        raise UserError(f"{out}: no search to resume (no tune/ folder)")
-    if not resume and tune_dir.exists():
-        raise UserError(f"{out}: already holds a search; pass --resume to continue it or choose a new --out")
+    out = storage.check_uri(str(out))
+    identity = {
+        "base": {k: v for k, v in base.to_dict().items() if k != "out"},
+        "search": asdict(spec),
+        "grace_period": grace_period,
+        "metric": metric,
+    }
+    with storage.Lock(out, "vae-ray tune"):
+        state = _check_folder(out, identity, resume)
+        if state == "complete":
+            return SearchRows(read_rows(out, metric), already_complete=True)
+        return _run(
+            base,
+            spec,
+            out,
+            meta,
+            identity,
+            grace_period,
+            metric,
+            max_concurrent,
+            gpus_per_trial,
+            resume or state == "resume",
+            show,
+            address,
+        )
 
-    per_trial_cpus = base.workers * base.cpus_per_worker
-    if max_concurrent is not None and max_concurrent < 1:
-        raise UserError(f"--max-concurrent must be at least 1 (got {max_concurrent})")
-    # A local cluster is sized for the requested concurrency plus one CPU for
-    # Ray Data; a running cluster must already have that room.
-    # One trial's worth more: a finished trial's placement group can take a
-    # while to be released, and the next trial must not wait on it.
-    resources = ensure_ray(per_trial_cpus * ((max_concurrent or 1) + 1) + 1, address)
-    gpus = base.workers if gpus_per_trial else 0
-    concurrency = max_concurrent or derive_concurrency(resources, per_trial_cpus, gpus)
-    if concurrency * per_trial_cpus > resources.get("CPU", 0) - 1:
-        raise UserError(f"{concurrency} concurrent trials x {per_trial_cpus} CPUs leave no CPU for Ray Data "
-                        f"on a cluster with {int(resources.get('CPU', 0))} CPUs; lower --max-concurrent")
-    setup = {"base": base.to_dict(), "dataset": dataset_summary(meta), "meta": meta,
-             "trials_dir": str(trials_dir), "use_gpu": gpus_per_trial > 0}
+
+def _check_folder(out: str, identity: dict, resume: bool) -> str:
+    tune_dir = storage.join(out, "tune")
+    saved = _read_json(storage.join(out, SEARCH_FILE))
+    if resume:
+        if not storage.is_dir(tune_dir):
+            raise UserError(f"{out}: no search to resume (no tune/ folder)")
+        return "resume"
+    if storage.is_dir(tune_dir):
+        same = {k: v for k, v in saved.items() if k != "status"} == identity
+        if same and saved.get("status") == "complete":
+            return "complete"
+        raise UserError(f"{out}: already holds a search; pass --resume to continue it or choose a new --out")
+    if storage.is_file(out) or [n for n in storage.list_dir(out) if not n.startswith(".")]:
+        raise UserError(f"{out}: holds other files, not a vae-ray search; choose a new or empty --out")
+    return "new"
+
+
+def _read_json(uri: str) -> dict:
+    try:
+        value = storage.read_json(uri)
+        return value if isinstance(value, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _run(
+    base: TrainConfig,
+    spec: SearchSpec,
+    out: str,
+    meta: dict,
+    identity: dict,
+    grace_period: int,
+    metric: str,
+    max_concurrent: int | None,
+    gpus_per_trial: float,
+    resume: bool,
+    show: bool,
+    address: str | None,
+) -> list[dict[str, Any]]:
+    cluster = clusters.connect(address, cpus_needed=private_cluster_cpus(base))
+    use_gpu = gpus_per_trial > 0
+    if use_gpu and cluster.resources.get("GPU", 0) < base.workers:
+        raise UserError(
+            f"--gpus-per-trial {gpus_per_trial} needs GPUs; the cluster has {int(cluster.resources.get('GPU', 0))}"
+        )
+    cpus_per_worker = base.cpus_per_worker or _trial_cpus(base, cluster, max_concurrent, use_gpu)
+    base = base.replace(cpus_per_worker=cpus_per_worker)
+    per_trial_cpus = base.workers * cpus_per_worker
+    available = (os.cpu_count() or 1) if cluster.private else int(cluster.resources.get("CPU", 0))
+    concurrency = max_concurrent or derive_concurrency(
+        available, per_trial_cpus, cluster.resources, base.workers if use_gpu else 0
+    )
+    if concurrency * per_trial_cpus > available:
+        raise UserError(
+            f"{concurrency} concurrent trials x {per_trial_cpus} CPUs need "
+            f"{concurrency * per_trial_cpus} CPUs; {'this machine' if cluster.private else 'the cluster'} "
+            f"has {available}; lower --max-concurrent"
+        )
+    train_bytes = meta["splits"]["train"]["count"] * int(math.prod(meta["shape"]))
+    board_name = f"vae-ray-search-{uuid.uuid4().hex[:8]}"
+    board = ProgressBoard.options(name=board_name).remote()
+    parent = None
+    uri = mlflow_uri(base.mlflow)
+    setup = {
+        "base": base.to_dict(),
+        "dataset": summary(meta),
+        "trials_dir": storage.join(out, "trials"),
+        "use_gpu": use_gpu,
+        "ingest": choose_ingest(base.cache, train_bytes, cluster.node_memory),
+        "board": board_name,
+    }
+    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "running"})
+    if uri:
+        parent = Tracking(uri, run_name=f"search {storage.name_of(out)}")
+        setup |= {"mlflow_uri": uri, "mlflow_parent": parent.start(base, RunDir(out))["mlflow_run_id"]}
     # The trial actor only drives its TorchTrainer, which reserves the workers'
     # CPUs. It reserves memory but no CPU: even a fraction of one would leave
     # Ray Data's whole-CPU read tasks unschedulable (Tune refuses an empty request).
-    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup),
-                                    {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-    from .progress import SearchDisplay
-
+    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     display = SearchDisplay(total=spec.trial_count(), epochs=base.epochs, metric=metric, enabled=show)
-    out.mkdir(parents=True, exist_ok=True)
+    fs, out_path = storage.filesystem(out)
     if resume:
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(
+            storage.join(out_path, "tune"),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
     else:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=grace_period,
-                                  reduction_factor=2)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=grace_period, reduction_factor=2)
         tuner = tune.Tuner(
-            trainable, param_space=spec.param_space(),
-            tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=scheduler,
-                                        num_samples=spec.num_samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0, callbacks=[display.callback]))
-    import logging
-
+            trainable,
+            param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode="min",
+                scheduler=scheduler,
+                num_samples=spec.num_samples,
+                max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=out_path, storage_filesystem=fs, verbose=0, callbacks=[display.callback]
+            ),
+        )
     # A trial stopped by ASHA is blocked inside trainer.fit(), so it never
     # returns on its own; Tune force-kills such a trial actor only after this
     # many seconds (600 by default), and until then its Train workers keep
     # their CPUs and the search stalls. Killing the trial actor takes its Train
     # controller with it, and Train's placement-group cleaner frees the workers.
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))
+    os.environ["TUNE_FORCE_TRIAL_CLEANUP_S"] = str(STOPPED_TRIAL_GRACE_S)
     # Failed trials are reported in results.csv and the table, with the
     # traceback in the trial's folder; Tune's own logging stays off the terminal.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    with display:
-        results = tuner.fit()
-    release_leftover_placement_groups()
-    rows = collect(results, trials_dir, metric, base.epochs)
-    write_outputs(rows, out, metric)
+    stop = _GracefulStop(board, display, base.stall_timeout)
+    try:
+        with display, stop:
+            results = tuner.fit()
+    finally:
+        try:
+            ray.kill(board)
+        except Exception:  # noqa: BLE001
+            pass
+    rows = collect(results, setup["trials_dir"], metric, base.epochs)
+    finished = stop.signum is None and stop.stalled is None
+    write_outputs(rows, out, metric, best=finished)
+    if parent is not None:
+        parent.finish(RunDir(out), status="FINISHED" if finished else "KILLED", folders=())
+    if stop.signum is not None:
+        raise Interrupted(
+            stop.signum,
+            f"search interrupted; {len(rows)} trial(s) recorded in results.csv, no best; continue it with --resume",
+        )
+    if stop.stalled is not None:
+        raise RunFailed(
+            f"no progress for {base.stall_timeout} s: {diagnose_stall(base, use_gpu)}; "
+            f"the search's state is kept: continue it with --resume"
+        )
+    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "complete"})
     if rows and all(r["status"] == "error" for r in rows):
         raise RunFailed(f"search failed: all {len(rows)} trials errored; first error: {rows[0]['error']}")
-    return rows
+    return SearchRows(rows)
 
 
-def release_leftover_placement_groups() -> int:
-    """Remove the placement groups this driver's job still holds once the
-    search is over. Train workers of trials that ASHA stopped are killed with
-    their trial, but their reservations can outlive them on the cluster;
-    with no trial left running, anything still reserved by this job is such a
-    leftover. (A placement group's ID ends with its creator's job ID.)"""
-    import ray
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    job = ray.get_runtime_context().get_job_id()
-    removed = 0
-    for pg_id, info in ray.util.placement_group_table().items():
-        if info["state"] == "CREATED" and pg_id.endswith(job):
-            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
-            removed += 1
-    return removed
+def _trial_cpus(base: TrainConfig, cluster: clusters.Cluster, max_concurrent: int | None, use_gpu: bool) -> int:
+    """CPUs per worker when left at auto: trials share the machine (or a node)."""
+    if use_gpu:
+        return auto_cpus_per_worker(base.workers, cluster, use_gpu)
+    total = (os.cpu_count() or 1) if cluster.private else cluster.largest_node_cpus()
+    trials = max_concurrent or max(1, total // base.workers)
+    return max(1, total // (trials * base.workers))
 
 
-def derive_concurrency(resources: dict, cpus_per_trial: int, gpus_per_trial: int) -> int:
-    """Trials that fit at once, leaving one CPU for Ray Data's read tasks."""
-    by_cpu = max(1, int(resources.get("CPU", 1) - 1) // max(cpus_per_trial, 1))
+def derive_concurrency(cpus: int, cpus_per_trial: int, resources: dict, gpus_per_trial: int) -> int:
+    """Trials that fit at once."""
+    by_cpu = max(1, cpus // max(cpus_per_trial, 1))
     if gpus_per_trial:
         return max(1, min(by_cpu, int(resources.get("GPU", 0)) // gpus_per_trial))
     return by_cpu
 
 
-def collect(results, trials_dir: Path, metric: str, epochs: int) -> list[dict[str, Any]]:
-    from .train import read_history, root_cause
+class _GracefulStop:
+    """While a search runs: Ctrl-C and SIGTERM, and a stall of `stall_timeout`
+    seconds, ask Tune to stop gracefully (its SIGUSR1: the experiment state is
+    saved, running trials stay resumable). A second signal stops at once."""
 
+    def __init__(self, board, display: SearchDisplay, stall_timeout: float):
+        self.board, self.display, self.stall_timeout = board, display, stall_timeout
+        self.signum: int | None = None
+        self.stalled: str | None = None
+        self._done = threading.Event()
+        self._saved: dict = {}
+
+    def __enter__(self) -> _GracefulStop:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours below, forwarded as Tune's own graceful stop
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._on_signal)
+        threading.Thread(target=self._watch, daemon=True, name="vae-ray-watchdog").start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _watch(self) -> None:
+        last_seen = None
+        while not self._done.wait(1.0):
+            try:
+                state = ray.get(self.board.get.remote(), timeout=5)
+                mark = max((v.get("at", 0) for v in state.values()), default=None)
+            except Exception:  # noqa: BLE001 - a missed poll
+                mark = last_seen
+            if mark != last_seen:
+                last_seen = mark
+                self.display.touch()
+            if time.monotonic() - self.display.last_change > self.stall_timeout and self.signum is None:
+                self.stalled = "no progress"
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+
+
+def collect(results, trials_dir: str, metric: str, epochs: int) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[-2]
-        run_dir = trials_dir / str(trial_id)
-        history = read_history(run_dir)
-        values = [h[metric] for h in history]
-        latest = run_dir / "latest"
+        run = RunDir(storage.join(trials_dir, str(trial_id)))
+        history = run.history()
+        values = [h[metric] for h in history if metric in h]
+        latest = run.latest()
         status = "error" if result.error else ("completed" if len(history) >= epochs else "stopped early")
         if result.error:
-            (run_dir).mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(f"{result.error!r}\n")
-        rows.append({
-            "trial_id": trial_id,
-            **{k: None for k in SEARCHED}, **trial_params(result.config),
-            f"final_{metric}": values[-1] if values else None,
-            f"best_{metric}": min(values) if values else None,
-            "epochs": len(history), "status": status,
-            "checkpoint": str(latest.resolve()) if latest.exists() else "",
-            "history": values,
-            "error": root_cause(result.error) if result.error else "",
-        })
+            storage.write_text(run.path("error.txt"), f"{result.error!r}\n")
+        rows.append(
+            {
+                "trial_id": trial_id,
+                **{k: None for k in SEARCHED},
+                **trial_params(result.config),
+                f"final_{metric}": values[-1] if values else None,
+                f"best_{metric}": min(values) if values else None,
+                "epochs": len(history),
+                "status": status,
+                "checkpoint": latest or "",
+                "history": values,
+                "error": root_cause(result.error) if result.error else "",
+            }
+        )
     rows.sort(key=lambda r: (r[f"final_{metric}"] is None, r[f"final_{metric}"] or 0.0))
     return rows
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path, metric: str) -> None:
-    from .checkpoint import point_latest
-    from .plots import trial_curves
+def write_outputs(rows: list[dict[str, Any]], out: str, metric: str, best: bool = True) -> None:
+    """results.csv and curves.png; `best` only for a search that ran to its end."""
+    columns = ["trial_id", *SEARCHED, f"final_{metric}", f"best_{metric}", "epochs", "status", "checkpoint", "error"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(storage.join(out, "results.csv"), text.getvalue())
+    winner = next((r for r in rows if r["checkpoint"]), None)
+    if best and winner is not None:
+        storage.set_pointer(out, "best", winner["checkpoint"][len(out.rstrip("/")) + 1 :])
+    with tempfile.TemporaryDirectory() as tmp:
+        trial_curves(rows, metric, Path(tmp) / "curves.png")
+        storage.write_bytes(storage.join(out, "curves.png"), (Path(tmp) / "curves.png").read_bytes())
 
-    columns = ["trial_id", *SEARCHED, f"final_{metric}", f"best_{metric}", "epochs", "status", "checkpoint",
-               "error"]
-    tmp = out / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "results.csv")
-    best = next((r for r in rows if r["checkpoint"]), None)
-    if best is not None:
-        point_latest(out, Path(best["checkpoint"]), name="best")
-    trial_curves(rows, metric, out / "curves.png")
+
+def read_rows(out: str, metric: str) -> list[dict[str, Any]]:
+    """The rows of a finished search, from its results.csv (nothing is rerun)."""
+    text = storage.read_bytes(storage.join(out, "results.csv")).decode()
+    rows = []
+    for raw in csv.DictReader(io.StringIO(text)):
+        row: dict[str, Any] = dict(raw)
+        for key in ("latent_dim", "epochs"):
+            row[key] = int(row[key]) if row.get(key) else None
+        for key in ("lr", "beta", "recon_weight", f"final_{metric}", f"best_{metric}"):
+            row[key] = float(row[key]) if row.get(key) else None
+        row["history"] = [h[metric] for h in RunDir(storage.join(out, "trials", row["trial_id"])).history()]
+        rows.append(row)
+    return rows

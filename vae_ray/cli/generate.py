@@ -1,0 +1,131 @@
+"""`vae-ray generate` (code: vae_ray/commands.py -> vae_ray/generate.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from . import options as opt
+from .jobs import submit_spec
+from .output import EXIT_CODES, handles_errors, labelled, result, say
+
+EPILOG = "Code: vae_ray/cli/generate.py -> vae_ray/commands.py (generate) -> vae_ray/generate.py. " + EXIT_CODES
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate", epilog=EPILOG)(generate)
+
+
+@handles_errors
+def generate(
+    checkpoint: Annotated[
+        str | None, typer.Argument(help="A checkpoint folder, or a run folder (its latest); local or s3://.")
+    ] = None,
+    num: Annotated[int, typer.Option("--num", "-n", help="Images to generate.", min=1, max=1_000_000_000)] = 1000,
+    out_uri: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="Destination folder or s3://bucket/prefix (new, empty, or this same set)."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="png, parquet, npz or hf (Hugging Face Parquet with a dataset card).")
+    ] = "png",
+    seed: opt.Seed = 0,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Images decoded per model call (default 256; part of the set's identity)."),
+    ] = None,
+    shard_size: Annotated[
+        int,
+        typer.Option(
+            "--shard-size", help="Images per shard: one PNG sub-folder, Parquet or NPZ file (at most 10,000)."
+        ),
+    ] = 10000,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            "--actors",
+            help="Decoder actors (default: one per CPU, or per GPU; a one-shard job without a cluster "
+            "runs in this process).",
+        ),
+    ] = None,
+    gpu: Annotated[
+        bool | None,
+        typer.Option(
+            "--gpu/--no-gpu", help="GPU actors (default: when the cluster has GPUs).", metavar="", show_default="auto"
+        ),
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Scale T of z ~ N(0, T^2 I), in (0, 100].")] = 1.0,
+    label: Annotated[int | None, typer.Option("--label", help="Class-conditional models: this class only.")] = None,
+    per_class: Annotated[
+        bool, typer.Option("--per-class", help="Class-conditional models: N split evenly over classes.")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a different generated set at --out, once the new one is complete (nothing "
+            "else is ever replaced).",
+        ),
+    ] = False,
+    verify_uri: Annotated[
+        str | None, typer.Option("--verify", help="Check a finished set against its manifest and exit.")
+    ] = None,
+    address: opt.Address = None,
+    submit: opt.Submit = False,
+    wait: opt.Wait = True,
+    install_requirements: opt.InstallRequirements = False,
+    driver_cpus: opt.DriverCpus = 0.0,
+    driver_gpus: opt.DriverGpus = 0.0,
+    as_json: opt.Json = False,
+) -> None:
+    """Write a synthetic image set with a Ray Data batch-inference job, exactly once and resumable."""
+    from .. import commands
+    from ..errors import UserError
+    from ..generate import MANIFEST, verify
+
+    if verify_uri is not None:
+        manifest = verify(verify_uri)
+        say(
+            f"ok {verify_uri}: {manifest['count']:,} {manifest['image_format']} images in "
+            f"{len(manifest['shards'])} shards match {MANIFEST}",
+            "green",
+        )
+        return
+    if checkpoint is None or out_uri is None:
+        raise UserError("generate needs a CHECKPOINT_OR_RUN argument and --out (or --verify URI)")
+    options = dict(
+        checkpoint=checkpoint,
+        num=num,
+        out=out_uri,
+        fmt=fmt,
+        seed=seed,
+        actors=actors,
+        gpu=gpu,
+        temperature=temperature,
+        label=label,
+        per_class=per_class,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        shard_size=shard_size,
+    )
+    spec = {"command": "generate", "kwargs": {"options": options}}
+    if submit:
+        submit_spec(spec, address, wait, install_requirements, [checkpoint, out_uri], driver_cpus, driver_gpus)
+        return
+    summary = commands.generate(options, show=not as_json, address=address)
+    if as_json:
+        result(json.dumps(summary, default=str))
+        return
+    if summary.get("already_complete"):
+        labelled("complete:", f"{out_uri} already holds these {summary['count']:,} images; nothing to do", "green")
+    else:
+        rate = summary["count"] / max(summary["seconds"], 1e-9)
+        labelled(
+            "wrote",
+            f"{summary['count']:,} {fmt} images in {summary['seconds']:.1f} s ({rate:,.0f} img/s) "
+            f"to {out_uri}, {summary['path']}",
+            "green",
+        )
+    result(out_uri)

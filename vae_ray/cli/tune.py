@@ -1,0 +1,371 @@
+"""`vae-ray tune` and `vae-ray study latent-dims | loss-weights`
+(code: vae_ray/tune.py, vae_ray/study.py). The settings every trial shares
+are the train options, made from vae_ray/config.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from . import options as opt
+from .jobs import submit_spec
+from .output import EXIT_CODES, cell, console, handles_errors, labelled, result, say
+
+SEARCH = "Search"
+TUNE_EPILOG = (
+    "Code: vae_ray/cli/tune.py -> vae_ray/commands.py (tune) -> vae_ray/tune.py (search, trial). " + EXIT_CODES
+)
+# Searched settings are the search's own options; the rest are the trials' shared settings.
+NOT_SHARED = ("out", "latent_dim", "lr", "beta", "recon_weight", "min_workers")
+
+study_app = typer.Typer(
+    help="The source documents' two studies, as searches plus pictures.",
+    no_args_is_help=True,
+    epilog="Code: vae_ray/study.py. " + EXIT_CODES,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "tune",
+        help="Search latent dimension, learning rate and KL weight with Ray Tune and ASHA early "
+        "stopping; every trial is a Ray Train run.",
+        epilog=TUNE_EPILOG,
+    )(handles_errors(_tune_command()))
+    app.add_typer(study_app, name="study")
+
+
+def _tune_own(
+    out_dir: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Search folder (or s3:// URI): results.csv, best, trials/.", rich_help_panel=SEARCH
+        ),
+    ],
+    config_file: opt.ConfigFile = None,
+    latent_dims: Annotated[
+        str, typer.Option("--latent-dims", help="Grid of latent sizes.", rich_help_panel=SEARCH)
+    ] = "2,5,10,20",
+    lrs: Annotated[
+        str | None,
+        typer.Option(
+            "--lrs",
+            help="Grid of learning rates, e.g. 1e-3,3e-3 (default 1e-3 without --lr-min/--lr-max).",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    lr_min: Annotated[
+        float | None, typer.Option("--lr-min", help="Random search: lowest learning rate.", rich_help_panel=SEARCH)
+    ] = None,
+    lr_max: Annotated[
+        float | None, typer.Option("--lr-max", help="Random search: highest learning rate.", rich_help_panel=SEARCH)
+    ] = None,
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", help="Random draws (or repeats of the grid).", rich_help_panel=SEARCH)
+    ] = 1,
+    betas: Annotated[str, typer.Option("--betas", help="Grid of KL weights.", rich_help_panel=SEARCH)] = "1.0",
+    grace_period: Annotated[
+        int, typer.Option("--grace-period", help="Epochs before ASHA may stop a trial.", rich_help_panel=SEARCH)
+    ] = 1,
+    gpus_per_trial: Annotated[
+        int, typer.Option("--gpus-per-trial", help="GPUs per trial (one per worker).", rich_help_panel=SEARCH)
+    ] = 0,
+    max_concurrent: Annotated[
+        int | None,
+        typer.Option("--max-concurrent", help="Trials at once (default: what fits).", rich_help_panel=SEARCH),
+    ] = None,
+    metric: Annotated[
+        str, typer.Option("--metric", help="test_matlab_elbo or test_neg_elbo_nats.", rich_help_panel=SEARCH)
+    ] = "test_matlab_elbo",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted search in --out.", rich_help_panel=SEARCH)
+    ] = False,
+) -> None: ...
+
+
+def _tune_cluster(
+    address: opt.Address = None,
+    submit: opt.Submit = False,
+    wait: opt.Wait = True,
+    install_requirements: opt.InstallRequirements = False,
+    driver_cpus: opt.DriverCpus = 0.0,
+    driver_gpus: opt.DriverGpus = 0.0,
+) -> None: ...
+
+
+OWN = (
+    "out_dir",
+    "config_file",
+    "latent_dims",
+    "lrs",
+    "lr_min",
+    "lr_max",
+    "num_samples",
+    "betas",
+    "grace_period",
+    "gpus_per_trial",
+    "max_concurrent",
+    "metric",
+    "resume",
+    "address",
+    "submit",
+    "wait",
+    "install_requirements",
+    "driver_cpus",
+    "driver_gpus",
+)
+
+
+def _tune_command():
+    def tune(ctx: typer.Context, **values: Any) -> None:
+        own = {k: values.pop(k) for k in OWN}
+        run_tune(opt.given(ctx, values), **own)
+
+    generated = opt.config_parameters(exclude=NOT_SHARED, rename={"workers": "--workers-per-trial"})
+    return opt.with_parameters(tune, opt.own_parameters(_tune_own), generated, opt.own_parameters(_tune_cluster))
+
+
+def run_tune(
+    flags: dict[str, Any],
+    *,
+    out_dir: str,
+    config_file: Path | None,
+    latent_dims: str,
+    lrs: str | None,
+    lr_min: float | None,
+    lr_max: float | None,
+    num_samples: int,
+    betas: str,
+    grace_period: int,
+    gpus_per_trial: int,
+    max_concurrent: int | None,
+    metric: str,
+    resume: bool,
+    address: str | None,
+    submit: bool,
+    wait: bool,
+    install_requirements: bool,
+    driver_cpus: float,
+    driver_gpus: float,
+) -> None:
+    from ..config import load_config, read_settings
+    from ..errors import UserError
+    from ..tracking import mlflow_uri
+    from ..tune import SearchSpec, parse_list
+
+    if resume:
+        saved = _saved_search(out_dir)
+        if saved is not None:  # continue exactly what was started: its settings, space and options
+            settings = {**saved["base"], **flags, "out": out_dir}
+            options = {
+                "grace_period": saved["grace_period"],
+                "metric": saved["metric"],
+                "max_concurrent": max_concurrent,
+                "gpus_per_trial": gpus_per_trial,
+                "resume": True,
+            }
+            _run_search(
+                settings,
+                saved["search"],
+                out_dir,
+                options,
+                address,
+                submit,
+                wait,
+                install_requirements,
+                driver_cpus,
+                driver_gpus,
+            )
+            return
+    if lrs is None and lr_min is None and lr_max is None:
+        lrs = "1e-3"
+    if (lr_min is None) != (lr_max is None):
+        raise UserError("random search needs both --lr-min and --lr-max")
+    if gpus_per_trial and gpus_per_trial != flags.get("workers", 1):
+        raise UserError("--gpus-per-trial must equal --workers-per-trial (one GPU per worker)")
+    base = {**(read_settings(config_file) if config_file else {}), **flags, "out": out_dir}
+    base.setdefault("mlflow", mlflow_uri())
+    if "epochs" not in flags and "epochs" not in base:
+        base["epochs"] = 10  # a search's trials are short by default
+    settings = load_config(None, **base).to_dict()
+    spec = SearchSpec(
+        latent_dims=parse_list(latent_dims, int, "--latent-dims"),
+        lrs=parse_list(lrs, float, "--lrs"),
+        lr_range=(lr_min, lr_max) if lr_min is not None else None,
+        num_samples=num_samples,
+        betas=parse_list(betas, float, "--betas"),
+    )
+    options = {
+        "grace_period": grace_period,
+        "metric": metric,
+        "max_concurrent": max_concurrent,
+        "gpus_per_trial": gpus_per_trial,
+        "resume": resume,
+    }
+    _run_search(
+        settings,
+        dict(spec.__dict__),
+        out_dir,
+        options,
+        address,
+        submit,
+        wait,
+        install_requirements,
+        driver_cpus,
+        driver_gpus,
+    )
+
+
+def _saved_search(out_dir: str) -> dict | None:
+    from .. import storage
+    from ..tune import SEARCH_FILE
+
+    try:
+        saved = storage.read_json(storage.join(storage.check_uri(out_dir), SEARCH_FILE))
+    except (FileNotFoundError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and {"base", "search", "grace_period", "metric"} <= set(saved) else None
+
+
+def _run_search(
+    settings: dict,
+    search: dict,
+    out_dir: str,
+    options: dict,
+    address: str | None,
+    submit: bool,
+    wait: bool,
+    install_requirements: bool,
+    driver_cpus: float,
+    driver_gpus: float,
+) -> None:
+    from .. import commands
+
+    job = {"command": "tune", "kwargs": {"settings": settings, "search": search, "out": out_dir, "options": options}}
+    if submit:
+        submit_spec(job, address, wait, install_requirements, [settings["data"], out_dir], driver_cpus, driver_gpus)
+        return
+    summary = commands.tune(**job["kwargs"], show=True, address=address)
+    if summary["already_complete"]:
+        labelled("complete:", f"{out_dir} already holds this search; nothing to do", "green")
+    trial_table(summary["rows"], options["metric"])
+    say(f"results {out_dir.rstrip('/')}/results.csv  curves {out_dir.rstrip('/')}/curves.png")
+    result(summary["best"])
+
+
+def trial_table(rows: list, metric: str) -> None:
+    table = Table(title=f"trials by final {metric}")
+    for column in ("trial", "latent", "lr", "beta", "final", "best", "epochs", "status"):
+        table.add_column(column, justify="right" if column not in ("trial", "status") else "left", no_wrap=True)
+
+    def number(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "-"
+
+    for r in rows:
+        table.add_row(
+            cell(r["trial_id"]),
+            str(r["latent_dim"]),
+            f"{r['lr']:.2e}",
+            f"{r['beta']:g}",
+            number(r[f"final_{metric}"]),
+            number(r[f"best_{metric}"]),
+            str(r["epochs"]),
+            cell(r["status"]),
+        )
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------
+# Studies
+# ---------------------------------------------------------------------------
+Data = Annotated[str, typer.Option("--data", "-d", help="Prepared dataset folder.")]
+StudyOut = Annotated[str, typer.Option("--out", "-o", help="Study folder (a search folder plus pictures).")]
+Epochs = Annotated[int, typer.Option("--epochs", help="Epochs per trial.", min=1, max=100_000)]
+Lr = Annotated[float, typer.Option("--lr", help="Learning rate of every trial.", min=1e-12)]
+WorkersPerTrial = Annotated[int, typer.Option("--workers-per-trial", help="Ray Train workers per trial.", min=1)]
+MaxConcurrent = Annotated[int | None, typer.Option("--max-concurrent", help="Trials at once (default: what fits).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted study in --out.")]
+
+
+def _print_study(summary: dict) -> None:
+    table = Table(title=f"study {summary['study']}: final test metrics")
+    table.add_column("setting")
+    for column in ("test_matlab_elbo", "test_kl"):
+        table.add_column(column, justify="right")
+    for name, values in summary["results"].items():
+        table.add_row(cell(name), f"{values['test_matlab_elbo']:.3f}", f"{values['test_kl']:.3f}")
+    console.print(table)
+    for picture in summary["pictures"]:
+        say(f"picture {picture}")
+    result(summary["pictures"][0])
+
+
+@study_app.command("latent-dims")
+@handles_errors
+def study_latent_dims(
+    data: Data,
+    out_dir: StudyOut,
+    latent_dims: Annotated[str, typer.Option("--latent-dims", help="Latent sizes to compare.")] = "2,5,10,20",
+    epochs: Epochs = 10,
+    lr: Lr = 2e-3,
+    workers_per_trial: WorkersPerTrial = 1,
+    max_concurrent: MaxConcurrent = None,
+    resume: Resume = False,
+    address: opt.Address = None,
+    config_file: opt.ConfigFile = None,
+) -> None:
+    """Latent size 2, 5, 10, 20 with loss 0.5*MSE + 0.5*KL: reconstructions and the metric per size."""
+    from ..study import latent_dims as run_study
+    from ..tune import parse_list
+
+    dims = tuple(parse_list(latent_dims, int, "--latent-dims"))
+    _print_study(
+        run_study(
+            data,
+            out_dir,
+            dims,
+            epochs=epochs,
+            lr=lr,
+            workers_per_trial=workers_per_trial,
+            max_concurrent=max_concurrent,
+            resume=resume,
+            address=address,
+            config_file=config_file,
+        )
+    )
+
+
+@study_app.command("loss-weights")
+@handles_errors
+def study_loss_weights(
+    data: Data,
+    out_dir: StudyOut,
+    latent_dim: Annotated[int, typer.Option("--latent-dim", help="Latent size of both models.", min=1)] = 20,
+    epochs: Epochs = 10,
+    lr: Lr = 2e-3,
+    workers_per_trial: WorkersPerTrial = 1,
+    max_concurrent: MaxConcurrent = None,
+    resume: Resume = False,
+    address: opt.Address = None,
+    config_file: opt.ConfigFile = None,
+) -> None:
+    """0.9*MSE + 0.1*KL against 0.1*MSE + 0.9*KL: reconstructions and t-SNE maps side by side."""
+    from ..study import loss_weights as run_study
+
+    _print_study(
+        run_study(
+            data,
+            out_dir,
+            latent_dim=latent_dim,
+            epochs=epochs,
+            lr=lr,
+            workers_per_trial=workers_per_trial,
+            max_concurrent=max_concurrent,
+            resume=resume,
+            address=address,
+            config_file=config_file,
+        )
+    )

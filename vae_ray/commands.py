@@ -1,0 +1,163 @@
+"""The commands that can run on a cluster, as plain functions of JSON-able
+arguments. The CLI calls them on the user's machine; a Ray Job calls the very
+same ones (`python -m vae_ray.jobs '{"command": ..., "kwargs": ...}'`).
+Each returns a JSON-able summary.
+
+`validate(spec)` runs every check that needs no files, so a bad value fails
+on the user's machine before anything is submitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import evaluate as evaluation
+from . import generate as generation
+from . import tune as tuning
+from .config import FIELD_TYPES, TrainConfig, _coerce
+from .config import spec as field_spec
+from .errors import Interrupted, UserError
+from .pictures import write_run_pictures
+from .progress import Stages
+from .rundir import RunDir
+from .tracking import Tracking
+from .trainer import fit, merge_for_resume
+
+
+def train(
+    settings: dict[str, Any],
+    resume: bool = False,
+    *,
+    show: bool = False,
+    address: str | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) a run; write its pictures; return its summary."""
+    if not settings.get("out"):
+        raise UserError("--out is required (the run folder)")
+    cfg = merge_for_resume(RunDir(settings["out"]), settings) if resume else TrainConfig.from_dict(settings)
+    if not cfg.data:
+        raise UserError("--data is required (a folder made by `vae-ray data prepare`)")
+    tracking = Tracking.for_config(cfg)
+    try:
+        summary = fit(cfg, resume=resume, show=show, address=address, verbose=verbose, tracking=tracking)
+    except BaseException as exc:
+        if tracking is not None and tracking.run_id:
+            tracking.finish(
+                RunDir(cfg.out), status="KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED"
+            )
+        raise
+    run = RunDir(summary["run_dir"])
+    if summary.get("already_complete"):
+        return summary | {"plots": run.path("plots"), "samples": run.path("samples")}
+    pictures = write_run_pictures(run, run.read_config()[0]["data"])
+    if tracking is not None:
+        tracking.finish(run, folders=("plots", "samples"))
+        summary["mlflow_run_id"] = tracking.run_id
+    return summary | pictures
+
+
+def tune(
+    settings: dict[str, Any],
+    search: dict[str, Any],
+    out: str,
+    options: dict[str, Any],
+    *,
+    show: bool = False,
+    address: str | None = None,
+) -> dict[str, Any]:
+    rows = tuning.search(
+        TrainConfig.from_dict(settings), tuning.SearchSpec(**search), out, show=show, address=address, **options
+    )
+    return {
+        "out": out,
+        "best": f"{out.rstrip('/')}/best",
+        "already_complete": rows.already_complete,
+        "trials": [{k: v for k, v in r.items() if k != "history"} for r in rows],
+        "rows": rows,
+    }
+
+
+def generate(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
+    job = generation.Generation(**options)
+    with Stages(enabled=show, rate=True) as stages:
+        manifest = job.run(address, lambda done, total: stages("generating", done, total))
+    return {k: manifest.get(k) for k in ("count", "seconds", "image_format", "already_complete")} | {
+        "out": job.out,
+        "path": job.path_taken,
+    }
+
+
+def evaluate(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
+    job = evaluation.Evaluation(**options)
+    with Stages(enabled=show) as stages:
+        result = job.run(address, stages if show else None)
+    saved = evaluation.save(result, options["checkpoint"])
+    return result | {"saved": saved}
+
+
+COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
+    "train": train,
+    "tune": tune,
+    "generate": generate,
+    "evaluate": evaluate,
+}
+
+
+def run(spec: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Run a job spec: {"command": name, "kwargs": arguments}."""
+    command, kwargs = _parts(spec)
+    result = COMMANDS[command](**kwargs, show=show, address=address)
+    result.pop("rows", None)
+    return result
+
+
+def validate(spec: dict[str, Any]) -> None:
+    """Every check that needs no files, before a spec is sent anywhere."""
+    command, kwargs = _parts(spec)
+    if command == "train":
+        if kwargs.get("resume"):
+            check_settings(kwargs["settings"])
+        else:
+            TrainConfig.from_dict(kwargs["settings"])
+    elif command == "tune":
+        base = TrainConfig.from_dict(kwargs["settings"])
+        options = kwargs["options"]
+        tuning.check_options(
+            options.get("metric", "test_matlab_elbo"),
+            options.get("grace_period", 1),
+            base.epochs,
+            options.get("max_concurrent"),
+            options.get("gpus_per_trial", 0),
+        )
+    elif command == "generate":
+        o = kwargs["options"]
+        generation.check_options(
+            num=o.get("num", 1),
+            fmt=o.get("fmt", "png"),
+            seed=o.get("seed", 0),
+            temperature=o.get("temperature", 1.0),
+            chunk=o.get("batch_size") or generation.CHUNK,
+            shard_size=o.get("shard_size", generation.SHARD),
+            label=o.get("label"),
+            per_class=o.get("per_class", False),
+            actors=o.get("actors"),
+        )
+    elif command == "evaluate":
+        evaluation.check_options(**kwargs["options"])
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """Check the given settings one by one (a resume's changes, before they meet the saved config)."""
+    for key, value in settings.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_TYPES:
+            raise UserError(f"unknown setting '{key}'")
+        field_spec(name).check(name, _coerce(name, value, FIELD_TYPES[name], "config"))
+
+
+def _parts(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if not isinstance(spec, dict) or spec.get("command") not in COMMANDS or not isinstance(spec.get("kwargs"), dict):
+        raise UserError(f"not a job spec: expected {{'command': one of {', '.join(COMMANDS)}, 'kwargs': {{...}}}}")
+    return spec["command"], spec["kwargs"]

@@ -1,0 +1,56 @@
+"""Random numbers keyed by (seed, index): the same image always gets the same
+draws, whatever the batch sizes, actor counts, worker counts or the order Ray
+Data delivers rows in. Used alike by training (the test binarisation),
+evaluation (posterior samples, binarisation) and generation (latent vectors).
+
+The generator is counter-based: splitmix64 of (key XOR counter) gives 64
+random bits per counter value, turned into uniforms and, by Box-Muller, into
+standard normals. No state is carried from one call to the next.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(_GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _key(seed: int) -> np.uint64:
+    return np.uint64((seed * _GOLDEN + 0x632BE59BD9B4E019) % 2**64)
+
+
+def latent_normals(seed: int, indices: np.ndarray, dim: int) -> np.ndarray:
+    """Standard normals (len(indices), dim), row i depending only on (seed, indices[i])."""
+    idx = np.asarray(indices).astype(np.uint64)[:, None]
+    pairs = (dim + 1) // 2
+    counter = idx * np.uint64(2 * pairs) + np.arange(2 * pairs, dtype=np.uint64)[None, :]
+    bits = _splitmix64(counter ^ _key(seed))
+    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
+    u1, u2 = uniform[:, :pairs], uniform[:, pairs:]
+    radius = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)], axis=1)
+    return z[:, :dim].astype(np.float32)
+
+
+def hashed_normals(seed: int, indices: np.ndarray, samples: int, dim: int) -> torch.Tensor:
+    """(samples, len(indices), dim) standard normals keyed by (seed, image index, sample number)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    idx = indices[None, :] * samples + np.arange(samples)[:, None]
+    return torch.from_numpy(latent_normals(seed, idx.reshape(-1), dim)).view(samples, len(indices), dim)
+
+
+def binarize(x: torch.Tensor, seed: int, indices: np.ndarray) -> torch.Tensor:
+    """A fixed stochastic binarisation (x ~ Bernoulli(pixel)) keyed by image index,
+    so every epoch and every evaluation scores the same binary images."""
+    d = x[0].numel()
+    noise = hashed_normals(seed + 7919, indices, 1, d)[0].view_as(x).to(x.device)
+    return (torch.special.ndtr(noise) < x).to(x.dtype)

@@ -1,0 +1,360 @@
+"""The driver side of training: `fit` checks the data, the run folder and the
+cluster, builds the `TorchTrainer` (`build_trainer`, which every Tune trial
+uses too) and follows it until it ends. The per-worker side is `worker.py`.
+
+Order matters for the user's files: every check that can fail runs before
+anything is written, and the run folder is locked for the whole command.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from . import cluster as clusters
+from . import storage
+from .config import RECIPES, TrainConfig
+from .data import load_split, read_meta, summary
+from .errors import Interrupted, RunFailed, UserError, root_cause
+from .ingest import choose_ingest
+from .progress import ProgressBoard, TrainingDisplay, diagnose_stall
+from .rundir import RunDir
+from .worker import train_loop
+
+# Settings that define the model and its data: a resumed run must keep them.
+MODEL_FIELDS = ("arch", "latent_dim", "conditional", "loss", "data")
+# Settings that may differ between two commands for the same run.
+OPERATIONAL = ("out", "max_failures", "keep_checkpoints", "stall_timeout", "mlflow", "cpus_per_worker", "gpu", "cache")
+
+
+# ---------------------------------------------------------------------------
+# Resolving a config against its data and cluster
+# ---------------------------------------------------------------------------
+def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
+    """Fill in `auto` choices from the dataset and reject impossible combinations."""
+    h, w, c = meta["shape"]
+    arch = cfg.arch
+    if arch == "auto":
+        arch = "cifar" if c == 3 and h % 8 == 0 and w % 8 == 0 else "mnist"
+    step = 4 if arch == "mnist" else 8
+    if h % step or w % step:
+        raise UserError(f"the {arch} network needs image sides divisible by {step}; {meta['root']} has {h}x{w}")
+    loss = cfg.loss if cfg.loss != "auto" else ("matlab" if c == 1 else "gaussian")
+    recipe = RECIPES[arch]
+    cfg = cfg.replace(batch_size=cfg.batch_size or recipe["batch_size"])
+    n_train = meta["splits"]["train"]["count"]
+    if cfg.batch_size > n_train:
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the {n_train} training images")
+    smallest = max(cfg.min_workers, 1) if cfg.min_workers else cfg.workers
+    for world in sorted({smallest, cfg.workers}):
+        if (n_train // world) < math.ceil(cfg.batch_size / world):
+            raise UserError(
+                f"{world} workers get {n_train // world} images each, "
+                f"fewer than a per-worker batch of {math.ceil(cfg.batch_size / world)}"
+            )
+    if cfg.conditional and meta["num_classes"] < 2:
+        raise UserError(
+            f"--conditional needs labelled data with at least 2 classes; {meta['root']} has {meta['num_classes']}"
+        )
+    if cfg.binarize and loss != "bernoulli":
+        raise UserError("binarize applies to the bernoulli loss only")
+    return cfg.replace(
+        arch=arch,
+        loss=loss,
+        data=meta["root"],
+        out=storage.check_uri(cfg.out),
+        lr=recipe["lr"] if cfg.lr is None else cfg.lr,
+        lr_schedule=cfg.lr_schedule or recipe["lr_schedule"],
+        adam_beta2=recipe["adam_beta2"] if cfg.adam_beta2 is None else cfg.adam_beta2,
+    )
+
+
+def plan_scale(cfg: TrainConfig, cluster: clusters.Cluster) -> tuple[TrainConfig, bool]:
+    """GPUs or not, and CPUs per worker when left at 0 (auto): the node's
+    CPUs shared by the workers that land on it, one left for Ray Data.
+    Raises UserError when the cluster cannot hold the run."""
+    res = cluster.resources
+    fewest = cfg.min_workers or cfg.workers
+    gpus = int(res.get("GPU", 0))
+    use_gpu = cfg.gpu if cfg.gpu is not None else gpus >= fewest > 0
+    if use_gpu and gpus < fewest:
+        raise UserError(f"--gpu asks for {fewest} GPU worker(s) but the cluster has {gpus} GPU(s)")
+    if cfg.precision == "fp16" and not use_gpu:
+        raise UserError("precision fp16 needs GPUs; use bf16 on CPUs")
+    cpus_per_worker = cfg.cpus_per_worker or auto_cpus_per_worker(cfg.workers, cluster, use_gpu)
+    available = int(os.cpu_count() or 1) if cluster.private else int(res.get("CPU", 0))
+    need = fewest * cpus_per_worker
+    if need > available:
+        where = "this machine has" if cluster.private else "the cluster has"
+        hint = (
+            " (a local cluster runs at most one CPU per core; join a larger one with --address)"
+            if cluster.private
+            else ""
+        )
+        raise UserError(f"{fewest} workers x {cpus_per_worker} CPUs need {need} CPUs; {where} {available}{hint}")
+    return cfg.replace(cpus_per_worker=cpus_per_worker, gpu=use_gpu), use_gpu
+
+
+def auto_cpus_per_worker(workers: int, cluster: clusters.Cluster, use_gpu: bool) -> int:
+    if cluster.private:
+        return max(1, (os.cpu_count() or 1) // workers)
+    nodes = [n["resources"] for n in cluster.nodes if not use_gpu or n["resources"].get("GPU", 0) >= 1]
+    if not nodes:
+        return 1
+    node_cpus = min(int(n.get("CPU", 1)) for n in nodes)
+    per_node = max(1, math.ceil(workers / len(nodes)))
+    if use_gpu:
+        per_node = max(1, min(per_node, min(int(n.get("GPU", 1)) for n in nodes)))
+    return max(1, (node_cpus - 1) // per_node if node_cpus > 1 else 1)
+
+
+def private_cluster_cpus(cfg: TrainConfig) -> int:
+    """Logical CPUs for a private local cluster: the machine's, plus one for
+    Ray Data's read tasks beside workers that take every core."""
+    return (os.cpu_count() or 1) + 1
+
+
+# ---------------------------------------------------------------------------
+# The run folder
+# ---------------------------------------------------------------------------
+def check_run(run: RunDir, cfg: TrainConfig, resume: bool) -> str:
+    """'new', 'resume' or 'complete' (the same run, already finished).
+    Anything else in the way is a UserError, before anything is written."""
+    run.check_folder()
+    saved = run.read_config()
+    if resume:
+        if saved is None:
+            raise UserError(f"{run.uri}: nothing to resume (no config.json); start it without --resume")
+        return "resume"
+    if saved is None:
+        if run.holds_run():
+            raise UserError(f"{run.uri}: holds checkpoints but no config.json; choose another --out")
+        if not run.is_empty():
+            raise UserError(f"{run.uri}: holds other files, not a vae-ray run; choose a new or empty --out")
+        return "new"
+    same = _comparable(saved[0]) == _comparable(cfg.to_dict())
+    if same and run.last_epoch() >= cfg.epochs:
+        return "complete"
+    raise UserError(f"{run.uri}: already holds a training run; pass --resume to continue it or choose a new --out")
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in OPERATIONAL}
+
+
+def merge_for_resume(run: RunDir, changes: dict[str, Any]) -> TrainConfig:
+    """The saved config with `changes` on top; model-defining settings stay."""
+    saved = run.read_config()
+    if saved is None:
+        raise UserError(f"{run.uri}: nothing to resume (no config.json)")
+    before = TrainConfig.from_dict(saved[0], source=run.path("config.json"))
+    for name in MODEL_FIELDS:
+        value = changes.get(name)
+        if (
+            value is not None
+            and value != getattr(before, name)
+            and not (name == "data" and storage.check_uri(str(value)) == storage.check_uri(before.data))
+        ):
+            raise UserError(
+                f"--resume keeps the run's {name} ({getattr(before, name)!r}); start a new run to change it"
+            )
+    return before.replace(**{k: v for k, v in changes.items() if v is not None and k not in MODEL_FIELDS})
+
+
+def run_summary(run: RunDir, **extra: Any) -> dict[str, Any]:
+    history = run.history()
+    return {
+        "run_dir": run.uri,
+        "epochs": len(history),
+        "final": history[-1] if history else {},
+        "checkpoint": run.latest() or "",
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------
+class RunDirCallback(ray.train.UserCallback):
+    """On the Train controller after every report: append the epoch to
+    metrics.jsonl (never twice) and point RUN/latest at its checkpoint."""
+
+    def __init__(self, run_uri: str):
+        self.run_uri = run_uri
+        self.last_epoch: int | None = None  # read from metrics.jsonl once, on the controller
+
+    def after_report(self, run_context, metrics, checkpoint):
+        run = RunDir(self.run_uri)
+        m = metrics[0]
+        if "stopped" in m:
+            run.mark_stopped(m)
+            return
+        if self.last_epoch is None:
+            self.last_epoch = run.last_epoch()
+        if m["epoch"] > self.last_epoch:
+            run.append_metrics(m)
+            self.last_epoch = m["epoch"]
+        if checkpoint is not None:
+            run.point_latest(Path(checkpoint.path).name)
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    dataset: dict,
+    run: RunDir,
+    ingest: str,
+    use_gpu: bool,
+    callbacks: list | None = None,
+    board: str | None = None,
+    board_key: str = "",
+    tracking: dict | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for one run: `vae-ray train` and every Tune trial use this."""
+    datasets = {}
+    if ingest == "stream":
+        from ray.data import RandomSeedConfig
+
+        # A new block order every epoch (every execution), reproducible from the seed.
+        datasets["train"] = load_split(cfg.data, "train", read_meta(cfg.data)).randomize_block_order(
+            seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)
+        )
+    fs, parent = storage.filesystem(run.parent)
+    workers = (cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "dataset": dataset,
+            "ingest": ingest,
+            "progress_board": board,
+            "progress_key": board_key,
+            "tracking": tracking or {},
+            "run": run.uri,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=parent,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=[RunDirCallback(run.uri), *(callbacks or [])],
+        ),
+        datasets=datasets,
+    )
+
+
+def fit(
+    cfg: TrainConfig,
+    resume: bool = False,
+    show: bool = True,
+    address: str | None = None,
+    verbose: bool = False,
+    tracking=None,
+) -> dict[str, Any]:
+    """Train with Ray Train; return a summary. `tracking` (tracking.Tracking)
+    is started once every check has passed."""
+    meta = read_meta(cfg.data)
+    cfg = resolve(cfg, meta)
+    run = RunDir(cfg.out)
+    with run.lock():
+        status = check_run(run, cfg, resume)
+        if status == "complete":
+            return run_summary(run, already_complete=True, complete=True)
+        cluster = clusters.connect(address, cpus_needed=private_cluster_cpus(cfg), verbose=verbose)
+        cfg, use_gpu = plan_scale(cfg, cluster)
+        train_bytes = meta["splits"]["train"]["count"] * int(math.prod(meta["shape"]))
+        ingest = choose_ingest(cfg.cache, train_bytes, cluster.node_memory)
+        if not cluster.private and not run.remote and len(cluster.nodes) > 1:
+            storage.warn_user(
+                f"the cluster has {len(cluster.nodes)} nodes but {run.uri} is a local path: every "
+                f"node must see it (use s3:// or a shared filesystem)"
+            )
+        dataset = summary(meta)
+        run.write_config(cfg.to_dict(), dataset)  # only now: every check has passed
+        run.clear_stopped()
+        info = tracking.start(cfg, run) if tracking is not None else {}
+        if run.last_epoch() < cfg.epochs:
+            _run_trainer(cfg, dataset, run, cluster, use_gpu, ingest, show, info)
+        stopped = run.stopped()
+        if stopped:
+            raise RunFailed(f"training stopped: {stopped['stopped']}; the last good checkpoint is {run.latest()}")
+        return run_summary(
+            run,
+            complete=run.last_epoch() >= cfg.epochs,
+            ingest=ingest,
+            workers=cfg.workers,
+            cpus_per_worker=cfg.cpus_per_worker,
+        )
+
+
+def _run_trainer(
+    cfg: TrainConfig,
+    dataset: dict,
+    run: RunDir,
+    cluster: clusters.Cluster,
+    use_gpu: bool,
+    ingest: str,
+    show: bool,
+    tracking: dict,
+) -> None:
+    board_name = f"vae-ray-progress-{uuid.uuid4().hex[:8]}"
+    board = ProgressBoard.options(name=board_name).remote()
+    # Ray Train's preemption watcher (one more process per run) matters when
+    # nodes may be taken away, which is what elastic runs are for.
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1" if cfg.min_workers else "0"
+    trainer = build_trainer(cfg, dataset, run, ingest, use_gpu, board=board_name, tracking=tracking)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="vae-ray-fit", daemon=True)
+    display = TrainingDisplay(board, enabled=show, history=run.history, stall_timeout=cfg.stall_timeout)
+    thread.start()
+    try:
+        stalled = display.follow(thread)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        clusters.shutdown()  # ends this driver's trainer, its workers and a private cluster
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(
+            signum,
+            f"training stopped by {signal.Signals(signum).name} after {run.last_epoch()} "
+            f"epoch(s); the run keeps its last checkpoint: continue it with --resume",
+        ) from None
+    if stalled:
+        reason = diagnose_stall(cfg, use_gpu)
+        clusters.shutdown()
+        raise RunFailed(
+            f"no progress for {cfg.stall_timeout} s: {reason}; the run keeps its last checkpoint "
+            f"(continue it with --resume)"
+        )
+    try:
+        ray.kill(board)
+    except Exception:  # noqa: BLE001 - already gone with a failed run
+        pass
+    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+    if error is not None:
+        where = ""
+        if not run.remote:
+            copied = clusters.copy_logs(cluster, Path(run.uri) / "ray-logs")
+            where = f" (Ray logs: {copied})" if copied else ""
+        if not where and not cluster.private:
+            where = " (worker logs: the cluster's dashboard, or `ray logs`)"
+        raise RunFailed(f"training failed: {root_cause(error)}{where}")

@@ -1,0 +1,374 @@
+"""`train_loop`: the function every Ray Train worker runs (one DDP rank).
+
+Numbered comments mark the Ray-specific steps, as in Ray's own examples.
+The driver side (building the TorchTrainer, following it) is `trainer.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .images import to_float
+from .ingest import MemoryFeed, StreamFeed, eval_batches, rank_batch, steps_per_epoch
+from .keyed_random import binarize as keyed_binarize
+from .model import VAE, batch_terms, build_model
+from .rundir import checkpoint_name
+from .tracking import EpochLogger
+
+CHECK_EVERY = 20  # steps between non-finite checks and progress updates
+EVAL_BATCH = 1024
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The per-worker training function handed to TorchTrainer."""
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    dataset = loop_config["dataset"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    # 1. Threads, seeds and device for this rank.
+    torch.set_num_threads(cfg.cpus_per_worker)
+    seed_everything(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+
+    # 2. Model (DDP-wrapped when world > 1), optimizer and weight average.
+    core = build_model(
+        cfg.arch, dataset["shape"], cfg.latent_dim, dataset["num_classes"] if cfg.conditional else 0, cfg.loss
+    )
+    model = ray.train.torch.prepare_model(core)
+    optimizer = make_optimizer(cfg, model)
+    averaged = copy.deepcopy(core).requires_grad_(False) if cfg.ema else None
+    served = averaged if averaged is not None else core  # what is evaluated, saved and sampled
+
+    # 3. Resume from the latest checkpoint (after --resume, or a restart after a failure).
+    start_epoch, global_step = 1, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = ckpt.restore(directory, core, optimizer, averaged, device)
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+
+    # 4. This rank's share of the data: in memory, or streamed by Ray Data.
+    if loop_config["ingest"] == "memory":
+        feed = MemoryFeed(dataset, rank, world, device, cfg.seed)
+    else:
+        feed = StreamFeed(ray.train.get_dataset_shard("train"), dataset["shape"], device, cfg.seed, rank)
+    batch = rank_batch(cfg.batch_size, world, rank)
+    steps = steps_per_epoch(dataset["counts"]["train"], cfg.batch_size, world)
+    # The schedule is defined per global step of the configured geometry, whatever the world size.
+    total_steps = cfg.epochs * (dataset["counts"]["train"] // cfg.batch_size)
+    run = Run(
+        cfg,
+        model,
+        core,
+        averaged,
+        optimizer,
+        world,
+        device,
+        batch,
+        steps,
+        total_steps,
+        global_step,
+        _progress_board(loop_config.get("progress_board")) if rank == 0 else None,
+        loop_config.get("progress_key", ""),
+    )
+    logger = EpochLogger(loop_config["run"], loop_config.get("tracking", {}), cfg, dataset) if rank == 0 else None
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        # 5. One epoch of training: the same number of steps on every rank.
+        started = time.perf_counter()
+        sums, stopped = train_epoch(run, feed, epoch)
+        if stopped:
+            ray.train.report({"epoch": epoch, "stopped": stopped})
+            return
+        sync(device)
+        train_seconds = time.perf_counter() - started
+
+        # 6. The test split, every epoch, every row exactly once across the ranks.
+        test = evaluate(served, dataset, cfg, rank, world, device)
+        totals = all_sum(sums, world)
+        seen = totals[0].item()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": totals[1].item() / seen,
+            "train_recon": totals[2].item() / seen,
+            "train_kl": totals[3].item() / seen,
+            **{f"test_{k}": v for k, v in test.items()},
+            "beta": beta_at(cfg, epoch, steps, steps),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_images_per_s": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds,
+            "global_step": run.global_step,
+            "workers": world,
+            "nodes": count_nodes(world),
+            "ingest": feed.kind,
+            "started_at_epoch": start_epoch,  # > 1 after a resume or a restart from a checkpoint
+        }
+
+        # 7. Experiment tracking: rank 0 logs scalars and pictures (before the
+        #    report, after which a search may stop this run at once).
+        if logger is not None:
+            logger.epoch(metrics, served, device)
+
+        # 8. Report (a barrier on every rank); rank 0 alone writes the checkpoint.
+        report(
+            metrics,
+            epoch,
+            rank,
+            served,
+            core if averaged is not None else None,
+            optimizer,
+            dataset,
+            run.global_step,
+            loop_config,
+        )
+    if logger is not None:
+        logger.close()
+
+
+@dataclass
+class Run:
+    """What a rank's training steps share."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    core: VAE  # the model itself
+    averaged: VAE | None  # the weight average (--ema)
+    optimizer: torch.optim.Optimizer
+    world: int
+    device: torch.device
+    batch: int  # this rank's share of the global batch
+    steps: int  # steps per epoch, the same on every rank
+    total_steps: int  # the schedule's length in global steps
+    global_step: int = 0
+    board: Any = None  # the driver's progress board (rank 0 only)
+    board_key: str = ""
+
+
+def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
+    """One epoch; returns (sums of images/loss/recon/kl, why it stopped or None)."""
+    cfg, device, world = run.cfg, run.device, run.world
+    run.model.train()
+    started = time.perf_counter()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    autocast = autocast_for(cfg.precision, device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # images, loss, recon, kl
+    window = torch.zeros((), device=device)
+    binarize = cfg.binarize and cfg.loss == "bernoulli"
+    for step, (images, labels, _) in enumerate(feed.batches(epoch, run.batch, run.steps), start=1):
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, run.global_step, run.total_steps)
+        x = to_float(images)
+        target = torch.bernoulli(x) if binarize else x
+        with autocast:
+            logits, mu, logvar = run.model(x, labels if cfg.conditional else None, samples=cfg.z_samples)
+        terms = batch_terms(
+            run.core, x, target, logits, mu, logvar, beta_at(cfg, epoch, step, run.steps), cfg.recon_weight
+        )
+        # DDP averages gradients over ranks: scaling each rank's sum by world /
+        # batch_size makes the step the mean over the global batch, even when
+        # ranks hold batches one image apart.
+        loss = terms.loss.sum() * (world / cfg.batch_size)
+        run.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        scaler.step(run.optimizer)
+        scaler.update()
+        run.global_step += 1
+        if run.averaged is not None:
+            update_average(run.averaged, run.core, cfg.ema, run.global_step)
+        sums += torch.stack(
+            [
+                torch.tensor(float(len(x)), device=device, dtype=torch.float64),
+                terms.loss.detach().sum().double(),
+                terms.recon.detach().sum().double(),
+                terms.kl.detach().sum().double(),
+            ]
+        )
+        window = window + loss.detach()
+        if step % CHECK_EVERY == 0 or step == run.steps:
+            if not all_finite(window, world):  # checked together, so every rank stops at the same step
+                return sums, f"non-finite loss at epoch {epoch}, step {step}"
+            window = torch.zeros((), device=device)
+            if run.board is not None:
+                seen = sums[0].item() * world
+                run.board.update.remote(
+                    key=run.board_key,
+                    epoch=epoch,
+                    epochs=cfg.epochs,
+                    step=step,
+                    steps=run.steps,
+                    loss=sums[1].item() / max(sums[0].item(), 1),
+                    images_per_s=seen / (time.perf_counter() - started),
+                )
+    return sums, None
+
+
+@torch.no_grad()
+def evaluate(
+    core: VAE, dataset: dict, cfg: TrainConfig, rank: int, world: int, device: torch.device
+) -> dict[str, float]:
+    """Per-image means over the test split (each rank scores its rows), summed
+    across ranks. The Bernoulli target is the index-keyed binarisation that
+    `vae-ray evaluate` uses, so both report the same figures."""
+    core.eval()
+    binarize = cfg.binarize and cfg.loss == "bernoulli"
+    autocast = autocast_for(cfg.precision, device)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    for images, labels, indices in eval_batches(dataset, rank, world, EVAL_BATCH, device):
+        x = to_float(images)
+        target = keyed_binarize(x, cfg.seed, indices.cpu().numpy()) if binarize else x
+        y = labels if cfg.conditional else None
+        with autocast:
+            mu, logvar = core.encode(x, y)
+            logits = core.decode(core.reparameterize(mu, logvar), y)
+        t = batch_terms(core, x, target, logits, mu, logvar, cfg.beta, cfg.recon_weight)
+        sums += torch.stack(
+            [torch.tensor(float(len(x)), device=device, dtype=torch.float64)]
+            + [v.sum().double() for v in (t.loss, t.recon, t.kl, t.neg_elbo_nats, t.matlab_elbo)]
+        )
+    core.train()
+    totals = all_sum(sums, world)
+    n = max(totals[0].item(), 1.0)
+    names = ("loss", "recon", "kl", "neg_elbo_nats", "matlab_elbo")
+    return {name: totals[i + 1].item() / n for i, name in enumerate(names)} | {"images": int(totals[0].item())}
+
+
+def report(
+    metrics: dict,
+    epoch: int,
+    rank: int,
+    served: VAE,
+    training_weights: VAE | None,
+    optimizer,
+    dataset: dict,
+    global_step: int,
+    loop_config: dict,
+) -> None:
+    name = checkpoint_name(epoch)
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.save(
+            Path(tmp),
+            served,
+            optimizer,
+            {"epoch": epoch, "global_step": global_step, "metrics": metrics},
+            loop_config["config"],
+            dataset,
+            training_weights=training_weights,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
+# ---------------------------------------------------------------------------
+# Small pieces
+# ---------------------------------------------------------------------------
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    betas = (0.9, cfg.adam_beta2)
+    if cfg.weight_decay:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.lr_schedule == "constant" or total <= 0:
+        return cfg.lr
+    progress = min(step / total, 1.0)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    warm = 0.1  # onecycle: linear warm-up over the first 10%, then cosine decay
+    if progress < warm:
+        return cfg.lr * (0.1 + 0.9 * progress / warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
+
+
+def beta_at(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    if cfg.kl_warmup_epochs <= 0:
+        return cfg.beta
+    done = (epoch - 1) + step / max(steps, 1)
+    return cfg.beta * min(1.0, done / cfg.kl_warmup_epochs)
+
+
+@torch.no_grad()
+def update_average(averaged: VAE, model: VAE, decay: float, step: int) -> None:
+    """One step of the weight average. The decay ramps up from 0.1 so the
+    average does not remember the random initial weights; buffers (BatchNorm
+    statistics) are copied, not averaged."""
+    d = min(decay, (1 + step) / (10 + step))
+    for avg, new in zip(averaged.parameters(), model.parameters(), strict=True):
+        avg.lerp_(new, 1 - d)
+    for avg, new in zip(averaged.buffers(), model.buffers(), strict=True):
+        avg.copy_(new)
+
+
+def all_finite(value: torch.Tensor, world: int) -> bool:
+    bad = (~torch.isfinite(value)).float().reshape(1)
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+def all_sum(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def count_nodes(world: int) -> int:
+    """Distinct Ray nodes the ranks run on (gathered over the process group)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return 1
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, node)
+    return len(set(everyone))
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _progress_board(name: str | None):
+    if not name:
+        return None
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
