@@ -311,6 +311,37 @@ def _route_raylet_messages_to_log() -> None:
     ray_worker.print_to_stdstream = filtered
 
 
+def start_board(name: str):
+    """The progress board (a `progress.ProgressBoard`) as a named, CPU-free
+    actor that the workers find by name, and a function that reads it."""
+    import ray
+
+    from .progress import ProgressBoard
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).options(name=name).remote()
+    return board, lambda: ray.get(board.get.remote(), timeout=2)
+
+
+def diagnose_stall(cfg, use_gpu: bool) -> str:
+    """What a run that made no progress was most likely waiting for, in words."""
+    import ray
+
+    try:
+        table = ray.util.placement_group_table()
+        available = ray.available_resources()
+    except Exception as exc:  # noqa: BLE001 - the GCS itself is gone
+        return f"the Ray cluster stopped answering ({type(exc).__name__})"
+    pending = [pg for pg in table.values() if pg.get("state") in ("PENDING", "RESCHEDULING")]
+    if pending:
+        want = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        free = ", ".join(f"{k} {v:g}" for k, v in sorted(available.items()) if k in ("CPU", "GPU")) or "none"
+        return (
+            f"waiting for resources: {cfg.min_workers or cfg.workers} worker(s) x {want} "
+            f"are not free on the cluster (free now: {free})"
+        )
+    return "the workers started but reported no training step (stuck starting up or reading data)"
+
+
 def copy_logs(cluster: Cluster, destination: Path) -> Path | None:
     """Copy a private cluster's logs (never a shared cluster's: other users'
     jobs log there) into `destination`, largest files last, up to LOG_COPY_LIMIT."""

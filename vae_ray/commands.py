@@ -5,6 +5,10 @@ Each returns a JSON-able summary.
 
 `validate(spec)` runs every check that needs no files, so a bad value fails
 on the user's machine before anything is submitted.
+
+Like the CLI, this dispatch layer imports a command's implementation when the
+command runs: a one-shard `generate` never loads Ray, and a job loads only
+what it runs.
 """
 
 from __future__ import annotations
@@ -12,17 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import evaluate as evaluation
-from . import generate as generation
-from . import tune as tuning
 from .config import FIELD_TYPES, TrainConfig, _coerce
 from .config import spec as field_spec
 from .errors import Interrupted, UserError
-from .pictures import write_run_pictures
 from .progress import Stages
 from .rundir import RunDir
-from .tracking import Tracking
-from .trainer import fit, merge_for_resume
 
 
 def train(
@@ -34,6 +32,10 @@ def train(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a run; write its pictures; return its summary."""
+    from .pictures import write_run_pictures
+    from .tracking import Tracking
+    from .trainer import fit, merge_for_resume
+
     if not settings.get("out"):
         raise UserError("--out is required (the run folder)")
     cfg = merge_for_resume(RunDir(settings["out"]), settings) if resume else TrainConfig.from_dict(settings)
@@ -67,6 +69,8 @@ def tune(
     show: bool = False,
     address: str | None = None,
 ) -> dict[str, Any]:
+    from . import tune as tuning
+
     rows = tuning.search(
         TrainConfig.from_dict(settings), tuning.SearchSpec(**search), out, show=show, address=address, **options
     )
@@ -80,6 +84,8 @@ def tune(
 
 
 def generate(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
+    from . import generate as generation
+
     job = generation.Generation(**options)
     with Stages(enabled=show, rate=True) as stages:
         manifest = job.run(address, lambda done, total: stages("generating", done, total))
@@ -90,6 +96,8 @@ def generate(options: dict[str, Any], *, show: bool = False, address: str | None
 
 
 def evaluate(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
+    from . import evaluate as evaluation
+
     job = evaluation.Evaluation(**options)
     with Stages(enabled=show) as stages:
         result = job.run(address, stages if show else None)
@@ -115,6 +123,10 @@ def run(spec: dict[str, Any], *, show: bool = False, address: str | None = None)
 
 def validate(spec: dict[str, Any]) -> None:
     """Every check that needs no files, before a spec is sent anywhere."""
+    from . import evaluate as evaluation
+    from . import generate as generation
+    from . import tune as tuning
+
     command, kwargs = _parts(spec)
     if command == "train":
         if kwargs.get("resume"):

@@ -15,16 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
 
 
-@ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Step-level progress of one or more runs (a search's trials share one)."""
+    """Step-level progress of one or more runs (a search's trials share one).
+    Started as a Ray actor by its user: `ray.remote(num_cpus=0)(ProgressBoard)`."""
 
     def __init__(self) -> None:
         self.state: dict[str, dict[str, Any]] = {}
@@ -50,13 +49,13 @@ class TrainingDisplay:
 
     def __init__(
         self,
-        board,
+        poll: Callable[[], dict],
         enabled: bool = True,
         history: Callable[[], list] | None = None,
         stall_timeout: float = 300,
         out: Console | None = None,
     ):
-        self.board, self.enabled, self.history = board, enabled, history or (lambda: [])
+        self.poll_board, self.enabled, self.history = poll, enabled, history or (lambda: [])
         self.stall_timeout = stall_timeout
         self.console = out or console
 
@@ -120,29 +119,11 @@ class TrainingDisplay:
 
     def _poll(self) -> dict[str, Any]:
         try:
-            boards = ray.get(self.board.get.remote(), timeout=2)
+            boards = self.poll_board()
         except Exception:  # noqa: BLE001 - a missed poll only delays the bar
             time.sleep(0.1)
             return {}
         return boards.get("", {})
-
-
-def diagnose_stall(cfg, use_gpu: bool) -> str:
-    """What a run that made no progress was most likely waiting for, in words."""
-    try:
-        table = ray.util.placement_group_table()
-        available = ray.available_resources()
-    except Exception as exc:  # noqa: BLE001 - the GCS itself is gone
-        return f"the Ray cluster stopped answering ({type(exc).__name__})"
-    pending = [pg for pg in table.values() if pg.get("state") in ("PENDING", "RESCHEDULING")]
-    if pending:
-        want = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        free = ", ".join(f"{k} {v:g}" for k, v in sorted(available.items()) if k in ("CPU", "GPU")) or "none"
-        return (
-            f"waiting for resources: {cfg.min_workers or cfg.workers} worker(s) x {want} "
-            f"are not free on the cluster (free now: {free})"
-        )
-    return "the workers started but reported no training step (stuck starting up or reading data)"
 
 
 # ---------------------------------------------------------------------------
@@ -189,36 +170,10 @@ class Stages:
 # A search: epochs over all trials, trials ended, the best metric
 # ---------------------------------------------------------------------------
 class SearchDisplay:
-    """A Tune callback target (it runs in the driver) that draws the search's
-    progress and records when anything last moved, for the watchdog."""
+    """The search's progress (fed by a Tune callback in the driver, see
+    tune.DisplayCallback), and when anything last moved, for the watchdog."""
 
     def __init__(self, total: int, epochs: int, metric: str, enabled: bool = True):
-        from ray.tune import Callback
-
-        class _Callback(Callback):
-            """Forwards trial events to the display. Tune pickles its run
-            config (callbacks included) into the experiment state, so the
-            display itself (a live terminal) is left out of the pickle."""
-
-            def __init__(self, display):
-                self.display = display
-
-            def __getstate__(self):
-                return {"display": None}
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if self.display:
-                    self.display.result(trial.trial_id, result)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                if self.display:
-                    self.display.finished(trial.trial_id, "done")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                if self.display:
-                    self.display.finished(trial.trial_id, "failed")
-
-        self.callback = _Callback(self)
         self.total, self.epochs, self.metric, self.enabled = total, epochs, metric, enabled
         self.best: float | None = None
         self.done: dict[str, str] = {}

@@ -26,7 +26,7 @@ from .config import RECIPES, TrainConfig
 from .data import load_split, read_meta, summary
 from .errors import Interrupted, RunFailed, UserError, root_cause
 from .ingest import choose_ingest
-from .progress import ProgressBoard, TrainingDisplay, diagnose_stall
+from .progress import TrainingDisplay
 from .rundir import RunDir
 from .worker import train_loop
 
@@ -312,7 +312,7 @@ def _run_trainer(
     tracking: dict,
 ) -> None:
     board_name = f"vae-ray-progress-{uuid.uuid4().hex[:8]}"
-    board = ProgressBoard.options(name=board_name).remote()
+    board, poll = clusters.start_board(board_name)
     # Ray Train's preemption watcher (one more process per run) matters when
     # nodes may be taken away, which is what elastic runs are for.
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1" if cfg.min_workers else "0"
@@ -326,7 +326,7 @@ def _run_trainer(
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, name="vae-ray-fit", daemon=True)
-    display = TrainingDisplay(board, enabled=show, history=run.history, stall_timeout=cfg.stall_timeout)
+    display = TrainingDisplay(poll, enabled=show, history=run.history, stall_timeout=cfg.stall_timeout)
     thread.start()
     try:
         stalled = display.follow(thread)
@@ -339,7 +339,7 @@ def _run_trainer(
             f"epoch(s); the run keeps its last checkpoint: continue it with --resume",
         ) from None
     if stalled:
-        reason = diagnose_stall(cfg, use_gpu)
+        reason = clusters.diagnose_stall(cfg, use_gpu)
         clusters.shutdown()
         raise RunFailed(
             f"no progress for {cfg.stall_timeout} s: {reason}; the run keeps its last checkpoint "

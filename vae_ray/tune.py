@@ -47,7 +47,7 @@ from .data import read_meta, summary
 from .errors import Interrupted, RunFailed, UserError, root_cause
 from .ingest import choose_ingest
 from .plots import trial_curves
-from .progress import ProgressBoard, SearchDisplay, diagnose_stall
+from .progress import SearchDisplay
 from .rundir import RunDir
 from .tracking import Tracking, mlflow_uri
 from .trainer import auto_cpus_per_worker, build_trainer, private_cluster_cpus, resolve
@@ -293,7 +293,7 @@ def _run(
         )
     train_bytes = meta["splits"]["train"]["count"] * int(math.prod(meta["shape"]))
     board_name = f"vae-ray-search-{uuid.uuid4().hex[:8]}"
-    board = ProgressBoard.options(name=board_name).remote()
+    board, _ = clusters.start_board(board_name)
     parent = None
     uri = mlflow_uri(base.mlflow)
     setup = {
@@ -335,7 +335,11 @@ def _run(
                 max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(
-                name="tune", storage_path=out_path, storage_filesystem=fs, verbose=0, callbacks=[display.callback]
+                name="tune",
+                storage_path=out_path,
+                storage_filesystem=fs,
+                verbose=0,
+                callbacks=[DisplayCallback(display)],
             ),
         )
     # A trial stopped by ASHA is blocked inside trainer.fit(), so it never
@@ -368,7 +372,7 @@ def _run(
         )
     if stop.stalled is not None:
         raise RunFailed(
-            f"no progress for {base.stall_timeout} s: {diagnose_stall(base, use_gpu)}; "
+            f"no progress for {base.stall_timeout} s: {clusters.diagnose_stall(base, use_gpu)}; "
             f"the search's state is kept: continue it with --resume"
         )
     storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "complete"})
@@ -392,6 +396,30 @@ def derive_concurrency(cpus: int, cpus_per_trial: int, resources: dict, gpus_per
     if gpus_per_trial:
         return max(1, min(by_cpu, int(resources.get("GPU", 0)) // gpus_per_trial))
     return by_cpu
+
+
+class DisplayCallback(tune.Callback):
+    """Forwards trial events (in the driver) to the search's display. Tune
+    pickles its run config, callbacks included, into the experiment state, so
+    the display itself (a live terminal) is left out of the pickle."""
+
+    def __init__(self, display: SearchDisplay):
+        self.display: SearchDisplay | None = display
+
+    def __getstate__(self) -> dict:
+        return {"display": None}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.display:
+            self.display.result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.display:
+            self.display.finished(trial.trial_id, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.display:
+            self.display.finished(trial.trial_id, "failed")
 
 
 class _GracefulStop:
