@@ -116,6 +116,7 @@ def test_cifar_jpeg_tree_as_cifar10_and_imagefolder(cifar_jpeg_subset, tmp_path)
     assert meta["classes"][:2] == ["airplane", "automobile"]
     meta2 = prepare("imagefolder", tmp_path / "f", str(tarball), limit=50)
     assert meta2["splits"]["train"]["count"] == 50
+    assert meta2["source"] == str(tarball.resolve())  # the user's archive, not where it was unpacked
     assert set(meta2["splits"]["train"]["class_counts"].values()) == {5}  # balanced prefix
     images, _ = read_arrays(tmp_path / "f", "train", limit=3)
     assert images.dtype == np.uint8 and images.std() > 10

