@@ -156,30 +156,14 @@ def run_tune(
     from ..tracking import mlflow_uri
     from ..tune import SearchSpec, parse_list
 
-    if resume:
-        saved = _saved_search(out_dir)
-        if saved is not None:  # continue exactly what was started: its settings, space and options
-            settings = {**saved["base"], **flags, "out": out_dir}
-            options = {
-                "grace_period": saved["grace_period"],
-                "metric": saved["metric"],
-                "max_concurrent": max_concurrent,
-                "gpus_per_trial": gpus_per_trial,
-                "resume": True,
-            }
-            _run_search(
-                settings,
-                saved["search"],
-                out_dir,
-                options,
-                address,
-                submit,
-                wait,
-                install_requirements,
-                driver_cpus,
-                driver_gpus,
-            )
-            return
+    cluster = (address, submit, wait, install_requirements, driver_cpus, driver_gpus)
+    options = {"max_concurrent": max_concurrent, "gpus_per_trial": gpus_per_trial, "resume": resume}
+    saved = _saved_search(out_dir) if resume else None
+    if saved is not None:  # continue exactly what was started: its settings, space and options
+        settings = {**saved["base"], **flags, "out": out_dir}
+        options |= {"grace_period": saved["grace_period"], "metric": saved["metric"]}
+        _run_search(settings, saved["search"], out_dir, options, *cluster)
+        return
     if lrs is None and lr_min is None and lr_max is None:
         lrs = "1e-3"
     if (lr_min is None) != (lr_max is None):
@@ -198,25 +182,8 @@ def run_tune(
         num_samples=num_samples,
         betas=parse_list(betas, float, "--betas"),
     )
-    options = {
-        "grace_period": grace_period,
-        "metric": metric,
-        "max_concurrent": max_concurrent,
-        "gpus_per_trial": gpus_per_trial,
-        "resume": resume,
-    }
-    _run_search(
-        settings,
-        dict(spec.__dict__),
-        out_dir,
-        options,
-        address,
-        submit,
-        wait,
-        install_requirements,
-        driver_cpus,
-        driver_gpus,
-    )
+    options |= {"grace_period": grace_period, "metric": metric}
+    _run_search(settings, dict(spec.__dict__), out_dir, options, *cluster)
 
 
 def _saved_search(out_dir: str) -> dict | None:
