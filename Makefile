@@ -8,6 +8,9 @@ TORCH_VERSION ?= 2.13.0
 # build for Linux pulls several GB of CUDA packages).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST := $(PY) -m pytest -q
+# `make test` runs the suite's modules on this many pytest-xdist workers (one
+# module per worker at a time: the module-scoped clusters stay whole).
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast lint demo bench quality gpu-dry-run clean
 
@@ -36,7 +39,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # Everything: real Ray clusters (one private, one multi-node on loopback), an
 # S3 server, an MLflow server, a headless browser.
 test: install
-	$(PYTEST)
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile
 
 # The quick tier: no Ray cluster, no subprocess, no browser, plus one
 # end-to-end smoke test. About a minute on 2 cores.

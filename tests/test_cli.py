@@ -126,3 +126,20 @@ def test_the_command_line_loads_neither_ray_nor_torch_for_help():
     probe = "import sys, vae_ray.cli; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_job_errors_are_read_from_their_status_not_from_stray_digits():
+    """A refused connection's message names objects by address (0x7f4013...);
+    only a status code standing on its own means a token problem."""
+    from vae_ray.jobs import _explain
+
+    url = "http://127.0.0.1:40317"
+    refused = ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=40317): Max retries exceeded "
+        "(Caused by NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f4013a4f403>'))"
+    )
+    assert _explain(refused, url).startswith("cannot reach a Ray cluster")
+    assert "requires a token" in _explain(RuntimeError("Request failed with status code 401: Unauthorized"), url)
+    assert "rejected the token" in _explain(RuntimeError("Request failed with status code 403"), url)
+    other = _explain(RuntimeError("job vae-ray-train-4031aa failed at 0x7f401"), url)
+    assert "token" not in other and "vae-ray-train-4031aa" in other

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -98,8 +97,11 @@ def test_weight_average_resume_and_a_non_finite_loss(ray_cluster, tiny_data, tmp
 
 
 def _train_worker_pids():
-    out = subprocess.run(["pgrep", "-f", "^ray::RayTrainWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """This cluster's Train workers (not those of another cluster on the machine)."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in alive if a.pid]
 
 
 def test_killed_worker_is_survived(ray_cluster, tiny_data, tmp_path):

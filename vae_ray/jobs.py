@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -81,22 +82,30 @@ def connect(address: str | None):
 
 def _explain(exc: BaseException, url: str) -> str:
     text = mask(str(exc))
-    if "401" in text or "Missing authentication token" in text:
-        return f"{url}: the cluster requires a token; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
-    if "403" in text or "Invalid authentication token" in text or "Forbidden" in text:
-        return f"{url}: the cluster rejected the token in RAY_AUTH_TOKEN"
-    if "404" in text and "not exist" in text.lower():
-        return f"{url}: {text.splitlines()[0]}"
+    # A refused connection first: its message carries object addresses
+    # (0x7f401...) that a bare search for a status code would misread.
     if isinstance(exc, ConnectionError) or "Failed to connect" in text or "Connection refused" in text:
         return f"cannot reach a Ray cluster at {url} (is the head running and its dashboard port open?)"
+    if _status(text, 401) or "Missing authentication token" in text:
+        return f"{url}: the cluster requires a token; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+    if _status(text, 403) or "Invalid authentication token" in text or "Forbidden" in text:
+        return f"{url}: the cluster rejected the token in RAY_AUTH_TOKEN"
+    if _status(text, 404) and "not exist" in text.lower():
+        return f"{url}: {text.splitlines()[0]}"
     return f"{url}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}"
+
+
+def _status(text: str, code: int) -> bool:
+    """Whether an HTTP status code stands in the text as a number of its own
+    (not inside a port, a job id or a memory address)."""
+    return re.search(rf"(?<![\w.:]){code}(?![\w.])", text) is not None
 
 
 def _call(url: str, fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        if "404" in str(exc) or "does not exist" in str(exc):
+        if _status(str(exc), 404) or "does not exist" in str(exc):
             raise UserError(f"{url}: no job {args[0] if args else ''}".rstrip()) from None
         raise UserError(_explain(exc, url)) from None
 

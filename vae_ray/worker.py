@@ -52,6 +52,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     core = build_model(
         cfg.arch, dataset["shape"], cfg.latent_dim, dataset["num_classes"] if cfg.conditional else 0, cfg.loss
     )
+    if device.type == "cpu":
+        # oneDNN's native layout: the MNIST network's training steps run about
+        # 20% faster and scoring about 40% faster on 2 cores (as generate and
+        # evaluate already run). The images arrive channels-last from to_float.
+        core = core.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(core)
     optimizer = make_optimizer(cfg, model)
     averaged = copy.deepcopy(core).requires_grad_(False) if cfg.ema else None
