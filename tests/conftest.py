@@ -292,6 +292,9 @@ def cluster(wheel_env, s3_bucket):
         "RAY_health_check_initial_delay_ms": "1000",
     }
     env.pop("RAY_ADDRESS", None)
+    # Set in this process while the suite's private cluster runs: it would point
+    # the CLI's Jobs and state clients at that cluster's dashboard instead.
+    env.pop("RAY_API_SERVER_ADDRESS", None)
     env.pop("VIRTUAL_ENV", None)
     port, dash = _free_port(), _free_port()
     loopback = LoopbackCluster(wheel_env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp, env)
