@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -143,3 +144,29 @@ def test_job_errors_are_read_from_their_status_not_from_stray_digits():
     assert "rejected the token" in _explain(RuntimeError("Request failed with status code 403"), url)
     other = _explain(RuntimeError("job vae-ray-train-4031aa failed at 0x7f401"), url)
     assert "token" not in other and "vae-ray-train-4031aa" in other
+
+
+def test_jobs_go_to_the_given_address_whatever_the_environment_names(monkeypatch):
+    """Ray's job client prefers RAY_API_SERVER_ADDRESS to the address it is
+    given; `--address` must win. The environment here names a dashboard that
+    answers 401; the given address has nothing listening."""
+    import http.server
+    import threading
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server interface
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{server.server_port}")
+        result = CliRunner().invoke(app, ["jobs", "list", "--address", "http://127.0.0.1:9"])
+    finally:
+        server.shutdown()
+    assert_one_error_line(result, "cannot reach a Ray cluster at http://127.0.0.1:9")
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{server.server_port}"  # put back

@@ -21,6 +21,7 @@ carries it as a bearer token. It is never printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -75,9 +76,28 @@ def connect(address: str | None):
     logging.getLogger("ray.dashboard").setLevel(logging.ERROR)  # the SDK's INFO lines stay off the terminal
     url = dashboard_url(address)
     try:
-        return JobSubmissionClient(url, headers=auth_headers())
+        with _only_this_address(url):
+            return JobSubmissionClient(url, headers=auth_headers())
     except Exception as exc:  # noqa: BLE001 - the client raises bare ConnectionError/RuntimeError
         raise UserError(_explain(exc, url)) from None
+
+
+@contextlib.contextmanager
+def _only_this_address(url: str):
+    """Ray's client prefers RAY_API_SERVER_ADDRESS (then RAY_ADDRESS) from the
+    environment to the address it is given; `--address` must win, so while the
+    client is made, the environment names the same dashboard."""
+    saved = {name: os.environ.get(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")}
+    os.environ["RAY_API_SERVER_ADDRESS"] = url
+    os.environ.pop("RAY_ADDRESS", None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _explain(exc: BaseException, url: str) -> str:
