@@ -40,3 +40,18 @@ def test_corrupt_or_missing_checkpoints_are_user_errors(tmp_path):
     (directory / "model.pt").write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="corrupt checkpoint"):
         ckpt.load(directory)
+
+
+def test_weights_are_saved_contiguous_whatever_the_training_layout(tmp_path):
+    """Workers train channels-last on the CPU; model.pt holds the usual layout
+    for any PyTorch reader, and loads back to the same values."""
+    import torch
+
+    from vae_ray import checkpoint as ckpt
+    from vae_ray.model import build_model
+
+    model = build_model("mnist", (28, 28, 1), 4).to(memory_format=torch.channels_last)
+    ckpt.save(tmp_path / "c", model, None, {"epoch": 1}, {}, {})
+    saved = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
+    assert all(t.is_contiguous() for t in saved.values())
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

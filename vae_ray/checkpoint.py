@@ -38,6 +38,12 @@ TRAINING_WEIGHTS = "training.pt"
 # ---------------------------------------------------------------------------
 # Workers: save and restore
 # ---------------------------------------------------------------------------
+def _plain_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights as every PyTorch reader expects them (contiguous), whatever
+    layout the workers trained in (channels-last on the CPU)."""
+    return {name: tensor.contiguous() for name, tensor in weights.items()}
+
+
 def save(
     directory: Path,
     model: torch.nn.Module,
@@ -49,11 +55,11 @@ def save(
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / "model.pt")
+    torch.save(_plain_layout(model.state_dict()), directory / "model.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     if training_weights is not None:  # --ema: model.pt is the average; these are what the optimizer moves
-        torch.save(training_weights.state_dict(), directory / TRAINING_WEIGHTS)
+        torch.save(_plain_layout(training_weights.state_dict()), directory / TRAINING_WEIGHTS)
     (directory / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps({"config": config, "dataset": dataset}, indent=2) + "\n")
     return directory
