@@ -104,7 +104,12 @@ def main() -> None:
             ],
             log,
         )
-        figures["generate_images_per_s"] = round(sizes["generate"] / seconds)
+        # The job's own rate (the manifest's seconds: shards decoded, encoded
+        # and written) and the whole command's, Ray's start-up included.
+        manifest = json.loads((out / "work" / "generated" / "_manifest.json").read_text())
+        figures["generate_images_per_s"] = round(sizes["generate"] / manifest["seconds"])
+        figures["generate_command_images_per_s"] = round(sizes["generate"] / seconds)
+        figures["generate_path"] = manifest.get("path", "")
         # 3. CIFAR-10 with the discretised logistic likelihood, in bits/dim.
         cifar = next((p for p in (data / "cifar-10-batches-py", data / "cifar10-jpeg.tar.gz") if p.exists()), None)
         if cifar is None:
@@ -151,6 +156,7 @@ def main() -> None:
     figures["goals"] = {
         "mnist_30_epochs_seconds": "<= 60",
         "generate_images_per_s": ">= 100000",
+        "generate_command_images_per_s": "(the whole command, start-up included)",
         "cifar_bits_per_dim": "< 4.7 (the literature's simple conv VAEs)",
     }
     (out / "gpu_report.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -167,6 +173,7 @@ def main() -> None:
         "mnist_test_matlab_elbo",
         "mnist_images_per_s",
         "generate_images_per_s",
+        "generate_command_images_per_s",
         "cifar_bits_per_dim",
     ):
         lines.append(f"| {key} | {figures.get(key)} | {figures['goals'].get(key, '')} |")

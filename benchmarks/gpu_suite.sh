@@ -28,6 +28,14 @@ PY="${PYTHON:-python3}"
 VENV="$HERE/venv"
 if [ ! -x "$VENV/bin/vae-ray" ]; then
     "$PY" -m venv --system-site-packages "$VENV"
+    # When that python is itself a venv (an image's /opt/.../.venv holding
+    # torch), --system-site-packages sees only the base interpreter's
+    # packages: point the new venv at the parent's too, behind its own.
+    PARENT="$("$PY" -c 'import site, sys; print(":".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')"
+    if [ -n "$PARENT" ]; then
+        SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        echo "$PARENT" | tr ':' '\n' >"$SITE/parent-env.pth"
+    fi
     "$VENV/bin/python" -m pip install -q --no-index --find-links "$HERE/wheels" vae-ray
 fi
 PATH="$VENV/bin:$PATH" "$VENV/bin/python" "$HERE/gpu_suite.py" --data "$HERE/data" --out "$HERE/report"

@@ -33,5 +33,6 @@ def test_the_gpu_suite_runs_in_dry_run_mode(tmp_path):
     report = json.loads((out / "gpu_report.json").read_text())
     assert report["dry_run"] and report["device"].startswith("CPU")
     assert report["mnist_30_epochs_seconds"] > 0 and report["generate_images_per_s"] > 0
+    assert 0 < report["generate_command_images_per_s"] <= report["generate_images_per_s"]
     assert report["cifar_bits_per_dim"] > 0
     assert "dry run" in (out / "gpu_report.md").read_text()

@@ -17,10 +17,29 @@ from typer.testing import CliRunner
 
 from vae_ray.cli import app
 from vae_ray.errors import UserError
-from vae_ray.generate import MANIFEST, generate, verify, write_folder
+from vae_ray.generate import MANIFEST, actor_plan, generate, verify, write_folder
 from vae_ray.keyed_random import latent_normals
 
 from conftest import assert_one_error_line, make_checkpoint
+
+
+@pytest.mark.parametrize(
+    ("resources", "actors", "expected"),
+    [
+        ({"CPU": 4}, None, (4, 0.0)),  # CPUs: one single-threaded actor per CPU
+        ({"CPU": 16, "GPU": 1}, None, (8, 0.125)),  # a GPU is shared by several actors, one CPU each
+        ({"CPU": 2, "GPU": 1}, None, (1, 1.0)),  # a CPU left for Ray Data
+        ({"CPU": 64, "GPU": 8}, None, (56, 0.1428)),  # 7 per GPU, rounded down so 7 fit on one
+        ({"CPU": 16, "GPU": 2}, 3, (3, 0.5)),  # whole actors per GPU: the third fits on either
+        ({"CPU": 16, "GPU": 2}, 1, (1, 1.0)),
+    ],
+)
+def test_actor_plan_fills_the_node(resources, actors, expected):
+    want, share = actor_plan(resources, "GPU" in resources, actors)
+    assert (want, share) == expected
+    if share:  # the actors fit on the GPUs Ray has
+        per_gpu = -(-want // resources["GPU"])
+        assert per_gpu * share <= 1.0
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vae_ray.model import LOG_2PI, batch_terms, build_model, kl_divergence, matlab_recon
+from vae_ray.model import LOG_2PI, LOG_SIGMA_INIT, batch_terms, build_model, kl_divergence, matlab_recon, recon_nll
 
 
 @pytest.mark.parametrize("arch, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3)), ("mnist", (32, 48, 3))])
@@ -65,7 +65,12 @@ def test_gaussian_learned_sigma_is_a_density():
     x = torch.full((1, 3, 8, 8), 0.5)
     logits = torch.zeros(1, 3, 8, 8)
     t = batch_terms(model, x, x, logits, torch.zeros(1, 2), torch.zeros(1, 2))
-    assert t.neg_elbo_nats.item() == pytest.approx(0.5 * 192 * LOG_2PI)  # sigma = 1, zero error
+    # zero error: -log N(0; 0, sigma^2) per pixel, sigma at its starting value
+    assert t.neg_elbo_nats.item() == pytest.approx(192 * (0.5 * LOG_2PI + LOG_SIGMA_INIT), rel=1e-5)
+    with torch.no_grad():
+        model.log_sigma.zero_()
+    t = batch_terms(model, x, x, logits, torch.zeros(1, 2), torch.zeros(1, 2))
+    assert t.neg_elbo_nats.item() == pytest.approx(0.5 * 192 * LOG_2PI)  # sigma = 1
 
 
 def test_conditional_model_needs_labels():
@@ -101,3 +106,20 @@ def test_several_samples_average_the_reconstruction(loss):
         expected = (getattr(first, name) + getattr(second, name)) / 2
         assert torch.allclose(getattr(both, name), expected, atol=1e-4), name
     assert not torch.allclose(first.recon, second.recon)  # two different draws were decoded
+
+
+@pytest.mark.parametrize("loss", ["gaussian", "logistic"])
+def test_learned_scales_start_near_where_colour_training_settles(loss):
+    """A scale as wide as the whole intensity range (log 0) held the first
+    epochs back; the scale starts at about 13 of the 255 steps instead, and
+    the likelihood of a well-reconstructed image is then far higher."""
+    torch.manual_seed(0)
+    model = build_model("cifar", (32, 32, 3), 8, loss=loss)
+    scale = model.log_sigma.exp()
+    assert torch.all((scale > 1 / 255) & (scale < 0.1))
+    x = torch.rand(4, 3, 32, 32).mul(255).round().div(255)
+    close = torch.logit(x.clamp(0.02, 0.98)) + 0.01  # a decoder mean close to the image
+    wide = build_model("cifar", (32, 32, 3), 8, loss=loss)
+    with torch.no_grad():
+        wide.log_sigma.zero_()
+    assert torch.all(recon_nll(model, close, x) < recon_nll(wide, close, x))

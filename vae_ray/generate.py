@@ -54,6 +54,7 @@ from .keyed_random import latent_normals
 
 SHARD = 10_000  # images per shard (PNG folder, Parquet/NPZ file)
 CHUNK = 256  # decode batch, aligned to global indices
+MAX_ACTORS_PER_GPU = 8
 MAX_NUM = 1_000_000_000  # file names hold nine digits of index
 MAX_TEMPERATURE = 100.0
 FORMATS = ("png", "parquet", "npz", "hf")
@@ -491,11 +492,12 @@ class Generation:
         use_gpu = bool(resources.get("GPU", 0)) if self.gpu is None else self.gpu
         if use_gpu and not resources.get("GPU", 0):
             raise UserError("--gpu asks for GPU actors but the cluster has no GPUs")
-        want = self.actors or (int(resources.get("GPU", 1)) if use_gpu else max(1, int(resources.get("CPU", 1))))
+        want, gpus_each = actor_plan(resources, use_gpu, self.actors)
 
         def decode(root: str, todo: list[int], done: dict, written: int, progress) -> dict:
             pool = max(1, min(want, len(todo) or 1))
-            self.path_taken = f"a Ray Data actor pool of {pool} {'GPU' if use_gpu else 'CPU'} actor(s)"
+            shared = f", {gpus_each:g} GPU each" if use_gpu and gpus_each < 1 else ""
+            self.path_taken = f"a Ray Data actor pool of {pool} {'GPU' if use_gpu else 'CPU'} actor(s){shared}"
             if not todo:
                 return done
             ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
@@ -510,8 +512,8 @@ class Generation:
                     "device": "cuda" if use_gpu else "cpu",
                     "threads": 1,
                 },
-                num_gpus=1 if use_gpu else 0,
-                num_cpus=0 if use_gpu else 1,
+                num_gpus=gpus_each,
+                num_cpus=1,
             )
             for row in results.iter_rows():
                 done[int(row["shard"])] = {
@@ -599,6 +601,28 @@ def _threads() -> int:
     import os
 
     return max(1, os.cpu_count() or 1)
+
+
+def actor_plan(resources: dict, use_gpu: bool, actors: int | None) -> tuple[int, float]:
+    """How many decoder actors, and the GPU share of each.
+
+    On CPUs: one single-threaded actor per CPU. On GPUs the decoding is a
+    small part of a shard's work (the latents, the uint8 copy back, encoding
+    and checksums run on the CPU), so one actor per GPU left the node's other
+    cores idle: measured on one H100 with 16 cores, one actor wrote 1,000,000
+    MNIST images to Parquet at 61,576 images/s. Several actors share each GPU
+    instead, one CPU each, at most 8 per GPU (each holds a CUDA context of a
+    few hundred MB), leaving a CPU per GPU for Ray Data."""
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if not use_gpu:
+        return actors or cpus, 0.0
+    gpus = max(1, int(resources.get("GPU", 1)))
+    want = actors or gpus * max(1, min(MAX_ACTORS_PER_GPU, cpus // gpus - 1))
+    # Whole actors per GPU (3 actors on 2 GPUs take half a GPU each, or the
+    # third would fit on neither), and Ray keeps resource amounts to 4
+    # decimals: round the share down, or 7 actors of 1/7 (0.1429) would not fit.
+    per_gpu = math.ceil(want / gpus)
+    return want, math.floor(10_000 / per_gpu) / 10_000
 
 
 def _pool(size: int):

