@@ -106,6 +106,92 @@ def test_a_run_on_s3_trained_across_two_nodes_is_read_by_every_command(cluster, 
     assert "latent_tsne.png" in storage.list_dir(f"{run}/report") and "index.html" in storage.list_dir(f"{run}/report")
 
 
+WAIT_FOR_CPUS = """
+import sys, time, ray
+ray.init(address=sys.argv[1])
+started, want, limit = time.monotonic(), float(sys.argv[2]), float(sys.argv[3])
+while ray.available_resources().get("CPU", 0) < want:
+    if time.monotonic() - started > limit:
+        sys.exit(f"free: {ray.available_resources()}")
+    time.sleep(0.5)
+print(f"waited {time.monotonic() - started:.1f} s for {want:g} free CPUs")
+"""
+
+
+def test_elastic_training_survives_losing_a_node(cluster, s3_data, s3_bucket):
+    """Takes one of the cluster's three nodes away, and adds a fresh one back
+    for the tests after it. Runs before the tests that stop jobs and stall
+    runs: a Train run killed with its driver leaves its resource request with
+    Ray's autoscaling coordinator for 3 minutes, and an elastic run sizes
+    itself from what that coordinator has not reserved."""
+    run = f"s3://{s3_bucket}/runs/elastic"
+    # Elastic runs start with what is free; wait until the earlier tests' workers are gone.
+    waited = subprocess.run(
+        [str(cluster.venv / "bin" / "python"), "-c", WAIT_FOR_CPUS, cluster.gcs, "3", "120"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+    )
+    assert waited.returncode == 0, f"the cluster's CPUs never came free: {waited.stdout}{waited.stderr[-2000:]}"
+    print(waited.stdout.strip())
+    proc = subprocess.Popen(
+        [
+            cluster.exe(),
+            "train",
+            "--data",
+            s3_data,
+            "--out",
+            run,
+            "--epochs",
+            "6",
+            "--workers",
+            "3",
+            "--min-workers",
+            "2",
+            "--cpus-per-worker",
+            "1",
+            "--batch-size",
+            "64",
+            "--latent-dim",
+            "4",
+            "--address",
+            cluster.gcs,
+            "--json",
+        ],
+        # After the loss, Ray Train first retries with the old size until its worker-group
+        # start timeout (60 s by default) passes, then continues with what is left.
+        env={**cluster.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
+        cwd=cluster.temp_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while RunDir(run).last_epoch() < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        print(f"epoch 2 done {time.time() - deadline + 300:.1f} s after the start")
+        victim = _a_worker_node_running_training(cluster)
+        victim.kill()  # a spot instance taken away, with its workers: no warning
+        cluster.nodes.remove(victim)
+        killed = time.time()
+        out, err = proc.communicate(timeout=400)
+        print(f"the run ended {time.time() - killed:.1f} s after the node was lost")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if len(cluster.nodes) < 3:
+            cluster.add_node()  # a replacement, as an autoscaler would start one
+    assert proc.returncode == 0, err[-3000:]
+    history = RunDir(run).history()
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # every epoch exactly once
+    shape = [(h["epoch"], h["workers"], h["nodes"], h["started_at_epoch"]) for h in history]
+    # It started with what was free (2 or 3 workers), and continued from the epoch-2
+    # checkpoint with what the cluster had left.
+    assert all(2 <= h["workers"] <= 3 for h in history) and max(h["started_at_epoch"] for h in history) >= 3, shape
+
+
 def test_jobs_from_an_installed_package(cluster, s3_data, s3_bucket):
     """Submitted from the wheel's environment (no jobs/ folder, no checkout):
     wait and stream by default, --no-wait to detach, list/status/logs/stop."""
@@ -324,86 +410,6 @@ def test_a_run_that_cannot_start_says_what_it_waits_for_and_resumes(cluster, s3_
         cluster.run("train", "--out", run, "--resume", "--stall-timeout", "300", "--json", "--address", cluster.gcs)
     )
     assert resumed["epochs"] == 1
-
-
-WAIT_FOR_CPUS = """
-import sys, time, ray
-ray.init(address=sys.argv[1])
-started, want, limit = time.monotonic(), float(sys.argv[2]), float(sys.argv[3])
-while ray.available_resources().get("CPU", 0) < want:
-    if time.monotonic() - started > limit:
-        sys.exit(f"free: {ray.available_resources()}")
-    time.sleep(0.5)
-print(f"waited {time.monotonic() - started:.1f} s for {want:g} free CPUs")
-"""
-
-
-def test_elastic_training_survives_losing_a_node(cluster, s3_data, s3_bucket):
-    """Runs last in this module: it takes one of the cluster's three nodes away."""
-    run = f"s3://{s3_bucket}/runs/elastic"
-    # Elastic runs start with what is free; wait until the earlier tests' workers are gone.
-    waited = subprocess.run(
-        [str(cluster.venv / "bin" / "python"), "-c", WAIT_FOR_CPUS, cluster.gcs, "3", "120"],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-    )
-    assert waited.returncode == 0, f"the cluster's CPUs never came free: {waited.stdout}{waited.stderr[-2000:]}"
-    print(waited.stdout.strip())
-    proc = subprocess.Popen(
-        [
-            cluster.exe(),
-            "train",
-            "--data",
-            s3_data,
-            "--out",
-            run,
-            "--epochs",
-            "6",
-            "--workers",
-            "3",
-            "--min-workers",
-            "2",
-            "--cpus-per-worker",
-            "1",
-            "--batch-size",
-            "64",
-            "--latent-dim",
-            "4",
-            "--address",
-            cluster.gcs,
-            "--json",
-        ],
-        # After the loss, Ray Train first retries with the old size until its worker-group
-        # start timeout (60 s by default) passes, then continues with what is left.
-        env={**cluster.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
-        cwd=cluster.temp_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while RunDir(run).last_epoch() < 2:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.5)
-        print(f"epoch 2 done {time.time() - deadline + 300:.1f} s after the start")
-        victim = _a_worker_node_running_training(cluster)
-        victim.kill()  # a spot instance taken away, with its workers: no warning
-        cluster.nodes.remove(victim)
-        killed = time.time()
-        out, err = proc.communicate(timeout=400)
-        print(f"the run ended {time.time() - killed:.1f} s after the node was lost")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    history = RunDir(run).history()
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # every epoch exactly once
-    shape = [(h["epoch"], h["workers"], h["nodes"], h["started_at_epoch"]) for h in history]
-    # It started with what was free (2 or 3 workers), and continued from the epoch-2
-    # checkpoint with what the cluster had left.
-    assert all(2 <= h["workers"] <= 3 for h in history) and max(h["started_at_epoch"] for h in history) >= 3, shape
 
 
 def _a_worker_node_running_training(cluster):

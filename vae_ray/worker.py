@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import math
 import random
 import tempfile
@@ -34,6 +36,10 @@ from .tracking import EpochLogger
 
 CHECK_EVERY = 20  # steps between non-finite checks and progress updates
 EVAL_BATCH = 256  # measured: 25% faster per image than 1,000 on CPU (caches)
+# glibc's malloc: keep freed activation buffers in the process (see keep_freed_memory).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit
+TRIM_THRESHOLD = 256 * 2**20
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -43,8 +49,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    # 1. Threads, seeds and device for this rank.
+    # 1. Threads, memory, seeds and device for this rank.
     torch.set_num_threads(cfg.cpus_per_worker)
+    keep_freed_memory()
     seed_everything(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
@@ -366,6 +373,26 @@ def autocast_for(precision: str, device: torch.device):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc handing a training step's buffers back to the kernel.
+
+    By default glibc serves allocations above 128 KiB with fresh mappings and
+    trims freed heap memory, raising those limits only after it has freed a
+    large block. A CPU worker's first epoch (batch 32: a few MiB per layer)
+    therefore faulted in about 110,000 new pages a second, 15% of its CPU in
+    the kernel, until the first test-split scoring (batches of 256) freed a
+    block large enough to raise the limits; later epochs faulted none and ran
+    about 20% faster. Fixed limits make the first epoch like the others.
+    Returns whether they were set (not on a C library other than glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def seed_everything(seed: int) -> None:
