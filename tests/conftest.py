@@ -413,7 +413,11 @@ def mlflow_server(tmp_path_factory):
         time.sleep(0.5)
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a busy machine: its gunicorn workers were slow to go
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
