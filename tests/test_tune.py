@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -188,11 +189,12 @@ def test_study_loss_weights_searches_weight_pairs(ray_cluster, tiny_data, tmp_pa
 
 
 @pytest.mark.subprocess
-def test_ctrl_c_stops_a_search_that_resume_continues(tiny_data, tmp_path):
+def test_ctrl_c_stops_a_search_that_resume_continues(tiny_data, tmp_path, request):
     """Also: an earlier cluster stopped without `ray stop` left its address
     behind; the search's private cluster must not follow it (Train's
     placement-group cleaner did, and the second trial waited forever)."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="vrt-"))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vrt-"))  # short: Ray's socket paths must fit in 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nothing listens there
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
