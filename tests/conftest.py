@@ -168,17 +168,11 @@ class Node:
     process: subprocess.Popen
     port_args: list = field(default_factory=list)
 
-    def stop(self) -> None:
-        """End this node's processes: everything in the session its `ray start`
-        opened (Ray's worker processes have process groups of their own, in
-        that session), and nothing else."""
-        for sig in ("TERM", "KILL"):
-            subprocess.run(["pkill", f"-{sig}", "-s", str(self.process.pid)], capture_output=True)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                continue
-        subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], capture_output=True)
+    def signal(self, sig: str) -> None:
+        """Signal everything in the session this node's `ray start` opened (Ray's
+        worker processes have process groups of their own, in that session),
+        and nothing else."""
+        subprocess.run(["pkill", f"-{sig}", "-s", str(self.process.pid)], capture_output=True)
 
     def kill(self) -> None:
         """The node vanishes at once, with every process on it (a spot instance taken away)."""
@@ -215,6 +209,23 @@ class LoopbackCluster:
             timeout=timeout,
             **kwargs,
         )
+
+
+def stop_nodes(nodes: list[Node], patience: float = 5) -> None:
+    """Stop every node at once (one after the other took 10-13 s): SIGTERM to
+    each node's session, then SIGKILL to what is left after `patience`."""
+    for node in nodes:
+        node.signal("TERM")
+    deadline = time.monotonic() + patience
+    for node in nodes:
+        try:
+            node.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
+    for node in nodes:
+        node.signal("KILL")  # whatever a node's session still holds
+        if node.process.poll() is None:
+            node.process.wait(timeout=30)
 
 
 def _node_ports() -> list[str]:
@@ -318,8 +329,7 @@ def cluster(wheel_env, s3_bucket):
             _wait_for_nodes(loopback, count)
         yield loopback
     finally:
-        for node in reversed(loopback.nodes):
-            node.stop()
+        stop_nodes(loopback.nodes)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -142,7 +142,7 @@ def test_elastic_training_survives_losing_a_node(cluster, s3_data, s3_bucket):
             "--out",
             run,
             "--epochs",
-            "6",
+            "4",
             "--workers",
             "3",
             "--min-workers",
@@ -184,7 +184,7 @@ def test_elastic_training_survives_losing_a_node(cluster, s3_data, s3_bucket):
             cluster.add_node()  # a replacement, as an autoscaler would start one
     assert proc.returncode == 0, err[-3000:]
     history = RunDir(run).history()
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # every epoch exactly once
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # every epoch exactly once
     shape = [(h["epoch"], h["workers"], h["nodes"], h["started_at_epoch"]) for h in history]
     # It started with what was free (2 or 3 workers), and continued from the epoch-2
     # checkpoint with what the cluster had left.
@@ -309,32 +309,40 @@ def test_jobs_from_an_installed_package(cluster, s3_data, s3_bucket):
 def test_addresses_and_tokens_as_ray_users_write_them(cluster, s3_data):
     env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     env["HOME"] = tempfile.mkdtemp()  # no ~/.ray/auth_token either
-
-    def run(*args, **extra):
-        return subprocess.run([cluster.exe(), *args], env={**env, **extra}, capture_output=True, text=True, timeout=120)
-
-    missing = run("jobs", "list", "--address", cluster.dashboard)
-    assert_process_error_line(missing, "requires a token", "RAY_AUTH_TOKEN")
-    wrong = run("jobs", "list", "--address", cluster.dashboard, RAY_AUTH_TOKEN="not-the-token")
-    assert_process_error_line(wrong, "rejected the token")
-    assert "not-the-token" not in wrong.stderr
-    joined = run(
-        "train",
-        "--data",
-        s3_data,
-        "--out",
-        "/tmp/x",
-        "--address",
-        cluster.gcs,
-        RAY_gcs_rpc_server_connect_timeout_s="3",
-    )
-    assert_process_error_line(joined, "requires a token")
-    dashboard = run("train", "--data", s3_data, "--out", "/tmp/x", RAY_ADDRESS=cluster.dashboard, RAY_AUTH_TOKEN=TOKEN)
-    assert_process_error_line(dashboard, "is a dashboard (Jobs API) address", "--submit")
-    dead = run("jobs", "list", "--address", "http://127.0.0.1:9")
-    assert_process_error_line(dead, "cannot reach a Ray cluster")
-    unknown = run("jobs", "status", "vae-ray-train-nonexistent", "--address", cluster.dashboard, RAY_AUTH_TOKEN=TOKEN)
-    assert_process_error_line(unknown, "vae-ray-train-nonexistent")
+    attempts = {  # independent commands, run side by side
+        "missing": (["jobs", "list", "--address", cluster.dashboard], {}),
+        "wrong": (["jobs", "list", "--address", cluster.dashboard], {"RAY_AUTH_TOKEN": "not-the-token"}),
+        "joined": (
+            ["train", "--data", s3_data, "--out", "/tmp/x", "--address", cluster.gcs],
+            {"RAY_gcs_rpc_server_connect_timeout_s": "3"},
+        ),
+        "dashboard": (
+            ["train", "--data", s3_data, "--out", "/tmp/x"],
+            {"RAY_ADDRESS": cluster.dashboard, "RAY_AUTH_TOKEN": TOKEN},
+        ),
+        "dead": (["jobs", "list", "--address", "http://127.0.0.1:9"], {}),
+        "unknown": (
+            ["jobs", "status", "vae-ray-train-nonexistent", "--address", cluster.dashboard],
+            {"RAY_AUTH_TOKEN": TOKEN},
+        ),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [cluster.exe(), *args], env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, (args, extra) in attempts.items()
+    }
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_process_error_line(done["missing"], "requires a token", "RAY_AUTH_TOKEN")
+    assert_process_error_line(done["wrong"], "rejected the token")
+    assert "not-the-token" not in done["wrong"].stderr
+    assert_process_error_line(done["joined"], "requires a token")
+    assert_process_error_line(done["dashboard"], "is a dashboard (Jobs API) address", "--submit")
+    assert_process_error_line(done["dead"], "cannot reach a Ray cluster")
+    assert_process_error_line(done["unknown"], "vae-ray-train-nonexistent")
 
 
 def test_a_job_whose_python_lacks_the_requirements_says_so(wheel_env, tmp_path):
