@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -184,8 +185,9 @@ def test_two_generates_into_one_folder_end_with_one_verifiable_set(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.subprocess
-def test_sigterm_ends_training_with_143_and_no_stray_processes(tiny_data, tmp_path):
-    ray_tmp = Path(tempfile.mkdtemp(prefix="vrs-"))
+def test_sigterm_ends_training_with_143_and_no_stray_processes(tiny_data, tmp_path, request):
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vrs-"))  # short: Ray's socket paths must fit in 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     run = tmp_path / "run"
     command = [
