@@ -176,7 +176,7 @@ class Node:
 
     def kill(self) -> None:
         """The node vanishes at once, with every process on it (a spot instance taken away)."""
-        subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], capture_output=True)
+        self.signal("KILL")
         self.process.wait(timeout=30)
 
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -306,9 +305,9 @@ def test_jobs_from_an_installed_package(cluster, s3_data, s3_bucket):
     assert failed.returncode == 1 and "no-such-data" in failed.stderr and "not a prepared dataset" in failed.stderr
 
 
-def test_addresses_and_tokens_as_ray_users_write_them(cluster, s3_data):
+def test_addresses_and_tokens_as_ray_users_write_them(cluster, s3_data, tmp_path):
     env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
-    env["HOME"] = tempfile.mkdtemp()  # no ~/.ray/auth_token either
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
     attempts = {  # independent commands, run side by side
         "missing": (["jobs", "list", "--address", cluster.dashboard], {}),
         "wrong": (["jobs", "list", "--address", cluster.dashboard], {"RAY_AUTH_TOKEN": "not-the-token"}),
@@ -333,9 +332,15 @@ def test_addresses_and_tokens_as_ray_users_write_them(cluster, s3_data):
         for name, (args, extra) in attempts.items()
     }
     done = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():  # none outlives a failed wait
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert_process_error_line(done["missing"], "requires a token", "RAY_AUTH_TOKEN")
     assert_process_error_line(done["wrong"], "rejected the token")
     assert "not-the-token" not in done["wrong"].stderr
