@@ -14,7 +14,7 @@ PYTEST := $(PY) -m pytest -q
 # and squeezed the tests that wait a few seconds for Ray (docs: README).
 TEST_WORKERS ?= 1
 
-.PHONY: install test test-fast lint demo bench quality gpu-dry-run clean
+.PHONY: install test test-fast test-ray-range lint demo bench quality gpu-dry-run clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 		echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "GPU found: installing the default (CUDA) torch build"; \
-		$(PY) -m pip install -q "torch>=2.3"; \
+		$(PY) -m pip install -q "torch>=2.6"; \
 	else \
 		echo "no GPU: installing the CPU torch build first"; \
 		$(PY) -m pip install -q --no-deps --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
@@ -47,6 +47,12 @@ test: install
 # end-to-end smoke test. About a minute on 2 cores.
 test-fast: install
 	$(PYTEST) -m "smoke or not (ray or subprocess or browser)"
+
+# The fast tier plus a smoke run of train, tune, generate and a submitted job
+# on the oldest Ray release pyproject.toml allows, in its own environment
+# (.venv-ray-oldest, built on first use). `make test` covers the newest.
+test-ray-range:
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) .ci/ray_range.sh
 
 lint: install
 	$(VENV)/bin/ruff check vae_ray tests benchmarks jobs
@@ -71,4 +77,4 @@ gpu-dry-run: install
 	benchmarks/gpu_suite.sh --dry-run
 
 clean:
-	rm -rf $(VENV) .demo .bench .pytest_cache
+	rm -rf $(VENV) .venv-ray-oldest .demo .bench .pytest_cache

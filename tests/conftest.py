@@ -507,7 +507,13 @@ def _no_download(monkeypatch, tmp_path):
     closed loopback port and the cache is a fresh folder."""
     monkeypatch.setenv("VAE_RAY_DOWNLOAD_BASE", "http://127.0.0.1:9/")
     monkeypatch.setenv("VAE_RAY_CACHE", str(tmp_path / "cache"))
-    for var in ("VAE_RAY_MNIST_DIR", "VAE_RAY_FASHION_MNIST_DIR", "VAE_RAY_CIFAR10_DIR", "MLFLOW_TRACKING_URI"):
+    for var in (
+        "VAE_RAY_MNIST_DIR",
+        "VAE_RAY_FASHION_MNIST_DIR",
+        "VAE_RAY_CIFAR10_DIR",
+        "MLFLOW_TRACKING_URI",
+        "WANDB_PROJECT",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 

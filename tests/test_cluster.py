@@ -308,15 +308,15 @@ def test_jobs_from_an_installed_package(cluster, s3_data, s3_bucket):
 def test_addresses_and_tokens_as_ray_users_write_them(cluster, s3_data, tmp_path):
     env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    attempts = {  # independent commands, run side by side
+    attempts = {  # independent commands, run side by side, each with its own output folder
         "missing": (["jobs", "list", "--address", cluster.dashboard], {}),
         "wrong": (["jobs", "list", "--address", cluster.dashboard], {"RAY_AUTH_TOKEN": "not-the-token"}),
         "joined": (
-            ["train", "--data", s3_data, "--out", "/tmp/x", "--address", cluster.gcs],
+            ["train", "--data", s3_data, "--out", str(tmp_path / "joined"), "--address", cluster.gcs],
             {"RAY_gcs_rpc_server_connect_timeout_s": "3"},
         ),
         "dashboard": (
-            ["train", "--data", s3_data, "--out", "/tmp/x"],
+            ["train", "--data", s3_data, "--out", str(tmp_path / "dashboard")],
             {"RAY_ADDRESS": cluster.dashboard, "RAY_AUTH_TOKEN": TOKEN},
         ),
         "dead": (["jobs", "list", "--address", "http://127.0.0.1:9"], {}),

@@ -10,10 +10,13 @@ loudly instead of the feature quietly doing nothing.
 """
 
 import inspect
+import re
+from pathlib import Path
 
 import ray
 import ray._private.worker as ray_worker
 
+from vae_ray import compat
 from vae_ray.cluster import _logs_dir, _route_raylet_messages_to_log
 
 
@@ -28,8 +31,14 @@ def test_the_session_log_folder_is_reachable(ray_cluster):
     assert _logs_dir().endswith("logs") and ray.is_initialized()
 
 
-def test_the_ray_release_is_the_tested_one():
-    from importlib.metadata import requires
-
-    spec = next(r for r in requires("vae-ray") if r.startswith("ray"))
-    assert ">=2.60" in spec and "<2.61" in spec and ray.__version__.startswith("2.60.")
+def test_the_ray_release_is_in_the_tested_range():
+    """pyproject.toml's ray range is the tested one: `make test` runs the suite
+    against its newest release, `make test-ray-range` against its oldest,
+    the lower bound vae_ray/compat.py knows the differences from."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    found = re.search(r'"ray\[data,train,tune,default\]>=(\d+)\.(\d+),<(\d+)\.(\d+)"', text)
+    assert found, "pyproject.toml asks for ray[data,train,tune,default]>=A.B,<C.D"
+    a, b, c, d = map(int, found.groups())
+    assert (a, b) == compat.OLDEST == (2, 53) and (c, d) == (2, 61)
+    assert compat.OLDEST <= compat.ray_release() < (c, d), f"Ray {ray.__version__} is outside the tested range"
+    assert compat.ray_release("2.53.1") == (2, 53) and compat.ray_release("3.0.0.dev0") > (c, d)

@@ -82,9 +82,25 @@ def test_weight_average_resume_and_a_non_finite_loss(ray_cluster, tiny_data, tmp
     with storage.Lock(str(run), "vae-ray train"):  # flock: another open file description conflicts
         busy = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3"])
     assert_one_error_line(busy, "in use by `vae-ray train`", f"pid {os.getpid()}")  # at once, naming the holder
-    # --resume continues it, through the CLI, repairing the torn line, without repeating an epoch.
-    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3", "--json"])
+    # --resume continues it, through the CLI, repairing the torn line, without repeating an epoch;
+    # the run's pictures are written while the run is still locked against other writers.
+    from vae_ray import pictures
+
+    drawn = []
+
+    def write_run_pictures(run_dir, data):
+        with pytest.raises(UserError, match="in use by `vae-ray train`"), storage.Lock(run_dir.uri):
+            pass
+        drawn.append(run_dir.uri)
+        return draw(run_dir, data)
+
+    draw, pictures.write_run_pictures = pictures.write_run_pictures, write_run_pictures
+    try:
+        result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3", "--json"])
+    finally:
+        pictures.write_run_pictures = draw
     assert result.exit_code == 0, result.output
+    assert drawn == [str(run)]
     history = read_history(run)
     assert [h["epoch"] for h in history] == [1, 2, 3] and history[2]["started_at_epoch"] == 3
     assert '"train_lo' not in (run / "metrics.jsonl").read_text().split("\n")[2][:20]

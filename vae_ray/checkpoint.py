@@ -27,9 +27,11 @@ import torch
 
 from . import storage
 from .config import TrainConfig
+from .data import MAX_CLASSES
 from .errors import UserError, first_line
 from .model import VAE, build_model
 from .rundir import RunDir
+from .sources import MAX_IMAGE_SIZE
 
 FILES = ("model.pt", "optimizer.pt", "state.json", "config.json")
 TRAINING_WEIGHTS = "training.pt"
@@ -135,9 +137,62 @@ def read_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     directory = local_copy(resolve(path))
     try:
         blob = json.loads((directory / "config.json").read_text())
-        return TrainConfig.from_dict(blob["config"], source=str(path)), blob["dataset"]
+        config, dataset = TrainConfig.from_dict(blob["config"], source=str(path)), blob["dataset"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: unreadable config.json ({exc.__class__.__name__})") from None
+    check_dataset(path, dataset)
+    return config, dataset
+
+
+def check_dataset(path: str | Path, dataset: Any) -> None:
+    """The image shape and class count a checkpoint's config.json describes,
+    within the bounds `data prepare` applies (sides 1..MAX_IMAGE_SIZE, 1 or 3
+    channels, at most MAX_CLASSES classes), before any model is built from
+    them. (The latent size is TrainConfig's, checked by its own bounds.)"""
+    shape = dataset.get("shape") if isinstance(dataset, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int for v in shape)):
+        raise UserError(
+            f"{path}: config.json's dataset shape {storage.printable(repr(shape))[:80]} is not [height, width, channels]"
+        )
+    h, w, c = shape
+    if not (1 <= h <= MAX_IMAGE_SIZE and 1 <= w <= MAX_IMAGE_SIZE):
+        raise UserError(f"{path}: config.json describes {h}x{w}x{c} images; sides must be 1 to {MAX_IMAGE_SIZE}")
+    if c not in (1, 3):
+        raise UserError(f"{path}: config.json describes {h}x{w}x{c} images; channels must be 1 or 3")
+    count = dataset.get("num_classes")
+    if not (type(count) is int and 0 <= count <= MAX_CLASSES):
+        raise UserError(
+            f"{path}: config.json's dataset num_classes {storage.printable(repr(count))[:40]} "
+            f"is not a number of classes (0 to {MAX_CLASSES})"
+        )
+
+
+def _check_size(uri: str, config: TrainConfig, dataset: dict[str, Any], weights: Path) -> None:
+    """The model the config describes, measured without memory (built on
+    PyTorch's meta device), must fit in its weights file: a small file whose
+    config.json promises a huge model is refused before a tensor is made."""
+    try:
+        with torch.device("meta"):
+            model = _build(config.to_dict(), dataset)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{uri}: weights do not match the config ({first_line(exc, 200)})") from None
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    held = weights.stat().st_size
+    if needed > held:
+        raise UserError(
+            f"{uri}: corrupt checkpoint (config.json describes a model of {needed:,} bytes, "
+            f"but model.pt holds {held:,} bytes)"
+        )
+
+
+def _build(cfg: dict[str, Any], dataset: dict[str, Any]) -> VAE:
+    return build_model(
+        cfg["arch"],
+        dataset["shape"],
+        cfg["latent_dim"],
+        dataset["num_classes"] if cfg["conditional"] else 0,
+        cfg["loss"],
+    )
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
@@ -146,18 +201,15 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     directory = local_copy(uri)
     config, dataset = read_config(uri)
     try:
+        _check_size(uri, config, dataset, directory / "model.pt")
         state = json.loads((directory / "state.json").read_text())
         weights = torch.load(directory / "model.pt", map_location=device, weights_only=True)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
         raise UserError(f"{uri}: corrupt checkpoint ({first_line(exc, 200)})") from None
     try:
-        model = build_model(
-            config.arch,
-            dataset["shape"],
-            config.latent_dim,
-            dataset["num_classes"] if config.conditional else 0,
-            config.loss,
-        )
+        model = _build(config.to_dict(), dataset)
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{uri}: weights do not match the config ({first_line(exc, 200)})") from None
@@ -179,13 +231,6 @@ def load_blob(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_blob(blob: dict[str, Any]) -> VAE:
-    cfg, dataset = blob["config"], blob["dataset"]
-    model = build_model(
-        cfg["arch"],
-        dataset["shape"],
-        cfg["latent_dim"],
-        dataset["num_classes"] if cfg["conditional"] else 0,
-        cfg["loss"],
-    )
+    model = _build(blob["config"], blob["dataset"])
     model.load_state_dict(blob["weights"])
     return model.eval()

@@ -9,6 +9,11 @@ Addresses, as Ray users write them (`--address`, else `RAY_ADDRESS`):
 Token authentication: the token is read the way Ray reads it
 (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`) and sent to a
 cluster that is joined or called; a missing or rejected token is one line.
+Sent in clear to another machine (plain http://, or gRPC without
+RAY_USE_TLS), it is sent with one warning line naming the host.
+
+`check_address` is every check of an address (and of the token file) that
+touches nothing: commands run it before they lock or make anything.
 
 A private cluster is pointed at itself explicitly: its processes get the
 address of its own dashboard (RAY_API_SERVER_ADDRESS) and no RAY_ADDRESS,
@@ -20,6 +25,7 @@ one, resolves the cluster through those).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -28,6 +34,7 @@ import socket
 import sys
 import tempfile
 import threading
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +75,99 @@ def is_dashboard(address: str) -> bool:
     return address.startswith(("http://", "https://"))
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of HOST:PORT or [IPv6]:PORT, as `ray.init` takes them; None otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+        return host[1:-1], int(port)
+    if not host or any(ch in host for ch in ":/@[] \t") or not host.isprintable():
+        return None
+    return host, int(port)
+
+
+def check_address(address: str | None) -> None:
+    """Every check of --address / RAY_ADDRESS (and of the token a cluster
+    needs) that needs no cluster and touches nothing, so that a mistake there
+    ends a command before it takes a lock or makes a folder. Dashboard
+    addresses are for --submit (checked by `jobs.dashboard_url`)."""
+    target = given_address(address)
+    if not target or target == "local":
+        return
+    shown = f"--address {target}" if address else f"RAY_ADDRESS={target}"
+    if is_dashboard(target):
+        raise UserError(
+            f"{shown} is a dashboard (Jobs API) address: add --submit to run this command as a "
+            f"job there, or pass --address HOST:6379 to join the cluster from this machine"
+        )
+    rest = target[len("ray://") :] if target.startswith("ray://") else target
+    if target != "auto" and _host_port(rest) is None:
+        raise UserError(
+            f"{shown}: not a Ray cluster address (expected HOST:PORT such as 10.0.0.5:6379, auto, "
+            f"or http://HEAD:8265 with --submit)"
+        )
+    read_token()  # an unreadable RAY_AUTH_TOKEN_PATH is a mistake now, not a refused connection later
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+def token_in_clear(address: str) -> str | None:
+    """The host that a token sent to `address` would reach unencrypted across
+    a network: a plain http:// dashboard, or a cluster joined over gRPC
+    without RAY_USE_TLS, on a host other than this machine. None otherwise."""
+    if address in ("", "auto", "local") or address.startswith("https://"):
+        return None
+    if address.startswith("http://"):
+        try:
+            host = urllib.parse.urlsplit(address).hostname or ""
+        except ValueError:
+            return None
+    else:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return None
+        parsed = _host_port(address[len("ray://") :] if address.startswith("ray://") else address)
+        host = parsed[0] if parsed else ""
+    return host if host and not _is_loopback(host) else None
+
+
+def warn_if_token_in_clear(address: str) -> None:
+    """One warning line when the token is about to cross a network in clear.
+
+    A warning, not a refusal: `ray job submit` and `ray.init` send the token
+    to a plain-http or non-TLS head without a word, and many private clusters
+    run exactly so inside a VPC; refusing would break what Ray users do every
+    day, while silence hides that anyone on the path can read the token."""
+    from . import storage
+
+    if _inside_a_job():
+        return  # joining its own cluster from inside: Ray's own traffic
+    host = token_in_clear(address) if read_token_quietly() else None
+    if host:
+        how = "plain http" if address.startswith("http://") else "gRPC without TLS (RAY_USE_TLS)"
+        storage.warn_user(
+            f"the Ray token goes to {host} ({address}) over {how}: anyone on the network path can read it; "
+            f"use https:// or TLS beyond a private network"
+        )
+
+
+def _inside_a_job() -> bool:
+    """Whether this process is a submitted job's driver (Ray sets this for it)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def read_token() -> str | None:
     """The cluster token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
@@ -83,9 +183,12 @@ def read_token() -> str | None:
         return None
 
 
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
 def mask(text: str) -> str:
-    """Text with the cluster token (and AWS secrets) replaced by ***."""
-    for secret in (read_token_quietly(), os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")):
+    """Text with the cluster token (and AWS and MLflow secrets) replaced by ***."""
+    for secret in (read_token_quietly(), *(os.environ.get(name) for name in SECRET_VARIABLES)):
         if secret and len(secret) >= 6:
             text = text.replace(secret, "***")
     return text
@@ -132,12 +235,8 @@ def connect(address: str | None = None, cpus_needed: int = 1, dashboard: bool = 
 
     quiet_ray_environment(verbose)
     if not ray.is_initialized():
+        check_address(address)
         target = given_address(address)
-        if target and is_dashboard(target):
-            raise UserError(
-                f"{target} is a dashboard (Jobs API) address: add --submit to run this command as a "
-                f"job there, or pass --address HOST:6379 to join the cluster from this machine"
-            )
         common = dict(
             log_to_driver=verbose, logging_level=logging.WARNING if verbose else logging.ERROR, configure_logging=True
         )
@@ -166,6 +265,16 @@ def _join(target: str, common: dict) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60 heads require it by default
     # A cluster that refuses this client is retried for a while; give up sooner.
     os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "10")
+    warn_if_token_in_clear(target)
+    # The workers of a joined cluster run elsewhere and do not inherit this
+    # process's environment: the MLflow credentials reach them (rank 0 logs)
+    # in the job's runtime_env, the way Ray passes environment to a cluster.
+    # A submitted job has them in its runtime_env already (and Ray refuses
+    # the same variable given twice).
+    from .config import mlflow_secrets
+
+    if mlflow_secrets() and not _inside_a_job():
+        common = {**common, "runtime_env": {"env_vars": mlflow_secrets()}}
     with _quiet_stderr(enabled=not common["log_to_driver"]) as captured:
         try:
             ray.init(address=target, **common)

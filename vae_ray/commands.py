@@ -4,7 +4,9 @@ same ones (`python -m vae_ray.jobs '{"command": ..., "kwargs": ...}'`).
 Each returns a JSON-able summary.
 
 `validate(spec)` runs every check that needs no files, so a bad value fails
-on the user's machine before anything is submitted.
+on the user's machine before anything is submitted. Each command checks its
+address (and token file) first, before its library takes a lock or makes a
+folder: a mistake there leaves nothing behind.
 
 Like the CLI, this dispatch layer imports a command's implementation when the
 command runs: a one-shard `generate` never loads Ray, and a job loads only
@@ -16,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .cluster import check_address
 from .config import FIELD_TYPES, TrainConfig, _coerce
 from .config import spec as field_spec
 from .errors import Interrupted, UserError
 from .progress import Stages
-from .rundir import RunDir
+from .rundir import RunDir, describe_checkpoint, merge_for_resume
 
 
 def train(
@@ -34,30 +37,35 @@ def train(
     """Train (or resume) a run; write its pictures; return its summary."""
     from .pictures import write_run_pictures
     from .tracking import Tracking
-    from .trainer import fit, merge_for_resume
+    from .trainer import fit
 
+    check_address(address)
     if not settings.get("out"):
         raise UserError("--out is required (the run folder)")
     cfg = merge_for_resume(RunDir(settings["out"]), settings) if resume else TrainConfig.from_dict(settings)
     if not cfg.data:
         raise UserError("--data is required (a folder made by `vae-ray data prepare`)")
     tracking = Tracking.for_config(cfg)
+
+    def finish(run: RunDir) -> dict[str, Any]:  # while the run is still locked
+        pictures = write_run_pictures(run, run.read_config()[0]["data"])
+        if tracking is not None:
+            tracking.finish(run, folders=("plots", "samples"))
+            pictures["mlflow_run_id"] = tracking.run_id
+        return pictures
+
     try:
-        summary = fit(cfg, resume=resume, show=show, address=address, verbose=verbose, tracking=tracking)
+        summary = fit(cfg, resume=resume, show=show, address=address, verbose=verbose, tracking=tracking, finish=finish)
     except BaseException as exc:
-        if tracking is not None and tracking.run_id:
+        if tracking is not None:
             tracking.finish(
                 RunDir(cfg.out), status="KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED"
             )
         raise
-    run = RunDir(summary["run_dir"])
     if summary.get("already_complete"):
+        run = RunDir(summary["run_dir"])
         return summary | {"plots": run.path("plots"), "samples": run.path("samples")}
-    pictures = write_run_pictures(run, run.read_config()[0]["data"])
-    if tracking is not None:
-        tracking.finish(run, folders=("plots", "samples"))
-        summary["mlflow_run_id"] = tracking.run_id
-    return summary | pictures
+    return summary
 
 
 def tune(
@@ -71,6 +79,7 @@ def tune(
 ) -> dict[str, Any]:
     from . import tune as tuning
 
+    check_address(address)
     rows = tuning.search(
         TrainConfig.from_dict(settings), tuning.SearchSpec(**search), out, show=show, address=address, **options
     )
@@ -86,29 +95,49 @@ def tune(
 def generate(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
     from . import generate as generation
 
+    check_address(address)
     job = generation.Generation(**options)
     with Stages(enabled=show, rate=True) as stages:
         manifest = job.run(address, lambda done, total: stages("generating", done, total))
     return {k: manifest.get(k) for k in ("count", "seconds", "image_format", "already_complete")} | {
         "out": job.out,
         "path": job.path_taken,
+        "checkpoint": describe_checkpoint(options["checkpoint"], job.blob["path"]),
+    }
+
+
+def encode(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
+    from . import encode as encoding
+
+    check_address(address)
+    job = encoding.Encoding(**options)
+    with Stages(enabled=show, rate=True) as stages:
+        manifest = job.run(address, lambda done, total: stages("encoding", done, total))
+    return {k: manifest.get(k) for k in ("images", "latent_dim", "splits", "seconds", "already_complete")} | {
+        "out": job.out,
+        "path": job.path_taken,
+        "checkpoint": describe_checkpoint(options["checkpoint"], job.blob["path"]),
     }
 
 
 def evaluate(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
     from . import evaluate as evaluation
 
+    check_address(address)
+    from .data import dataset_read_lock
+
     job = evaluation.Evaluation(**options)
-    with Stages(enabled=show) as stages:
+    with dataset_read_lock(job.data), Stages(enabled=show) as stages:
         result = job.run(address, stages if show else None)
     saved = evaluation.save(result, options["checkpoint"])
-    return result | {"saved": saved}
+    return result | {"saved": saved, "checkpoint": describe_checkpoint(options["checkpoint"], result["checkpoint"])}
 
 
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
     "train": train,
     "tune": tune,
     "generate": generate,
+    "encode": encode,
     "evaluate": evaluate,
 }
 
@@ -156,6 +185,10 @@ def validate(spec: dict[str, Any]) -> None:
             per_class=o.get("per_class", False),
             actors=o.get("actors"),
         )
+    elif command == "encode":
+        from . import encode as encoding
+
+        encoding.check_options(**kwargs["options"])
     elif command == "evaluate":
         evaluation.check_options(**kwargs["options"])
 

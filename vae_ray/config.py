@@ -10,6 +10,12 @@ CLI -> job -> `train_loop_config` -> checkpoint.
 
 Settings left at `None` ("auto") are filled in from the data and the network
 by `trainer.resolve` before a run starts; the saved config never holds one.
+
+A config never holds a secret either: it is saved with every run, checkpoint
+and generated set, logged as MLflow params and sent as a job's entrypoint. A
+user and password written into the MLflow URI move into this process's
+environment (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, where MLflow
+reads them) the moment a config is made; any other secret in a URI is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +34,11 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .spec import ARCHITECTURES, LIKELIHOODS
 
-ARCHS = ("auto", "mnist", "cifar")
-LOSSES = ("auto", "matlab", "bernoulli", "gaussian", "logistic")
+# The networks and likelihoods are tables (spec.py); "auto" picks by the data's shape.
+ARCHS = ("auto", *ARCHITECTURES)
+LOSSES = ("auto", *LIKELIHOODS)
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "memory", "none")
@@ -36,10 +47,7 @@ MAX_SEED = 2**32 - 1
 
 # The best recipe measured per network (docs/benchmarks.md, "Defaults"): what
 # `batch_size`, `lr`, `lr_schedule` and `adam_beta2` become when left at auto.
-RECIPES = {
-    "mnist": {"batch_size": 32, "lr": 3e-3, "lr_schedule": "onecycle", "adam_beta2": 0.99},
-    "cifar": {"batch_size": 128, "lr": 2e-3, "lr_schedule": "onecycle", "adam_beta2": 0.99},
-}
+RECIPES = {name: arch.recipe for name, arch in ARCHITECTURES.items()}
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,13 @@ class TrainConfig:
         2, "Worker or node failures survived by restarting from the last checkpoint.", "Scale", low=0, high=1000
     )
     keep_checkpoints: int = setting(3, "Checkpoints kept in the run folder (newest first).", "Scale", low=1, high=1000)
+    keep_best: str = setting(
+        "test_neg_elbo_nats",
+        "Also keep the best checkpoint by this test metric (lower is better) as RUN/best, "
+        "however old it gets; 'none' keeps only the newest.",
+        "Scale",
+        choices=("test_neg_elbo_nats", "test_matlab_elbo", "test_loss", "none"),
+    )
     stall_timeout: int = setting(
         300,
         "Seconds without progress (no step, no epoch) before the run ends with a "
@@ -256,12 +271,27 @@ class TrainConfig:
         "per-epoch metrics, the final checkpoint and pictures.",
         "Tracking",
     )
+    wandb: str = setting(
+        "",
+        "Weights & Biases project (default: WANDB_PROJECT; empty = off): config, per-epoch "
+        "metrics and pictures, the final checkpoint; a search is a W&B group, a run per trial. "
+        "WANDB_ENTITY picks the team, WANDB_MODE=offline writes the runs locally for `wandb sync`.",
+        "Tracking",
+    )
 
     # ------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Before anything can save, log, print or send this config.
+        if isinstance(self.mlflow, str):
+            self.mlflow = public_mlflow_uri(self.mlflow)
+
     def validate(self) -> TrainConfig:
         """Raise UserError naming the first impossible value; return self."""
         for f in dataclasses.fields(self):
             spec(f.name).check(f.name, getattr(self, f.name))
+        for name in ("data", "out"):
+            refuse_credentials(getattr(self, name), name)
+        check_wandb_project(self.wandb)
         if self.min_workers > self.workers:
             raise UserError(f"min_workers ({self.min_workers}) must not exceed workers ({self.workers})")
         if self.batch_size is not None and self.batch_size < max(self.workers, 1):
@@ -378,3 +408,122 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
 
 def _kind_name(kind: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+# ---------------------------------------------------------------------------
+# Secrets in URIs
+# ---------------------------------------------------------------------------
+MLFLOW_SECRETS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# W&B reads its key (or ~/.netrc, never copied) and server from the environment; a job takes them along.
+WANDB_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_MODE")
+# Query parameters that carry a secret (a token, a password, a presigned URL's signature).
+_SECRET_PARAM = re.compile(
+    r"token|passw|pwd|secret|signature|credential|api[-_]?key|^auth(orization)?$|^key$|^sig$|^sas$", re.I
+)
+
+
+def _split(uri: str) -> urllib.parse.SplitResult | None:
+    if "://" not in str(uri):
+        return None  # a local path: nothing in it is a credential
+    try:
+        return urllib.parse.urlsplit(str(uri))
+    except ValueError:  # a malformed URI: whatever uses it says so
+        return None
+
+
+def _secret_params(parts: urllib.parse.SplitResult) -> list[str]:
+    return [
+        name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if _SECRET_PARAM.search(name)
+    ]
+
+
+def credentials_in(uri: str) -> str:
+    """What secret a URI carries in itself, in words ("a user and password",
+    "a token= parameter"), or "" when it carries none."""
+    parts = _split(uri)
+    if parts is None:
+        return ""
+    params = _secret_params(parts)
+    if params:
+        return f"a {params[0]}= parameter"
+    if "@" in parts.netloc:
+        return "a user and password" if parts.password is not None else "a user name"
+    return ""
+
+
+def without_credentials(uri: str) -> str:
+    """The URI as it may be shown: no user:password@, no secret query parameter."""
+    parts = _split(uri)
+    if parts is None:
+        return str(uri)
+    query = urllib.parse.urlencode(
+        [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if not _SECRET_PARAM.search(k)]
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
+
+
+def refuse_credentials(uri: str, what: str = "") -> None:
+    """One line, without the secret, for a storage URI that carries
+    credentials: they would be saved with every run and checkpoint."""
+    found = credentials_in(uri)
+    if found:
+        raise UserError(
+            f"{what + ' ' if what else ''}{without_credentials(uri)}: the URI holds credentials ({found}), which vae-ray never "
+            f"stores; give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead"
+        )
+
+
+def public_mlflow_uri(uri: str) -> str:
+    """The MLflow tracking URI as it may be stored and shown.
+
+    An http(s) URI's user and password move into MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD of this process, where MLflow reads them, and
+    from where they reach the cluster's processes: a private cluster started
+    later inherits them, a joined one gets them in the job's runtime_env
+    (cluster.connect), a submitted job likewise (jobs.runtime_env). They win
+    over values already there: the URI is what this command was given.
+    Secrets that cannot move there (a token in the query, a database's
+    password) are refused in one line that shows neither."""
+    found = credentials_in(uri)
+    if not found:
+        return uri
+    parts = _split(uri)
+    shown = without_credentials(uri)
+    if _secret_params(parts):
+        raise UserError(
+            f"MLflow URI {shown}: {found} would be stored with the run; give the token in MLFLOW_TRACKING_TOKEN instead"
+        )
+    if parts.scheme.lower() not in ("http", "https"):
+        if parts.password is None:
+            return uri  # a database user name alone is no secret, and the database needs it there
+        raise UserError(
+            f"MLflow URI {shown}: a password in it would be stored with the run; give it to the database "
+            f"client through its environment (PGPASSWORD for PostgreSQL), or use an MLflow server"
+        )
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username or "")
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return shown
+
+
+# W&B project names may not hold these (W&B refuses them); control characters never reach a terminal.
+_BAD_PROJECT = re.compile(r"[/\\#?%:\x00-\x1f\x7f]")
+
+
+def check_wandb_project(project: str) -> None:
+    """One line for a W&B project name that W&B would refuse."""
+    if not project:
+        return
+    if len(project) > 128 or _BAD_PROJECT.search(project):
+        shown = project.encode("unicode_escape").decode()[:140]
+        raise UserError(
+            f"wandb project '{shown}': W&B project names have at most 128 characters and none of "
+            f"/ \\ # ? % : (the team goes in WANDB_ENTITY)"
+        )
+
+
+def mlflow_secrets() -> dict[str, str]:
+    """The tracking credentials in this process's environment (MLflow's, and
+    W&B's key and where it logs), for the processes a command starts
+    elsewhere (a joined cluster's workers, a submitted job)."""
+    return {name: os.environ[name] for name in MLFLOW_SECRETS + WANDB_ENV if os.environ.get(name)}

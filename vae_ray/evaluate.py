@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import judge, storage
+from .api import callable_module
 from .checkpoint import load_blob, model_from_blob
 from .cluster import connect
 from .data import decode_images, load_split, read_arrays, read_meta
@@ -37,6 +38,7 @@ from .metrics import (
     precision_recall,
 )
 from .rundir import RunDir
+from .spec import LIKELIHOODS
 
 LIKELIHOOD_KEYS = ("matlab_elbo", "neg_elbo_nats", "nll_iw_nats", "recon_mse", "kl")
 QUALITY_KEYS = (
@@ -65,7 +67,7 @@ class LikelihoodScorer:
         # Channels-last (transposed) convolutions run about 1.8x faster on CPUs.
         self.model = model_from_blob(blob).to(memory_format=torch.channels_last)
         self.shape = blob["dataset"]["shape"]
-        self.binarize = blob["config"]["binarize"] and blob["config"]["loss"] == "bernoulli"
+        self.binarize = blob["config"]["binarize"] and LIKELIHOODS[blob["config"]["loss"]].binarize
         self.iw_samples, self.seed = iw_samples, seed
         self.run_seed = blob["config"]["seed"]
 
@@ -298,5 +300,15 @@ def save(result: dict[str, Any], checkpoint: str) -> str | None:
     if run.latest() is None:
         return None
     path = run.path("evaluation.json")
-    storage.write_json(path, result)
+    try:
+        # The run's writer (a training run, its search, another evaluate) holds its lock.
+        with run.lock("vae-ray evaluate"):
+            storage.write_json(path, result)
+    except UserError as exc:
+        storage.warn_user(f"not saved into the run: {exc}")
+        return None
     return path
+
+
+# `vae_ray.evaluate(...)` is the Python API's function (api.py): this module is callable as it.
+callable_module(__name__)

@@ -21,8 +21,17 @@ What the destination promises:
 - `_manifest.json` is written first with the run's identity (status
   "running") and last with every shard's checksum ("complete"); the same
   command on a complete set changes nothing and says so;
-- `--overwrite` replaces only a generated set, and only once the new one is
-  complete: the new set is built in a hidden sibling folder and swapped in;
+- a folder is resumed, replaced or called complete only when everything in
+  it, hidden names included, is a file of the set its manifest describes (or a
+  leftover of our own writers): a manifest alone proves nothing, and anything
+  else is refused in one line with nothing touched; a manifest is checked
+  (types, bounds, safe names) before anything is built from it;
+- `--overwrite` replaces only such a set, and only once the new one is
+  complete: the new set is built in a hidden sibling folder and swapped in
+  (locally by two renames, the old set kept as `.OUT.old` in between, which
+  the next command puts back or removes after a crash; on S3 the old manifest
+  is the first object removed and the new one the last written);
+- a local set that cannot fit on its disk is refused before the first write;
 - one writer at a time (a lock beside the destination).
 The manifest's leading underscore (and the markers' dot) keep the side files
 out of the way of pandas, pyarrow, DuckDB and Hugging Face `datasets`.
@@ -33,19 +42,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from . import storage
+from .api import callable_module
 from .checkpoint import load_blob, model_from_blob
 from .errors import UserError
 from .formats import encode_pngs, hf_features, hf_parquet_bytes, npz_bytes, parquet_bytes
@@ -56,6 +68,10 @@ SHARD = 10_000  # images per shard (PNG folder, Parquet/NPZ file)
 CHUNK = 256  # decode batch, aligned to global indices
 MAX_ACTORS_PER_GPU = 8
 MAX_NUM = 1_000_000_000  # file names hold nine digits of index
+MAX_SHARDS = 100_000  # MAX_NUM at the default shard size; shard names hold five digits
+MAX_CLASSES = 100_000
+MAX_MANIFEST_BYTES = 64 * 2**20  # a manifest of MAX_SHARDS shards is about 12 MB
+MAX_MARKER_BYTES = 4096
 MAX_TEMPERATURE = 100.0
 FORMATS = ("png", "parquet", "npz", "hf")
 FORMAT_ID = "vae-ray-generated/1"
@@ -63,6 +79,10 @@ MANIFEST = "_manifest.json"
 OLD_MANIFEST = "manifest.json"  # sets written before the manifest was renamed
 MARKERS = ".progress"
 CARD = "README.md"
+# In an S3 staging folder only: the manifest of the set an --overwrite is
+# replacing, written before that manifest is removed, so a rerun after a crash
+# can still prove every key under the prefix ours and finish the swap.
+REPLACING = ".replacing.json"
 
 
 # ---------------------------------------------------------------------------
@@ -106,12 +126,19 @@ def class_folders(classes: list[str]) -> list[str]:
     """Safe, distinct folder names for class names, which are data (from
     batches.meta, dataset.json or a checkpoint) and must never steer a write:
     no separators, no leading dot or underscore, no '..', at most 64
-    characters. The manifest keeps the real names beside them."""
+    characters. Distinct ignoring case (macOS and Windows fold it), and a
+    suffixed name is checked again: ["x", "x-2", "x"] gives x, x-2, x-3. The
+    manifest keeps the real names beside them."""
     out: list[str] = []
+    used: set[str] = set()
     for k, name in enumerate(classes):
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip(".-_")[:64] or f"class-{k}"
-        if safe in out or safe.lower() in (s.lower() for s in out):
-            safe = f"{safe[:58]}-{k}"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip(".-_")[:64] or f"class-{k}"
+        safe, n = base, k
+        while safe.lower() in used:
+            suffix = f"-{n}"
+            safe = base[: min(58, 64 - len(suffix))] + suffix  # 58: the names earlier versions gave
+            n += 1
+        used.add(safe.lower())
         out.append(safe)
     return out
 
@@ -340,38 +367,276 @@ def check_options(
         raise UserError("--label and --per-class exclude each other")
     if actors is not None and not 1 <= actors <= 10_000:
         raise UserError(f"--actors must be between 1 and 10000 (got {actors})")
+    if -(-num // shard_size) > MAX_SHARDS:
+        raise UserError(
+            f"--num {num:,} in shards of {shard_size:,} makes more than {MAX_SHARDS:,} shards; raise --shard-size"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Reading a set back: nothing is believed before it is checked
+# ---------------------------------------------------------------------------
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SAFE_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what class_folders makes: one name, no dot first
+
+
+def _read_json_file(uri: str, limit: int) -> Any:
+    """A small JSON file's value, or None when there is no such file. A link
+    (we never write one) or a file over `limit` bytes is refused unread."""
+    fs, path = storage.filesystem(uri)
+    if not storage.is_remote(uri) and os.path.islink(path):
+        raise UserError(f"{uri}: is a link; vae-ray never writes one there")
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise UserError(f"{uri}: cannot reach ({exc})") from None
+    if info.type != pafs.FileType.File:
+        return None
+    if info.size > limit:
+        raise UserError(f"{uri}: is larger than the {limit:,} bytes vae-ray writes there (a damaged or foreign file)")
+    try:
+        return storage.read_json(uri)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except ValueError:
+        raise UserError(f"{uri}: is not valid JSON (a damaged set)") from None
+
+
+def _manifests(root: str) -> dict[str, dict[str, Any]]:
+    """The vae-ray manifests in a folder by name: `_manifest.json`, and the
+    older `manifest.json` (a set begun before the rename and finished after it
+    holds both). A `manifest.json` of some other tool is not one."""
+    found = {}
+    for name in (MANIFEST, OLD_MANIFEST):
+        try:
+            manifest = _read_json_file(storage.join(root, name), MAX_MANIFEST_BYTES)
+        except UserError:
+            if name == MANIFEST:
+                raise
+            continue  # not JSON, too large, a link: somebody else's manifest.json
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_ID:
+            found[name] = manifest
+    return found
 
 
 def read_manifest(root: str) -> dict[str, Any] | None:
-    """A generated set's manifest, or None when the folder holds none."""
-    for name in (MANIFEST, OLD_MANIFEST):
-        try:
-            manifest = storage.read_json(storage.join(root, name))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            continue
-        except ValueError:
-            raise UserError(f"{root}: {name} is not valid JSON (a damaged set)") from None
-        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_ID:
-            return manifest
-    return None
+    """A generated set's manifest as written (unchecked: see `check_manifest`), or None when the folder holds none."""
+    return next(iter(_manifests(root).values()), None)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _valid_entry(entry: Any, shard: int, plan: Plan) -> bool:
+    """A shard's record (in a manifest or a marker): its number, image count and checksum."""
+    start, end = plan.shard_range(shard)
+    return (
+        isinstance(entry, dict)
+        and _is_int(entry.get("shard"))
+        and entry["shard"] == shard
+        and _is_int(entry.get("images"))
+        and entry["images"] == end - start
+        and isinstance(entry.get("sha256"), str)
+        and bool(_SHA256.fullmatch(entry["sha256"]))
+    )
+
+
+def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
+    """The layout a manifest read back describes, once every value it is built
+    from has been checked: types, bounds (no list is built from a count that
+    was not), a shard entry per shard, and class folders that are safe single
+    names, distinct ignoring case and the ones its classes give."""
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{root}: {MANIFEST} {why} (damaged, edited, or not written by vae-ray)")
+
+    raw = manifest.get("plan")
+    names = {f.name for f in fields(Plan)}
+    if not isinstance(raw, dict) or not set(raw) <= names or not names - {"shard_size", "chunk"} <= set(raw):
+        raise bad("holds no valid plan")
+    if not (
+        all(_is_int(raw[k]) for k in ("num", "seed", "shard_size", "chunk") if k in raw)
+        and all(isinstance(raw[k], str) for k in ("format", "labels", "checkpoint_sha256"))
+        and isinstance(raw["temperature"], (int, float))
+        and not isinstance(raw["temperature"], bool)
+    ):
+        raise bad("holds a plan with values of the wrong type")
+    plan = Plan(**raw)
+    try:
+        check_options(plan.num, plan.format, plan.seed, plan.temperature, plan.chunk, plan.shard_size)
+    except UserError as exc:
+        raise bad(f"plans impossible values ({exc})") from None
+    if manifest.get("count") != plan.num or manifest.get("image_format") != plan.format:
+        raise bad("disagrees with its own plan")
+    if manifest.get("status") not in ("running", "complete"):
+        raise bad("has no valid status")
+    dataset = manifest.get("dataset")
+    classes = dataset.get("classes") if isinstance(dataset, dict) else None
+    if (
+        not isinstance(classes, list)
+        or len(classes) > MAX_CLASSES
+        or not all(isinstance(c, str) and len(c) <= 1000 for c in classes)
+    ):
+        raise bad("holds no valid list of classes")
+    if plan.labels == "per-class" and not classes:
+        raise bad("plans images per class but lists no classes")
+    if plan.labels not in ("none", "per-class") and not (
+        re.fullmatch(r"[0-9]{1,6}", plan.labels) and int(plan.labels) < len(classes)
+    ):
+        raise bad(f"plans images of a class it does not list ({storage.printable(plan.labels)[:40]!r})")
+    folders = class_folders(classes)
+    if plan.labels != "none":
+        _check_class_folders(manifest.get("class_folders"), classes, folders, bad)
+    if manifest["status"] == "complete":
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or len(shards) != plan.num_shards:
+            raise bad(f"does not list its {plan.num_shards:,} shard(s)")
+        for shard, entry in enumerate(shards):
+            if not _valid_entry(entry, shard, plan):
+                raise bad(f"holds a malformed entry for shard {shard}")
+    return Layout(plan, tuple(folders) if plan.labels != "none" else ())
+
+
+def _check_class_folders(recorded: Any, classes: list[str], folders: list[str], bad) -> None:
+    """The manifest's {class name: folder} (absent in the oldest sets): safe
+    names, distinct ignoring case, and what `class_folders` gives its classes."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise bad("holds no valid class folders")
+    for folder in recorded.values():
+        if not _SAFE_FOLDER.fullmatch(folder):
+            raise bad(f"names an unsafe class folder {storage.printable(folder)[:80]!r}")
+    lowered = [folder.lower() for folder in recorded.values()]
+    if len(set(lowered)) != len(lowered):
+        raise bad("has class folders that are not distinct (ignoring case): two classes would share a folder")
+    if recorded != dict(zip(classes, folders, strict=True)):
+        raise bad("has class folders that are not the ones its classes give")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a set's files live: which relative paths a set of this plan and
+    these class folders (index = label) can hold."""
+
+    plan: Plan
+    folders: tuple[str, ...]
+    manifests: tuple[str, ...] = (MANIFEST,)  # the names that hold this set's manifests
+
+    def label_of(self, index: int) -> int:
+        if self.plan.labels == "none":
+            return -1
+        if self.plan.labels == "per-class":
+            return index % len(self.folders)
+        return int(self.plan.labels)
+
+    def owns(self, rel: str) -> bool:
+        """True when `rel` (a leaf, see storage.leaves) is something generate
+        writes for such a set: its manifest, card, progress markers, shard
+        files (by the exact names the plan gives them), and the temporary
+        names of our own writers where those writers put them."""
+        if rel in (*self.manifests, REPLACING) or (rel == CARD and self.plan.format == "hf"):
+            return True
+        parts = rel.rstrip("/").split("/")
+        for depth, part in enumerate(parts):
+            if storage.is_temp_name(part):  # a killed writer's file or shard folder, and what is inside it
+                return "/".join(parts[:depth]) in self._written_into()
+        if rel.endswith("/"):
+            return self._is_folder(rel[:-1])
+        if parts[0] == MARKERS:
+            match = re.fullmatch(r"[0-9]{5,6}", parts[-1].removesuffix(".json"))
+            return bool(match) and rel == f"{MARKERS}/{int(match[0]):05d}.json" and int(match[0]) < self.plan.num_shards
+        return self._is_shard_file(rel)
+
+    def _written_into(self) -> set[str]:
+        return {"", "data", MARKERS, *self.folders}
+
+    def _is_folder(self, rel: str) -> bool:
+        if rel == MARKERS or rel in self.folders or (rel == "data" and self.plan.format == "hf"):
+            return True
+        match = re.fullmatch(r"(?:([^/]+)/)?([0-9]{5,6})", rel)  # a shard's folder, at the top or in a class folder
+        parents = self.folders or ("",)
+        return bool(match) and (match[1] or "") in parents and int(match[2]) < self.plan.num_shards
+
+    def _is_shard_file(self, rel: str) -> bool:
+        plan, shards = self.plan, self.plan.num_shards
+        if plan.format == "png":
+            match = re.fullmatch(r"(?:[^/]+/)?([0-9]{5,6})/([0-9]{9})\.png", rel)
+            if not match:
+                return False
+            shard, index = int(match[1]), int(match[2])
+            start, end = plan.shard_range(shard)
+            if shard >= shards or not start <= index < end:
+                return False
+            label = self.label_of(index)
+            prefix = f"{self.folders[label]}/" if label >= 0 else ""
+            return rel == f"{prefix}{shard:05d}/{index:09d}.png"
+        if plan.format == "hf":
+            match = re.fullmatch(r"data/train-([0-9]{5,6})-of-[0-9]{5,6}\.parquet", rel)
+            return bool(match) and int(match[1]) < shards and rel == shard_files(plan, int(match[1]), [])[0]
+        match = re.fullmatch(r"part-([0-9]{5,6})\.(?:parquet|npz)", rel)
+        return bool(match) and int(match[1]) < shards and rel == shard_files(plan, int(match[1]), [])[0]
+
+
+def read_set(root: str) -> tuple[dict[str, Any], Layout] | None:
+    """A set's manifest and checked layout, or None when the folder holds no manifest."""
+    manifests = _manifests(root)
+    if not manifests:
+        return None
+    manifest = next(iter(manifests.values()))
+    return manifest, replace(check_manifest(root, manifest), manifests=tuple(manifests))
+
+
+def foreign_in_set(uri: str, read: Callable[[str], tuple[dict[str, Any], Any] | None] | None = None) -> list[str]:
+    """The leaves of a folder that do not belong to the generated set its
+    manifest describes: [] for an empty folder or exactly a set, every leaf
+    when there is no manifest or it does not check. `read` reads another
+    kind of set (encode's): its manifest, and what says which leaves it `owns`."""
+    found = storage.leaves(uri)
+    if not found:
+        return []
+    try:
+        existing = (read or read_set)(uri)
+    except UserError:
+        return found
+    return found if existing is None else storage.foreign_leaves(uri, existing[1].owns)
+
+
+def _other_files(out: str, foreign: list[str], beside_a_set: bool) -> UserError:
+    if beside_a_set:
+        return UserError(
+            f"{out}: holds other files ({storage.some(foreign)}) beside a generated set; vae-ray resumes or "
+            f"replaces a set only when nothing else is in its folder: move them, or choose another --out"
+        )
+    return UserError(
+        f"{out}: holds other files ({storage.some(foreign)}), not a generated set; choose an empty or new "
+        f"folder (--overwrite replaces only a generated set)"
+    )
 
 
 def destination_state(out: str, plan: Plan, overwrite: bool) -> str:
-    """'new', 'resume', 'complete' or 'replace'; anything else is refused in one line."""
+    """'new', 'resume', 'complete' or 'replace'; anything else is refused in one line.
+
+    A folder is new only when it holds nothing (a leftover of our own first
+    manifest write aside). Otherwise it must hold a manifest that checks, and
+    nothing that manifest's set does not own, hidden names included."""
     if storage.is_file(out):
         raise UserError(f"{out}: exists and is not a folder")
-    entries = [n for n in storage.list_dir(out) if not n.startswith(".")]
-    if not entries:
+    found = storage.leaves(out)
+    if all(storage.is_temp_name(rel.split("/")[0]) for rel in found):
         return "new"
-    manifest = read_manifest(out)
-    if manifest is None:
-        shown = ", ".join(sorted(entries)[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise UserError(
-            f"{out}: holds other files ({shown}), not a generated set; choose an empty or new folder "
-            f"(--overwrite replaces only a generated set)"
-        )
-    if manifest.get("plan") == asdict(plan):
-        return "complete" if manifest.get("status") == "complete" else "resume"
+    existing = read_set(out)
+    if existing is None:
+        if overwrite and _interrupted_swap(out, plan):
+            return "replace"
+        raise _other_files(out, found, beside_a_set=False)
+    manifest, layout = existing
+    foreign = storage.foreign_leaves(out, layout.owns)
+    if foreign:
+        raise _other_files(out, foreign, beside_a_set=True)
+    if manifest["plan"] == asdict(plan):
+        return "complete" if manifest["status"] == "complete" else "resume"
     if not overwrite:
         raise UserError(
             f"{out}: holds a different generation run (other checkpoint, seed, count or format); "
@@ -380,27 +645,278 @@ def destination_state(out: str, plan: Plan, overwrite: bool) -> str:
     return "replace"
 
 
+def _interrupted_swap(out: str, plan: Plan) -> bool:
+    """True when `out` (on S3, without a manifest) is an --overwrite of this
+    plan that a crash cut short after the old manifest was removed: the
+    staging folder holds the new set, complete, and the replaced manifest, and
+    every key under `out` belongs to one set or the other."""
+    if not storage.is_remote(out):
+        return False  # a local swap is two renames: see settle_swap
+    staging = staging_folder(out, plan)
+    new = read_set(staging)
+    if new is None or new[0]["status"] != "complete" or new[0]["plan"] != asdict(plan):
+        return False
+    replaced = _read_json_file(storage.join(staging, REPLACING), MAX_MANIFEST_BYTES)
+    if not isinstance(replaced, dict):
+        return False
+    old = check_manifest(out, replaced)
+    foreign = storage.foreign_leaves(out, lambda rel: old.owns(rel) or new[1].owns(rel))
+    if foreign:
+        raise _other_files(out, foreign, beside_a_set=True)
+    return True
+
+
 def staging_folder(out: str, plan: Plan) -> str:
     """Where an --overwrite builds its new set: a hidden sibling named by the plan, so a rerun resumes it."""
     return storage.join(storage.parent_of(out), f".{storage.name_of(out)}.overwrite-{plan.digest()}")
 
 
 def completed_shards(root: str, plan: Plan) -> dict[int, dict]:
+    """The shards whose markers say they are complete; a marker that does not
+    check (its name, number, count or checksum) is ignored and its shard redone."""
     done = {}
     for name in storage.list_dir(storage.join(root, MARKERS)):
-        try:
-            marker = storage.read_json(storage.join(root, MARKERS, name))
-        except ValueError:
+        match = re.fullmatch(r"([0-9]{5,6})\.json", name)
+        if not match or int(match[1]) >= plan.num_shards or name != f"{int(match[1]):05d}.json":
             continue
-        if isinstance(marker, dict) and 0 <= marker.get("shard", -1) < plan.num_shards:
-            done[marker["shard"]] = marker
+        try:
+            marker = _read_json_file(storage.join(root, MARKERS, name), MAX_MARKER_BYTES)
+        except UserError:
+            continue
+        shard = int(match[1])
+        if _valid_entry(marker, shard, plan):
+            done[shard] = {"shard": shard, "images": marker["images"], "sha256": marker["sha256"]}
     return done
 
 
-class Generation:
+# ---------------------------------------------------------------------------
+# Whole-folder swaps (an --overwrite here, a report's folder in report.py)
+# ---------------------------------------------------------------------------
+def aside(target: Path) -> Path:
+    """Where a swap keeps the folder it replaces until the new one is in: a
+    fixed name, so that the next command finds it after a crash."""
+    return target.with_name(f".{target.name}.old")
+
+
+def in_the_way(path: Path, foreign_of: Callable[[str], list[str]]) -> list[str]:
+    """What makes `path` (a sibling a swap needs) not ours: [] when it does not
+    exist or `foreign_of` finds nothing foreign in it."""
+    if not os.path.lexists(path):
+        return []
+    if path.is_symlink() or not path.is_dir():
+        return [path.name]
+    return foreign_of(str(path))
+
+
+def remove_folder(folder: Path, last: tuple[str, ...] = ()) -> None:
+    """Remove a folder whole, the top-level names in `last` after everything
+    else: a removal cut short leaves a folder that still proves itself ours."""
+    kept = []
+    for child in sorted(folder.iterdir()):
+        if child.name in last and child.is_file() and not child.is_symlink():
+            kept.append(child)  # (a class folder may bear the name: only files wait)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    for child in kept:
+        child.unlink()
+    folder.rmdir()
+
+
+def swap_folder(new: Path, target: Path, last: tuple[str, ...] = ()) -> None:
+    """Put the complete folder `new` in place of `target`: two renames, the old
+    folder kept aside in between (see settle_swap), then removed."""
+    old = aside(target)
+    had_old = os.path.lexists(target)
+    if had_old:
+        target.rename(old)
+    new.rename(target)
+    storage.fsync_dir(target.parent)
+    if had_old:
+        remove_folder(old, last)
+
+
+def settle_swap(out: str, foreign_of: Callable[[str], list[str]], last: tuple[str, ...] = ()) -> None:
+    """Finish or roll back a local swap a crash cut short (call under the
+    output's lock): with `out` missing, the folder set aside goes back (the
+    crash came between the two renames; the staging folder is still there for
+    the rerun); with `out` present, the removal of the old one is finished.
+    A folder at the aside name holding anything foreign is never touched."""
+    if storage.is_remote(out):
+        return
+    target = Path(out)
+    old = aside(target)
+    if not os.path.lexists(old) or in_the_way(old, foreign_of):
+        return
+    if os.path.lexists(target):
+        remove_folder(old, last)
+    else:
+        old.rename(target)
+        storage.fsync_dir(target.parent)
+
+
+def _check_aside(out: str) -> None:
+    """An --overwrite sets the old set aside under a fixed name: that name must be free or ours."""
+    if storage.is_remote(out):
+        return
+    old = aside(Path(out))
+    foreign = in_the_way(old, foreign_in_set)
+    if foreign:
+        raise UserError(
+            f"{old}: holds other files ({storage.some(foreign)}); --overwrite sets the old set aside under "
+            f"this name until the new one is in: move it"
+        )
+
+
+class ShardedJob:
+    """The life of a set written shard by shard, exactly once, that generate
+    and encode (vae_ray/encode.py) share: under the destination's lock, finish
+    a swap a crash cut short, find the destination's state again, skip the
+    marked shards, write the manifest first ("running") and last ("complete"),
+    remove leftovers, swap an --overwrite in. A subclass says what its set is:
+    `command`, `writer` (the shard writer: a Ray Data actor class), `last`
+    (the names a swap removes last), its module's functions `_destination`
+    (destination_state), `_read_set` and `_foreign` (foreign_in_set), and the
+    methods `run` calls."""
+
+    command = ""
+    writer: type = object
+    last: tuple[str, ...] = (MANIFEST,)
+    _destination: Callable[..., str]
+    _read_set: Callable[[str], tuple[dict[str, Any], Any] | None]
+    _foreign: Callable[[str], list[str]]
+
+    def run(self, address: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Write the shards; return the manifest (with `already_complete` when there was nothing to do)."""
+        from .cluster import given_address
+
+        with storage.Lock(self.out, self.command) as lock:
+
+            def tick(done: int, total: int) -> None:  # after every shard: is the lock still ours?
+                lock.ensure_held()
+                if progress:
+                    progress(done, total)
+
+            settle_swap(self.out, self._foreign, last=self.last)  # a swap a crash cut short
+            self.state = self._destination(self.out, self.plan, self.overwrite)  # again, under the lock
+            if self.state == "complete":
+                self.path_taken = "nothing to do"
+                return self._read_set(self.out)[0] | {"already_complete": True}
+            root = self._root()
+            existing = self._read_set(root)  # None, or this very plan's set (checked by _destination or _root)
+            if existing is not None and existing[0]["status"] == "complete":  # an --overwrite whose swap was cut short
+                self.path_taken = "the new set was complete; swapped in now"
+                self._swap_in(root)
+                return existing[0]
+            done = completed_shards(root, self.plan)
+            todo = [s for s in range(self.plan.num_shards) if s not in done]
+            self._check_space(root, done)  # before the first write
+            in_process = (
+                given_address(address) is None and self.actors is None and not self.gpu and self.plan.num_shards == 1
+            )
+            writer = None if in_process else self._connect(address)  # checks the cluster (GPUs) first
+            started = time.time()
+            identity = self._identity(root)
+            if existing is None:
+                storage.makedirs(root)
+                storage.write_json(storage.join(root, MANIFEST), identity)
+            for shard in todo:  # leftovers of an interrupted run are rewritten whole
+                self._remove_partial(root, shard)
+            written = sum(m["images"] for m in done.values())
+            tick(written, self.plan.num)
+            if in_process:
+                self.path_taken = "in this process (one shard, no cluster named)"
+                shard_writer = self.writer(self.blob, **self._writer_options(root, "cpu", _threads()))
+                for shard in todo:
+                    n, checksum = shard_writer.write_shard(shard)
+                    done[shard] = {"shard": shard, "images": n, "sha256": checksum}
+                    written += n
+                    tick(written, self.plan.num)
+            else:
+                done = writer(root, todo, done, written, tick)
+            manifest = {
+                **identity,
+                "status": "complete",
+                "shards": [done[s] for s in range(self.plan.num_shards)],
+                "seconds": round(time.time() - started, 3),
+                "path": self.path_taken,
+            }
+            lock.ensure_held()  # a writer that lost its lock never writes the manifest that calls a set complete
+            self._before_manifest(root, manifest)
+            storage.write_json(storage.join(root, MANIFEST), manifest)
+            self._clean_leftovers(root)
+            if self.state == "replace":
+                lock.ensure_held()
+                self._swap_in(root)
+            return manifest
+
+    # -- the Ray Data path --------------------------------------------------
+    def _connect(self, address: str | None):
+        import ray
+
+        from .cluster import connect
+
+        cluster = connect(address, cpus_needed=1, dashboard=False)
+        resources = cluster.resources
+        use_gpu = bool(resources.get("GPU", 0)) if self.gpu is None else self.gpu
+        if use_gpu and not resources.get("GPU", 0):
+            raise UserError("--gpu asks for GPU actors but the cluster has no GPUs")
+        want, gpus_each = actor_plan(resources, use_gpu, self.actors)
+
+        def write(root: str, todo: list[int], done: dict, written: int, progress) -> dict:
+            pool = max(1, min(want, len(todo) or 1))
+            shared = f", {gpus_each:g} GPU each" if use_gpu and gpus_each < 1 else ""
+            self.path_taken = f"a Ray Data actor pool of {pool} {'GPU' if use_gpu else 'CPU'} actor(s){shared}"
+            if not todo:
+                return done
+            ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+            results = ds.map_batches(
+                self.writer,
+                batch_size=1,
+                compute=_pool(pool),
+                fn_constructor_kwargs={
+                    "model_blob": [ray.put(self.blob)],
+                    **self._writer_options(root, "cuda" if use_gpu else "cpu", 1),
+                },
+                num_gpus=gpus_each,
+                num_cpus=1,
+            )
+            for row in results.iter_rows():
+                if row.get("error"):  # a user's mistake an actor found (raised there, Ray would print a traceback)
+                    raise UserError(str(row["error"]))
+                done[int(row["shard"])] = {
+                    "shard": int(row["shard"]),
+                    "images": int(row["images"]),
+                    "sha256": str(row["sha256"]),
+                }
+                written += int(row["images"])
+                if progress:
+                    progress(written, self.plan.num)
+            return done
+
+        return write
+
+    # -- what a subclass says -------------------------------------------------
+    def _writer_options(self, root: str, device: str, threads: int) -> dict[str, Any]:
+        """The writer's constructor arguments beside the model."""
+        raise NotImplementedError
+
+    def _before_manifest(self, root: str, manifest: dict[str, Any]) -> None:
+        """Anything written just before the complete manifest (the last file)."""
+
+
+class Generation(ShardedJob):
     """A generation run: the constructor checks everything a user can get
     wrong (options, checkpoint, destination) before anything is written;
     `run` then does the work."""
+
+    command = "vae-ray generate"
+    writer = ShardWriter
+    last = (MANIFEST, OLD_MANIFEST)
+    _destination = staticmethod(destination_state)
+    _read_set = staticmethod(read_set)
+    _foreign = staticmethod(foreign_in_set)
 
     def __init__(
         self,
@@ -428,107 +944,70 @@ class Generation:
         self.state = destination_state(self.out, self.plan, overwrite)
         self.actors, self.gpu, self.overwrite = actors, gpu, overwrite
         self.path_taken = ""
+        if self.state != "complete":
+            root = self._root()
+            self._check_space(root, completed_shards(root, self.plan))
 
-    def run(self, address: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Write the images; return the manifest (with `already_complete` when there was nothing to do)."""
-        from .cluster import given_address
+    def _writer_options(self, root: str, device: str, threads: int) -> dict[str, Any]:
+        return {"plan": asdict(self.plan), "root": root, "device": device, "threads": threads}
 
-        with storage.Lock(self.out, "vae-ray generate"):
-            self.state = destination_state(self.out, self.plan, self.overwrite)  # again, under the lock
-            if self.state == "complete":
-                self.path_taken = "nothing to do"
-                return read_manifest(self.out) | {"already_complete": True}
-            root = staging_folder(self.out, self.plan) if self.state == "replace" else self.out
-            in_process = (
-                given_address(address) is None and self.actors is None and not self.gpu and self.plan.num_shards == 1
-            )
-            decoder = None if in_process else self._connect(address)  # checks the cluster (GPUs) first
-            started = time.time()
-            identity = self._identity(root)
-            existing = read_manifest(root)
-            if existing is None or existing.get("plan") != asdict(self.plan):
-                storage.makedirs(root)
-                storage.write_json(storage.join(root, MANIFEST), identity)
-            done = completed_shards(root, self.plan)
-            todo = [s for s in range(self.plan.num_shards) if s not in done]
-            for shard in todo:  # leftovers of an interrupted run are rewritten whole
-                self._remove_partial(root, shard)
-            written = sum(m["images"] for m in done.values())
-            if progress:
-                progress(written, self.plan.num)
-            if in_process:
-                self.path_taken = "in this process (one shard, no cluster named)"
-                writer = ShardWriter(self.blob, asdict(self.plan), root, "cpu", _threads())
-                for shard in todo:
-                    n, checksum = writer.write_shard(shard)
-                    done[shard] = {"shard": shard, "images": n, "sha256": checksum}
-                    if progress:
-                        progress(written + n, self.plan.num)
-            else:
-                done = decoder(root, todo, done, written, progress)
-            manifest = {
-                **identity,
-                "status": "complete",
-                "shards": [done[s] for s in range(self.plan.num_shards)],
-                "seconds": round(time.time() - started, 3),
-                "path": self.path_taken,
-            }
-            if self.plan.format == "hf":
-                storage.write_text(storage.join(root, CARD), dataset_card(manifest))
-            storage.write_json(storage.join(root, MANIFEST), manifest)
-            self._clean_leftovers(root)
-            if self.state == "replace":
-                self._swap_in(root)
-            return manifest
-
-    # -- the Ray Data path --------------------------------------------------
-    def _connect(self, address: str | None):
-        import ray
-
-        from .cluster import connect
-
-        cluster = connect(address, cpus_needed=1, dashboard=False)
-        resources = cluster.resources
-        use_gpu = bool(resources.get("GPU", 0)) if self.gpu is None else self.gpu
-        if use_gpu and not resources.get("GPU", 0):
-            raise UserError("--gpu asks for GPU actors but the cluster has no GPUs")
-        want, gpus_each = actor_plan(resources, use_gpu, self.actors)
-
-        def decode(root: str, todo: list[int], done: dict, written: int, progress) -> dict:
-            pool = max(1, min(want, len(todo) or 1))
-            shared = f", {gpus_each:g} GPU each" if use_gpu and gpus_each < 1 else ""
-            self.path_taken = f"a Ray Data actor pool of {pool} {'GPU' if use_gpu else 'CPU'} actor(s){shared}"
-            if not todo:
-                return done
-            ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-            results = ds.map_batches(
-                ShardWriter,
-                batch_size=1,
-                compute=_pool(pool),
-                fn_constructor_kwargs={
-                    "model_blob": [ray.put(self.blob)],
-                    "plan": asdict(self.plan),
-                    "root": root,
-                    "device": "cuda" if use_gpu else "cpu",
-                    "threads": 1,
-                },
-                num_gpus=gpus_each,
-                num_cpus=1,
-            )
-            for row in results.iter_rows():
-                done[int(row["shard"])] = {
-                    "shard": int(row["shard"]),
-                    "images": int(row["images"]),
-                    "sha256": str(row["sha256"]),
-                }
-                written += int(row["images"])
-                if progress:
-                    progress(written, self.plan.num)
-            return done
-
-        return decode
+    def _before_manifest(self, root: str, manifest: dict[str, Any]) -> None:
+        if self.plan.format == "hf":
+            storage.write_text(storage.join(root, CARD), dataset_card(manifest))
 
     # -- files --------------------------------------------------------------
+    def _root(self) -> str:
+        """Where this run writes: the destination itself, or for --overwrite
+        its staging folder, which must hold nothing or a part of this very set."""
+        if self.state != "replace":
+            return self.out
+        _check_aside(self.out)
+        staging = staging_folder(self.out, self.plan)
+        if storage.is_file(staging):
+            raise UserError(f"{staging}: exists and is not a folder; --overwrite builds the new set there: move it")
+        found = storage.leaves(staging)
+        if all(storage.is_temp_name(rel.split("/")[0]) for rel in found):
+            return staging
+        existing = read_set(staging)
+        if existing is None or existing[0]["plan"] != asdict(self.plan):
+            foreign = found
+        else:
+            foreign = storage.foreign_leaves(staging, existing[1].owns)
+        if foreign:
+            raise UserError(
+                f"{staging}: holds other files ({storage.some(foreign)}); --overwrite builds the new set "
+                f"there: move them"
+            )
+        return staging
+
+    def _check_space(self, root: str, done: dict[int, dict]) -> None:
+        """Refuse, before the first write, a set its local disk cannot hold
+        (S3 has no such limit): the shards still to write, at an upper bound
+        of their size in whole blocks, against the free space and free inodes
+        of the nearest folder that exists."""
+        if storage.is_remote(root):
+            return
+        todo = [s for s in range(self.plan.num_shards) if s not in done]
+        if not todo:
+            return
+        where = Path(storage.filesystem(root)[1])
+        while not where.is_dir() and where != where.parent:
+            where = where.parent
+        stats = os.statvfs(where)
+        need, files = planned_size(self.plan, self.blob["dataset"]["shape"], todo, stats.f_frsize or 4096)
+        free = shutil.disk_usage(where).free
+        images = sum(end - start for start, end in map(self.plan.shard_range, todo))
+        if need > free:
+            raise UserError(
+                f"{self.out}: {images:,} {self.plan.format} images need up to {_size(need)} but {where} has "
+                f"{_size(free)} free; free some space or choose another --out"
+            )
+        if stats.f_files and files > stats.f_favail:
+            raise UserError(
+                f"{self.out}: {images:,} {self.plan.format} images need {files:,} files but the file system of "
+                f"{where} has room for {stats.f_favail:,} more (free inodes); choose another --out"
+            )
+
     def _identity(self, root: str) -> dict[str, Any]:
         blob, plan = self.blob, self.plan
         classes = blob["dataset"]["classes"]
@@ -562,39 +1041,51 @@ class Generation:
         temporary files and folders of killed writers must not survive a
         finished run. They only exist locally (S3 objects appear whole with one
         PUT), beside the shard folders: at the top, in data/, or in the class
-        folders of a labelled set. Shard folders themselves are never listed."""
+        folders of a labelled set. Only our own temporary names are removed."""
         storage.delete(storage.join(root, MARKERS))
         if storage.is_remote(root):
             return
         base = Path(storage.filesystem(root)[1])
         parents = ["", "data"] + (class_folders(self.blob["dataset"]["classes"]) if self.plan.labels != "none" else [])
         for parent in parents:
-            for leftover in (base / parent).glob(".tmp-*") if (base / parent).is_dir() else []:
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            for leftover in (base / parent).glob(".*.tmp") if (base / parent).is_dir() else []:
-                leftover.unlink()
+            folder = base / parent
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for leftover in folder.iterdir():
+                if storage.is_temp_name(leftover.name):
+                    shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
 
     def _swap_in(self, staging: str) -> None:
-        """Replace the old set with the complete new one."""
-        if storage.is_remote(self.out):
-            new = set(storage.walk_files(staging))
-            fs, _ = storage.filesystem(self.out)
-            for rel in sorted(new):
-                fs.copy_file(
-                    storage.filesystem(storage.join(staging, rel))[1],
-                    storage.filesystem(storage.join(self.out, rel))[1],
-                )
-            for rel in storage.walk_files(self.out):
-                if rel not in new and not rel.startswith("."):
-                    storage.delete(storage.join(self.out, rel))
-            storage.delete(staging)
+        """Replace the old set with the complete new one. Every leaf of the old
+        one was proven ours (destination_state) under the lock we hold."""
+        if not storage.is_remote(self.out):
+            new, out = Path(storage.filesystem(staging)[1]), Path(storage.filesystem(self.out)[1])
+            swap_folder(new, out, last=(MANIFEST, OLD_MANIFEST))
             return
-        out, new = Path(self.out), Path(staging)
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-        new.rename(out)
-        storage.fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        # S3 has no renames: keys are copied one by one. The old manifest is the
+        # first object removed and the new one the last written, so a crash in
+        # between never leaves a manifest vouching for a mixture of two sets;
+        # the replaced manifest is kept in the staging folder first, so the
+        # same command run again can prove the keys ours and finish.
+        replaced = read_manifest(self.out)
+        if replaced is not None:
+            storage.write_json(storage.join(staging, REPLACING), replaced)
+            for name in (MANIFEST, OLD_MANIFEST):
+                storage.delete(storage.join(self.out, name))
+        fs, _ = storage.filesystem(self.out)
+
+        def copy(rel: str) -> None:
+            fs.copy_file(
+                storage.filesystem(storage.join(staging, rel))[1], storage.filesystem(storage.join(self.out, rel))[1]
+            )
+
+        new = [rel for rel in storage.walk_files(staging) if rel not in (MANIFEST, REPLACING)]
+        for rel in new:
+            copy(rel)
+        for stale in set(storage.walk_files(self.out)) - {*new, MANIFEST}:
+            storage.delete(storage.join(self.out, stale))
+        copy(MANIFEST)  # the last object written
+        storage.delete(staging)
 
 
 def _threads() -> int:
@@ -749,32 +1240,70 @@ ds = load_dataset("parquet", data_files="data/*.parquet", split="train")
 
 
 def verify(out: str) -> dict[str, Any]:
-    """Check a finished set against its manifest: every file, every checksum."""
+    """Check a finished set against its manifest: every file, every checksum,
+    and nothing in the folder that is not the set's own."""
     root = storage.check_uri(out)
     if not storage.is_dir(root):
         raise UserError(f"{out}: no such folder")
-    manifest = read_manifest(root)
-    if manifest is None:
+    found = read_set(root)
+    if found is None:
         raise UserError(f"{out}: no {MANIFEST}; not a generated set")
-    if manifest.get("status") != "complete":
-        raise UserError(f"{out}: generation did not finish (status {manifest.get('status')!r}); rerun it to resume")
-    try:
-        plan = Plan(**manifest["plan"])
-        folders = class_folders(manifest["dataset"]["classes"])
-        shards = manifest["shards"]
-    except (KeyError, TypeError):
-        raise UserError(f"{out}: {MANIFEST} is incomplete") from None
-    for entry in shards:
-        names = shard_files(plan, entry["shard"], folders)
+    manifest, layout = found
+    if manifest["status"] != "complete":
+        raise UserError(f"{out}: generation did not finish (status {manifest['status']!r}); rerun it to resume")
+    extra = storage.foreign_leaves(root, layout.owns)  # before any file is read: links are never followed
+    if extra:
+        raise UserError(
+            f"{out}: holds {len(extra)} file(s) that are not this set's (links, or not in {MANIFEST}): "
+            f"{storage.some(extra)}"
+        )
+    for entry in manifest["shards"]:
+        names = shard_files(layout.plan, entry["shard"], list(layout.folders))
         try:
             blobs = [storage.read_bytes(storage.join(root, name)) for name in names]
         except (FileNotFoundError, IsADirectoryError, OSError):
             raise UserError(f"{out}: shard {entry['shard']} is missing files") from None
         if digest(blobs) != entry["sha256"]:
             raise UserError(f"{out}: shard {entry['shard']} does not match its checksum")
-    expected = {n for s in range(plan.num_shards) for n in shard_files(plan, s, folders)}
-    expected |= {MANIFEST, OLD_MANIFEST, CARD}
-    extra = [f for f in storage.walk_files(root) if f not in expected and not f.split("/")[-1].startswith(".")]
-    if extra:
-        raise UserError(f"{out}: {len(extra)} file(s) not in the manifest, e.g. {extra[0]}")
     return manifest
+
+
+def planned_size(plan: Plan, shape: list[int], shards: list[int], block: int) -> tuple[int, int]:
+    """An upper bound on the bytes (in whole blocks) and the files that `shards`
+    of a plan take on disk. A PNG holds at most its scanlines (a filter byte
+    each) as zlib's worst case, plus 57 bytes of chunks; Parquet and NPZ hold
+    at most the raw pixels and two int64 columns per image, plus 64 KiB of
+    headers per file; markers, shard folders and the manifest come on top."""
+    height, width, channels = (int(x) for x in shape)
+    rows = height * (1 + width * channels)
+    png = 57 + rows + (rows >> 12) + (rows >> 14) + (rows >> 25) + 13
+    per_image = png + 40 if plan.format == "hf" else height * width * channels + 24
+
+    def blocks(size: int) -> int:
+        return -(-size // block) * block
+
+    need, files = 0, 0
+    for shard in shards:
+        start, end = plan.shard_range(shard)
+        if plan.format == "png":
+            need += (end - start) * blocks(png) + blocks(1)  # each file, and the shard's folder
+            files += end - start + 1
+        else:
+            need += blocks((end - start) * per_image + 65536)
+            files += 1
+        need += blocks(1)  # its progress marker
+        files += 1
+    need += 2 * blocks(200 * plan.num_shards + 65536)  # the manifest (and its card), written twice
+    return need, files + 2
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+# `vae_ray.generate(...)` is the Python API's function (api.py): this module is callable as it.
+callable_module(__name__)

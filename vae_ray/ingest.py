@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from . import storage
-from .data import decode_images
+from .data import decode_images, open_shard, read_shard
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 (N, H, W, C), int64 labels, int64 indices
 MEMORY_SHARE = 0.25  # ingest "auto": the split may use at most this share of the smallest node's memory
@@ -79,17 +79,29 @@ def choose_ingest(mode: str, train_bytes: int, node_memory: list[float]) -> str:
 # Reading rows straight from the shards
 # ---------------------------------------------------------------------------
 def iter_rows(dataset: dict[str, Any], split: str, start: int, stop: int) -> Iterator[pa.Table]:
-    """Tables of rows [start, stop) of a split, shard by shard, in index order."""
-    fs, root = storage.filesystem(dataset["root"])
+    """Tables of rows [start, stop) of a split, shard by shard, in index order.
+
+    Each shard is checked from its footer against the rows dataset.json
+    declares before anything is read, and only the row groups holding the
+    wanted rows are read."""
     offset = 0
     for shard in dataset["shards"][split]:
         lo, hi = offset, offset + shard["rows"]
         offset = hi
         if hi <= start or lo >= stop:
             continue
-        table = pq.read_table(f"{root}/{shard['file']}", filesystem=fs, columns=["image", "label", "index"])
-        first = max(start, lo) - lo
-        yield table.slice(first, min(stop, hi) - lo - first)
+        path = storage.join(dataset["root"], shard["file"])
+        first, last = max(start, lo) - lo, min(stop, hi) - lo
+        with open_shard(path, shard["rows"], dataset["shape"]) as pf:
+            groups, begin, at = [], None, 0
+            for group in range(pf.num_row_groups):
+                rows = pf.metadata.row_group(group).num_rows
+                if at < last and at + rows > first:
+                    groups.append(group)
+                    begin = at if begin is None else begin
+                at += rows
+            table = read_shard(path, partial(pf.read_row_groups, groups, columns=["image", "label", "index"]))
+        yield table.slice(first - begin, last - first)
 
 
 def to_batch(table: pa.Table, shape) -> Batch:

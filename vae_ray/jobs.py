@@ -13,7 +13,13 @@ outcome by default; `--no-wait` detaches after printing the job id.
 
 Token authentication: when RAY_AUTH_TOKEN (or the file named by
 RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) holds a token, every request
-carries it as a bearer token. It is never printed.
+carries it as a bearer token. It is never printed; sent over plain http to
+another machine, it is sent with one warning line naming the host.
+
+Secrets never ride in the entrypoint (which anyone with the dashboard reads):
+the MLflow URI goes without its user and password, which reach the job in its
+runtime_env's env_vars, as Ray users pass secrets to a job; a spec holding
+any other credential in a URI is refused before anything is sent.
 
     python -m vae_ray.jobs '{"command": "train", "kwargs": {"settings": {...}}}'
 """
@@ -35,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cluster import is_dashboard, mask, read_token
+from .cluster import is_dashboard, mask, read_token, warn_if_token_in_clear
 from .errors import Interrupted, RunFailed, UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -75,9 +81,11 @@ def connect(address: str | None):
 
     logging.getLogger("ray.dashboard").setLevel(logging.ERROR)  # the SDK's INFO lines stay off the terminal
     url = dashboard_url(address)
+    headers = auth_headers()
+    warn_if_token_in_clear(url)
     try:
         with _only_this_address(url):
-            return JobSubmissionClient(url, headers=auth_headers())
+            return JobSubmissionClient(url, headers=headers)
     except Exception as exc:  # noqa: BLE001 - the client raises bare ConnectionError/RuntimeError
         raise UserError(_explain(exc, url)) from None
 
@@ -133,8 +141,14 @@ def _call(url: str, fn: Callable, *args, **kwargs):
 # ---------------------------------------------------------------------------
 # Submitting
 # ---------------------------------------------------------------------------
-def runtime_env(install_requirements: bool = False) -> dict[str, Any]:
+def runtime_env(install_requirements: bool = False, tracking: bool = False) -> dict[str, Any]:
+    """The job's environment: the package, the settings it inherits and, for
+    a command that tracks to MLflow, the MLflow credentials of this process."""
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV) or k in PASSED_NAMES}
+    if tracking:
+        from .config import mlflow_secrets  # here: a job's bare `python` must reach the requirements check
+
+        env_vars |= mlflow_secrets()
     env: dict[str, Any] = {"py_modules": [str(PACKAGE_DIR)], "env_vars": env_vars}
     if install_requirements:
         from importlib.metadata import PackageNotFoundError, requires
@@ -149,6 +163,35 @@ def runtime_env(install_requirements: bool = False) -> dict[str, Any]:
 
 def entrypoint(spec: dict[str, Any]) -> str:
     return f"python -m vae_ray.jobs {shlex.quote(json.dumps(spec))}"
+
+
+def public_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as it may be sent and shown: the MLflow URI without its
+    credentials (moved to this process's environment, whence runtime_env
+    takes them); any other URI holding credentials is refused in one line."""
+    from .config import credentials_in, public_mlflow_uri, without_credentials
+
+    settings = spec.get("kwargs", {}).get("settings") if isinstance(spec.get("kwargs"), dict) else None
+    if isinstance(settings, dict) and isinstance(settings.get("mlflow"), str):
+        settings = {**settings, "mlflow": public_mlflow_uri(settings["mlflow"])}
+        spec = {**spec, "kwargs": {**spec["kwargs"], "settings": settings}}
+    for value in _strings(spec):
+        if credentials_in(value):
+            raise UserError(
+                f"{without_credentials(value)}: the URI holds credentials ({credentials_in(value)}), which a job "
+                f"spec never carries; give them through the environment instead"
+            )
+    return spec
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def warn_local_paths(url: str, paths: list[str], warn: Callable[[str], None]) -> None:
@@ -184,9 +227,10 @@ def submit(
     """Submit a job spec; with `wait`, stream its logs and raise unless it succeeds."""
     from . import commands
 
+    spec = public_spec(spec)
     commands.validate(spec)  # everything checkable here fails here, before anything is sent
     url = dashboard_url(address)
-    env = runtime_env(install_requirements)
+    env = runtime_env(install_requirements, tracking=spec["command"] in ("train", "tune"))
     client = connect(url)
     warn_local_paths(url, paths or [], warn)
     job_id = f"vae-ray-{spec['command']}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import storage
-from .data import read_arrays, read_meta
+from .data import dataset_read_lock, read_arrays, read_meta
 from .errors import UserError
 from .images import to_float
 
@@ -135,7 +135,19 @@ def train(
     overwrite: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
-    """Train and cache the judge of a prepared dataset; return its info."""
+    """Train and cache the judge of a prepared dataset (in its classifier/ folder); return its info."""
+    with dataset_read_lock(data):  # it reads the dataset and writes inside it: prepare must wait
+        return _train(data, epochs, batch_size, seed, overwrite, progress)
+
+
+def _train(
+    data: str,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    overwrite: bool,
+    progress: Callable[[int, int, float], None] | None,
+) -> dict:
     meta = read_meta(data)
     if meta["num_classes"] < 2:
         raise UserError(f"{data}: the judge needs labelled data with at least 2 classes")

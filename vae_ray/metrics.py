@@ -21,7 +21,8 @@ import math
 import numpy as np
 import torch
 
-from .model import DISCRETE_LOSSES, LOG_2PI, VAE, kl_divergence, matlab_recon, recon_nll
+from .model import LOG_2PI, VAE, kl_divergence, matlab_recon, recon_nll
+from .spec import DISCRETE_LOSSES
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) above this counts as active
 MAX_DECODE_ROWS = 4096  # images decoded at once when drawing K samples each

@@ -15,11 +15,14 @@ always pixels in [0, 1], so the MATLAB-unit ELBO is comparable for any model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .spec import ARCHITECTURES, LIKELIHOODS, ModelSpec
 
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # keeps exp(logvar) finite in fp32
@@ -27,7 +30,6 @@ LOG_SIGMA_MIN, LOG_SIGMA_MAX = -6.0, 2.0
 LOG_SIGMA_INIT = -3.0  # a scale of about 13 of the 255 intensity steps
 LOG_SCALE_MIN = -8.0  # logistic scale floor: well under one 8-bit step (1/255)
 HALF_BIN = 0.5 / 255  # half the width of one 8-bit intensity step in [0, 1]
-DISCRETE_LOSSES = ("logistic",)  # likelihoods of 8-bit data: bits/dim are meaningful
 
 
 class VAE(nn.Module):
@@ -38,17 +40,15 @@ class VAE(nn.Module):
         h, w, c = shape
         self.arch, self.shape, self.latent_dim = arch, (h, w, c), latent_dim
         self.num_classes, self.loss = num_classes, loss
-        if arch == "mnist":
-            self.encoder, self.decoder = _mnist_encoder(c), _MnistDecoder(latent_dim + num_classes, h, w, c)
-            feat = 64 * (h // 4) * (w // 4)
-            self.head = nn.Linear(feat + num_classes, 2 * latent_dim)
-            _glorot(self)
-        elif arch == "cifar":
-            self.encoder, self.decoder = _cifar_encoder(c), _CifarDecoder(latent_dim + num_classes, h, w, c)
-            feat = 128 * (h // 8) * (w // 8)
-            self.head = _CifarHead(feat + num_classes, latent_dim)
-        else:
+        if arch not in BUILDERS:
             raise ValueError(f"unknown arch {arch!r}")
+        parts = BUILDERS[arch](self.shape, latent_dim, num_classes)
+        self.encoder, self.decoder, self.head = parts.encoder, parts.decoder, parts.head
+        self.centered_inputs = parts.centered_inputs
+        if parts.glorot:
+            _glorot(self)
+        if loss not in NLL:
+            raise ValueError(f"unknown loss {loss!r}")
         # sigma-VAE / discretised logistic: one learned log scale per channel.
         # It starts near where CIFAR-10 training settles (-2.8 to -3.1): from
         # 0 (a scale as wide as the whole intensity range), Adam moves it by
@@ -56,12 +56,17 @@ class VAE(nn.Module):
         # gradient held the first epochs back (10,000 CIFAR images, 8 epochs,
         # logistic: 8.99 bits/dim from 0, 6.75 from -3; Gaussian, 5 epochs:
         # -ELBO 1,708 nats from 0, 495 from -3).
-        self.log_sigma = nn.Parameter(torch.full((c,), LOG_SIGMA_INIT)) if loss in ("gaussian", "logistic") else None
+        learned = LIKELIHOODS[loss].learned_scale
+        self.log_sigma = nn.Parameter(torch.full((c,), LOG_SIGMA_INIT)) if learned else None
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.arch, self.shape, self.latent_dim, self.num_classes, self.loss)
 
     # -- the four methods -------------------------------------------------
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x in [0, 1], (N, C, H, W) -> (mu, logvar), each (N, K)."""
-        if self.arch == "cifar":
+        if self.centered_inputs:
             x = x * 2 - 1  # the tutorial normalises to [-1, 1]
         feats = self.encoder(x)
         if self.num_classes:
@@ -200,6 +205,38 @@ class _CifarDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# The networks by name (spec.ARCHITECTURES describes them without torch)
+# ---------------------------------------------------------------------------
+@dataclass
+class Parts:
+    encoder: nn.Module  # images -> features (N, F)
+    decoder: nn.Module  # z (plus one-hot labels) -> logits (N, C, H, W)
+    head: nn.Module  # features (plus one-hot labels) -> (mu, logvar) side by side
+    centered_inputs: bool = False  # the encoder sees pixels in [-1, 1]
+    glorot: bool = False  # Glorot-uniform weights, zero biases
+
+
+def _mnist_parts(shape: tuple[int, int, int], latent_dim: int, num_classes: int) -> Parts:
+    h, w, c = shape  # made in this order: a seed gives the weights it always gave
+    encoder, decoder = _mnist_encoder(c), _MnistDecoder(latent_dim + num_classes, h, w, c)
+    head = nn.Linear(64 * (h // 4) * (w // 4) + num_classes, 2 * latent_dim)
+    return Parts(encoder, decoder, head, glorot=True)
+
+
+def _cifar_parts(shape: tuple[int, int, int], latent_dim: int, num_classes: int) -> Parts:
+    h, w, c = shape
+    encoder, decoder = _cifar_encoder(c), _CifarDecoder(latent_dim + num_classes, h, w, c)
+    head = _CifarHead(128 * (h // 8) * (w // 8) + num_classes, latent_dim)
+    return Parts(encoder, decoder, head, centered_inputs=True)
+
+
+BUILDERS: dict[str, Callable[[tuple[int, int, int], int, int], Parts]] = {
+    "mnist": _mnist_parts,
+    "cifar": _cifar_parts,
+}
+
+
+# ---------------------------------------------------------------------------
 # Losses. All per image, computed in fp32 whatever the autocast dtype.
 # ---------------------------------------------------------------------------
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -213,22 +250,39 @@ def matlab_recon(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.sigmoid(logits.float()) - x.float()).pow(2).flatten(1).sum(1)
 
 
+def _matlab_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return matlab_recon(logits, x) + 0.5 * x[0].numel() * LOG_2PI  # a Gaussian with sigma = 1
+
+
+def _bernoulli_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def _gaussian_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    log_sigma = model.log_sigma.float().clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).view(1, -1, 1, 1)
+    z = (x - torch.sigmoid(logits)) * torch.exp(-log_sigma)
+    return (0.5 * z.pow(2) + log_sigma + 0.5 * LOG_2PI).flatten(1).sum(1)
+
+
+def _logistic_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    log_scale = model.log_sigma.float().clamp(LOG_SCALE_MIN, LOG_SIGMA_MAX).view(1, -1, 1, 1)
+    return -discretized_logistic_log_prob(x, torch.sigmoid(logits), log_scale).flatten(1).sum(1)
+
+
+# -log p(x | z) in nats per image, by likelihood (spec.LIKELIHOODS describes them without torch).
+NLL: dict[str, Callable[[VAE, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "matlab": _matlab_nll,
+    "bernoulli": _bernoulli_nll,
+    "gaussian": _gaussian_nll,
+    "logistic": _logistic_nll,
+}
+
+
 def recon_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x | z) in nats per image, for the model's own likelihood."""
-    logits, x = logits.float(), x.float()
-    d = x[0].numel()
-    if model.loss == "matlab":  # a Gaussian with sigma = 1
-        return matlab_recon(logits, x) + 0.5 * d * LOG_2PI
-    if model.loss == "bernoulli":
-        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-    if model.loss == "gaussian":
-        log_sigma = model.log_sigma.float().clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).view(1, -1, 1, 1)
-        z = (x - torch.sigmoid(logits)) * torch.exp(-log_sigma)
-        return (0.5 * z.pow(2) + log_sigma + 0.5 * LOG_2PI).flatten(1).sum(1)
-    if model.loss == "logistic":
-        log_scale = model.log_sigma.float().clamp(LOG_SCALE_MIN, LOG_SIGMA_MAX).view(1, -1, 1, 1)
-        return -discretized_logistic_log_prob(x, torch.sigmoid(logits), log_scale).flatten(1).sum(1)
-    raise ValueError(f"unknown loss {model.loss!r}")
+    if model.loss not in NLL:
+        raise ValueError(f"unknown loss {model.loss!r}")
+    return NLL[model.loss](model, logits.float(), x.float())
 
 
 def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -301,9 +355,15 @@ def batch_terms(
     )
 
 
+def build(spec: ModelSpec) -> VAE:
+    """The model a spec describes (checked first: a spec may come from a file)."""
+    spec.check()
+    return VAE(spec.arch, spec.shape, spec.latent_dim, spec.num_classes, spec.loss)
+
+
 def build_model(arch: str, shape, latent_dim: int, num_classes: int = 0, loss: str = "matlab") -> VAE:
     h, w, _ = shape
-    step = 4 if arch == "mnist" else 8
+    step = ARCHITECTURES[arch].side_multiple if arch in ARCHITECTURES else 1
     if h % step or w % step:
         raise ValueError(f"the {arch} network needs image sides divisible by {step}, got {h}x{w}")
     return VAE(arch, tuple(shape), latent_dim, num_classes, loss)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,10 @@ import torch
 
 from . import checkpoint as ckpt
 from . import storage
-from .data import read_arrays, read_meta
+from .data import dataset_read_lock, read_arrays, read_meta
 from .embedding import pca_2d, tsne_2d
 from .errors import UserError
+from .generate import aside, in_the_way, remove_folder, settle_swap, swap_folder
 from .images import to_float, to_uint8
 from .pictures import samples, two_per_class
 from .plots import histogram, image_grid, latent_scatter, loss_curves, pairs_grid, save_png
@@ -48,7 +49,21 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
-MARKER = "report.json"  # what makes a folder a vae-ray report (and safe to replace)
+MARKER = "report.json"  # the run and checkpoint a report was made from
+# Every file a report folder holds. A folder is replaced only when it holds
+# nothing else, hidden names included: the marker alone proves nothing.
+PICTURES = (
+    "loss_curves.png",
+    "reconstructions.png",
+    "samples.png",
+    "latent_pca.png",
+    "latent_tsne.png",
+    "manifold.png",
+    "interpolation.png",
+    "arithmetic.png",
+    "recon_error.png",
+)
+FILES = frozenset({MARKER, "index.html", *PICTURES})
 
 
 class Report:
@@ -82,7 +97,12 @@ class Report:
 
     # -----------------------------------------------------------------
     def build(self, progress: Callable[[str], None] | None = None) -> str:
-        with storage.Lock(self.out, "vae-ray report"), tempfile.TemporaryDirectory() as tmp:
+        with (
+            dataset_read_lock(self.data),
+            storage.Lock(self.out, "vae-ray report"),
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            settle_swap(self.out, _not_report_files)  # a swap a crash cut short
             _check_destination(self.out)
             folder = Path(tmp) / "report"
             folder.mkdir()
@@ -287,14 +307,35 @@ class Report:
         (self.out_dir / "index.html").write_text(page)
 
 
+def _not_report_files(uri: str) -> list[str]:
+    return storage.foreign_leaves(uri, FILES.__contains__)
+
+
+def _staged(target: Path) -> Path:
+    """Where a local report is copied before the swap: a fixed name, so a copy a crash left is found and removed."""
+    return target.with_name(f".{target.name}.new")
+
+
 def _check_destination(out: str) -> None:
-    """A report goes into a new or empty folder, or replaces an earlier report."""
+    """A report goes into a new or empty folder, or replaces a folder holding
+    only report files; locally the two names its swap uses beside it must be
+    free or hold only report files too."""
     if storage.is_file(out):
         raise UserError(f"{out}: exists and is not a folder")
-    entries = [n for n in storage.list_dir(out) if not n.startswith(".")]
-    if entries and MARKER not in entries:
-        shown = ", ".join(sorted(entries)[:3])
-        raise UserError(f"{out}: holds other files ({shown}), not a vae-ray report; choose another --out")
+    foreign = _not_report_files(out)
+    if foreign:
+        raise UserError(
+            f"{out}: holds other files ({storage.some(foreign)}), not a vae-ray report; choose another --out"
+        )
+    if storage.is_remote(out):
+        return
+    for sibling in (_staged(Path(out)), aside(Path(out))):
+        foreign = in_the_way(sibling, _not_report_files)
+        if foreign:
+            raise UserError(
+                f"{sibling}: holds other files ({storage.some(foreign)}); the report of {out} is swapped in "
+                f"through this name: move it"
+            )
 
 
 def _publish(folder: Path, out: str) -> None:
@@ -302,21 +343,16 @@ def _publish(folder: Path, out: str) -> None:
     if storage.is_remote(out):
         stale = set(storage.walk_files(out)) - {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
         storage.upload(folder, out)
-        for rel in stale:
+        for rel in stale:  # report files only: _check_destination proved it under the lock
             storage.delete(storage.join(out, rel))
         return
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.new-{uuid.uuid4().hex[:8]}")
+    staged = _staged(target)
+    if os.path.lexists(staged):  # a copy a crash left before it was swapped in (report files only, checked)
+        remove_folder(staged)
     shutil.copytree(folder, staged)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        target.rename(old)
-    staged.rename(target)
-    storage.fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_folder(staged, target)
 
 
 def _read_json(uri: str) -> dict:

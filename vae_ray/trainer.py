@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,14 @@ from ray.train.torch import TorchTrainer
 
 from . import cluster as clusters
 from . import storage
-from .config import RECIPES, TrainConfig
-from .data import load_split, read_meta, summary
+from .config import TrainConfig
+from .data import dataset_read_lock, load_split, read_meta, summary
 from .errors import Interrupted, RunFailed, UserError, root_cause
 from .ingest import choose_ingest
 from .progress import TrainingDisplay
-from .rundir import RunDir
+from .rundir import RunDir, check_run
+from .spec import ARCHITECTURES, LIKELIHOODS, choose_arch, choose_loss
 from .worker import train_loop
-
-# Settings that define the model and its data: a resumed run must keep them.
-MODEL_FIELDS = ("arch", "latent_dim", "conditional", "loss", "data")
-# Settings that may differ between two commands for the same run.
-OPERATIONAL = ("out", "max_failures", "keep_checkpoints", "stall_timeout", "mlflow", "cpus_per_worker", "gpu", "cache")
 
 
 # ---------------------------------------------------------------------------
@@ -42,14 +39,12 @@ OPERATIONAL = ("out", "max_failures", "keep_checkpoints", "stall_timeout", "mlfl
 def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
     """Fill in `auto` choices from the dataset and reject impossible combinations."""
     h, w, c = meta["shape"]
-    arch = cfg.arch
-    if arch == "auto":
-        arch = "cifar" if c == 3 and h % 8 == 0 and w % 8 == 0 else "mnist"
-    step = 4 if arch == "mnist" else 8
+    arch = cfg.arch if cfg.arch != "auto" else choose_arch(meta["shape"])
+    step = ARCHITECTURES[arch].side_multiple
     if h % step or w % step:
         raise UserError(f"the {arch} network needs image sides divisible by {step}; {meta['root']} has {h}x{w}")
-    loss = cfg.loss if cfg.loss != "auto" else ("matlab" if c == 1 else "gaussian")
-    recipe = RECIPES[arch]
+    loss = cfg.loss if cfg.loss != "auto" else choose_loss(meta["shape"])
+    recipe = ARCHITECTURES[arch].recipe
     cfg = cfg.replace(batch_size=cfg.batch_size or recipe["batch_size"])
     n_train = meta["splits"]["train"]["count"]
     if cfg.batch_size > n_train:
@@ -65,8 +60,10 @@ def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
         raise UserError(
             f"--conditional needs labelled data with at least 2 classes; {meta['root']} has {meta['num_classes']}"
         )
-    if cfg.binarize and loss != "bernoulli":
-        raise UserError("binarize applies to the bernoulli loss only")
+    if cfg.binarize and not LIKELIHOODS[loss].binarize:
+        raise UserError(
+            f"binarize applies to the {', '.join(n for n, lk in LIKELIHOODS.items() if lk.binarize)} loss only"
+        )
     return cfg.replace(
         arch=arch,
         loss=loss,
@@ -123,53 +120,6 @@ def private_cluster_cpus(cfg: TrainConfig) -> int:
     return (os.cpu_count() or 1) + 1
 
 
-# ---------------------------------------------------------------------------
-# The run folder
-# ---------------------------------------------------------------------------
-def check_run(run: RunDir, cfg: TrainConfig, resume: bool) -> str:
-    """'new', 'resume' or 'complete' (the same run, already finished).
-    Anything else in the way is a UserError, before anything is written."""
-    run.check_folder()
-    saved = run.read_config()
-    if resume:
-        if saved is None:
-            raise UserError(f"{run.uri}: nothing to resume (no config.json); start it without --resume")
-        return "resume"
-    if saved is None:
-        if run.holds_run():
-            raise UserError(f"{run.uri}: holds checkpoints but no config.json; choose another --out")
-        if not run.is_empty():
-            raise UserError(f"{run.uri}: holds other files, not a vae-ray run; choose a new or empty --out")
-        return "new"
-    same = _comparable(saved[0]) == _comparable(cfg.to_dict())
-    if same and run.last_epoch() >= cfg.epochs:
-        return "complete"
-    raise UserError(f"{run.uri}: already holds a training run; pass --resume to continue it or choose a new --out")
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in OPERATIONAL}
-
-
-def merge_for_resume(run: RunDir, changes: dict[str, Any]) -> TrainConfig:
-    """The saved config with `changes` on top; model-defining settings stay."""
-    saved = run.read_config()
-    if saved is None:
-        raise UserError(f"{run.uri}: nothing to resume (no config.json)")
-    before = TrainConfig.from_dict(saved[0], source=run.path("config.json"))
-    for name in MODEL_FIELDS:
-        value = changes.get(name)
-        if (
-            value is not None
-            and value != getattr(before, name)
-            and not (name == "data" and storage.check_uri(str(value)) == storage.check_uri(before.data))
-        ):
-            raise UserError(
-                f"--resume keeps the run's {name} ({getattr(before, name)!r}); start a new run to change it"
-            )
-    return before.replace(**{k: v for k, v in changes.items() if v is not None and k not in MODEL_FIELDS})
-
-
 def run_summary(run: RunDir, **extra: Any) -> dict[str, Any]:
     history = run.history()
     return {
@@ -188,11 +138,14 @@ class RunDirCallback(ray.train.UserCallback):
     """On the Train controller after every report: append the epoch to
     metrics.jsonl (never twice) and point RUN/latest at its checkpoint."""
 
-    def __init__(self, run_uri: str):
-        self.run_uri = run_uri
+    def __init__(self, run_uri: str, lock_token: str = "", keep_best: str = "none"):
+        self.run_uri, self.lock_token, self.keep_best = run_uri, lock_token, keep_best
         self.last_epoch: int | None = None  # read from metrics.jsonl once, on the controller
+        self.best: float | None = None  # the kept best checkpoint's metric, read once
 
     def after_report(self, run_context, metrics, checkpoint):
+        if self.lock_token:  # the driver's lock on the run is still its own: else stop writing
+            storage.ensure_lock_held(self.run_uri, self.lock_token)
         run = RunDir(self.run_uri)
         m = metrics[0]
         if "stopped" in m:
@@ -205,6 +158,17 @@ class RunDirCallback(ray.train.UserCallback):
             self.last_epoch = m["epoch"]
         if checkpoint is not None:
             run.point_latest(Path(checkpoint.path).name)
+            self._keep_if_best(run, Path(checkpoint.path).name, m)
+
+    def _keep_if_best(self, run: RunDir, checkpoint: str, m: dict) -> None:
+        value = m.get(self.keep_best)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return
+        if self.best is None:
+            self.best = run.best_value(self.keep_best)
+        if self.best is None or value < self.best:
+            run.keep_best(checkpoint, m["epoch"])
+            self.best = value
 
 
 def build_trainer(
@@ -217,8 +181,11 @@ def build_trainer(
     board: str | None = None,
     board_key: str = "",
     tracking: dict | None = None,
+    lock_token: str = "",
 ) -> TorchTrainer:
-    """The TorchTrainer for one run: `vae-ray train` and every Tune trial use this."""
+    """The TorchTrainer for one run: `vae-ray train` and every Tune trial use
+    this. `lock_token` is the run lock's (storage.Lock.token): the Train
+    controller checks it before each write into the run."""
     datasets = {}
     if ingest == "stream":
         from ray.data import RandomSeedConfig
@@ -251,7 +218,7 @@ def build_trainer(
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[RunDirCallback(run.uri), *(callbacks or [])],
+            callbacks=[RunDirCallback(run.uri, lock_token, cfg.keep_best), *(callbacks or [])],
         ),
         datasets=datasets,
     )
@@ -264,13 +231,16 @@ def fit(
     address: str | None = None,
     verbose: bool = False,
     tracking=None,
+    finish: Callable[[RunDir], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train with Ray Train; return a summary. `tracking` (tracking.Tracking)
-    is started once every check has passed."""
+    is started once every check has passed; `finish(run)` (the run's
+    pictures) runs while the run is still locked, and its result joins the summary."""
     meta = read_meta(cfg.data)
     cfg = resolve(cfg, meta)
     run = RunDir(cfg.out)
-    with run.lock():
+    # The dataset is read for the whole run: `data prepare --overwrite` must not swap it meanwhile.
+    with dataset_read_lock(cfg.data), run.lock("vae-ray train") as lock:
         status = check_run(run, cfg, resume)
         if status == "complete":
             return run_summary(run, already_complete=True, complete=True)
@@ -288,17 +258,19 @@ def fit(
         run.clear_stopped()
         info = tracking.start(cfg, run) if tracking is not None else {}
         if run.last_epoch() < cfg.epochs:
-            _run_trainer(cfg, dataset, run, cluster, use_gpu, ingest, show, info)
+            _run_trainer(cfg, dataset, run, cluster, use_gpu, ingest, show, info, lock.token)
+        lock.ensure_held()
         stopped = run.stopped()
         if stopped:
             raise RunFailed(f"training stopped: {stopped['stopped']}; the last good checkpoint is {run.latest()}")
-        return run_summary(
+        done = run_summary(
             run,
             complete=run.last_epoch() >= cfg.epochs,
             ingest=ingest,
             workers=cfg.workers,
             cpus_per_worker=cfg.cpus_per_worker,
         )
+        return done | (finish(run) if finish is not None else {})
 
 
 def _run_trainer(
@@ -310,13 +282,16 @@ def _run_trainer(
     ingest: str,
     show: bool,
     tracking: dict,
+    lock_token: str = "",
 ) -> None:
     board_name = f"vae-ray-progress-{uuid.uuid4().hex[:8]}"
     board, poll = clusters.start_board(board_name)
     # Ray Train's preemption watcher (one more process per run) matters when
     # nodes may be taken away, which is what elastic runs are for.
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1" if cfg.min_workers else "0"
-    trainer = build_trainer(cfg, dataset, run, ingest, use_gpu, board=board_name, tracking=tracking)
+    trainer = build_trainer(
+        cfg, dataset, run, ingest, use_gpu, board=board_name, tracking=tracking, lock_token=lock_token
+    )
     outcome: dict[str, Any] = {}
 
     def target() -> None:

@@ -1,12 +1,19 @@
 """Hyperparameter search with Ray Tune; every trial is a distributed Ray
 Train run built exactly as `vae-ray train` builds one.
 
-    OUT/search.json            what was searched (and "complete" once it all ran)
-    OUT/tune/                  Tune's experiment state (what --resume reads)
+    OUT/search.json            what was searched, and how (and "complete" once it all ran)
+    OUT/tune/                  Tune's experiment state, the Optuna searcher's too (what --resume reads)
+    OUT/tune.seal.json         proof that this user's vae-ray wrote that state (seal.py)
     OUT/trials/<trial id>/     each trial's run folder (config, metrics.jsonl, checkpoints, latest)
     OUT/results.csv            one row per trial
     OUT/best -> trials/<id>/checkpoint_epoch_...   the best trial's checkpoint (a complete search only)
     OUT/curves.png             the metric per epoch for every trial
+
+The search strategy (`--search`): grid (every combination of the lists),
+random (the grid of lists, times --num-samples learning rates drawn
+log-uniformly), or optuna (Tune's OptunaSearch: --num-samples trials, each
+choosing a latent size, a learning rate and a KL weight from the results so
+far; seeded by --seed). ASHA stops weak trials early in all three.
 
 Trials are Tune *function* trainables that start their own TorchTrainer
 (not the deprecated `Tuner(trainer)` form) and pass `TuneReportCallback`,
@@ -23,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import logging
 import math
 import os
@@ -41,15 +49,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from . import cluster as clusters
-from . import storage
+from . import seal, storage
+from .api import callable_module
 from .config import TrainConfig
-from .data import read_meta, summary
+from .data import dataset_read_lock, read_meta, summary
 from .errors import Interrupted, RunFailed, UserError, root_cause
 from .ingest import choose_ingest
 from .plots import trial_curves
 from .progress import SearchDisplay
-from .rundir import RunDir
-from .tracking import Tracking, mlflow_uri
+from .rundir import RunDir, check_ray_state
+from .tracking import Tracking, mlflow_uri, search_group, wandb_target
 from .trainer import auto_cpus_per_worker, build_trainer, private_cluster_cpus, resolve
 
 METRICS = ("test_matlab_elbo", "test_neg_elbo_nats")
@@ -57,6 +66,9 @@ SEARCHED = ("latent_dim", "lr", "beta", "recon_weight")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 STOPPED_TRIAL_GRACE_S = 5
 SEARCH_FILE = "search.json"
+SEAL_FILE = "tune.seal.json"
+SEAL_EVERY_S = 2.0  # at most this often while Tune runs (a step of its loop is much shorter)
+STRATEGIES = ("grid", "random", "optuna")
 
 
 @dataclass
@@ -69,10 +81,28 @@ class SearchSpec:
     recon_weights: list[float] = field(default_factory=lambda: [1.0])
     # (recon_weight, beta) pairs searched together instead of as a grid
     weight_pairs: list[tuple[float, float]] | None = None
+    # grid, random or optuna; "auto": grid with --lrs, random with --lr-min/--lr-max
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.strategy == "auto":  # search.json records what ran, so --resume continues it as it was
+            self.strategy = "random" if self.lr_range is not None else "grid"
 
     def validate(self, base: TrainConfig) -> SearchSpec:
         if (self.lrs is None) == (self.lr_range is None):
             raise UserError("give either --lrs (a grid) or --lr-min and --lr-max (random search)")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"--search must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        if self.strategy == "grid" and self.lrs is None:
+            raise UserError("--search grid takes a grid of learning rates (--lrs), not --lr-min/--lr-max")
+        if self.strategy == "random" and self.lr_range is None:
+            raise UserError("--search random draws learning rates between --lr-min and --lr-max (not --lrs)")
+        if self.strategy == "optuna":
+            if self.weight_pairs:
+                raise UserError(
+                    "--search optuna searches latent sizes, learning rates and KL weights, not weight pairs"
+                )
+            need_optuna()
         if not 1 <= self.num_samples <= 10_000:
             raise UserError(f"--num-samples must be between 1 and 10000 (got {self.num_samples})")
         if self.lr_range is not None:
@@ -92,6 +122,9 @@ class SearchSpec:
         return self.weight_pairs or list(itertools.product(self.recon_weights, self.betas))
 
     def param_space(self) -> dict[str, Any]:
+        if self.strategy == "optuna":
+            return self._optuna_space()
+
         def grid(values: list) -> Any:
             return tune.grid_search(values) if len(values) > 1 else values[0]
 
@@ -101,9 +134,45 @@ class SearchSpec:
             return space | {"weights": grid([list(pair) for pair in self.weight_pairs])}
         return space | {"beta": grid(self.betas), "recon_weight": grid(self.recon_weights)}
 
+    def _optuna_space(self) -> dict[str, Any]:
+        """The same space for Optuna: lists are categorical (Optuna has no
+        grid), the learning rate range log-uniform."""
+
+        def choice(values: list) -> Any:
+            return tune.choice(values) if len(values) > 1 else values[0]
+
+        lr = choice(self.lrs) if self.lrs is not None else tune.loguniform(*self.lr_range)
+        return {
+            "latent_dim": choice(self.latent_dims),
+            "lr": lr,
+            "beta": choice(self.betas),
+            "recon_weight": choice(self.recon_weights),
+        }
+
+    def searcher(self, seed: int):
+        """Tune's OptunaSearch for --search optuna (TPE, seeded: the same
+        results suggest the same trials), else None: Tune's own variant
+        generator expands the grid and draws the random samples."""
+        if self.strategy != "optuna":
+            return None
+        need_optuna().logging.set_verbosity(logging.WARNING)  # not a line per trial on the terminal
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed)
+
     def trial_count(self) -> int:
+        if self.strategy == "optuna":
+            return self.num_samples  # trials, each drawn from the whole space
         grid = len(self.latent_dims) * len(self.weights()) * len(self.lrs or [0])
         return grid * self.num_samples
+
+
+def need_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("--search optuna needs the optuna package: pip install 'vae-ray[optuna]'") from None
+    return optuna
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -145,11 +214,25 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     run = RunDir(storage.join(setup["trials_dir"], trial_id))  # deterministic: resume finds the same run
     cfg = TrainConfig.from_dict({**setup["base"], **trial_params(config), "out": run.uri})
-    if run.read_config() is None:
-        run.write_config(cfg.to_dict(), setup["dataset"])
+    with run.lock("vae-ray tune", as_trial=True) as lock:
+        if run.read_config() is None:
+            run.write_config(cfg.to_dict(), setup["dataset"])
+        else:
+            check_ray_state(run)  # a resumed trial: Ray will read its snapshot
+        _run_trial(cfg, run, trial_id, setup, lock.token)
+
+
+def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, Any], lock_token: str) -> None:
     tracking, info = None, {}
-    if setup.get("mlflow_parent"):
-        tracking = Tracking(setup["mlflow_uri"], parent_run_id=setup["mlflow_parent"], run_name=trial_id)
+    if setup.get("mlflow_parent") or setup.get("wandb"):
+        tracking = Tracking(
+            setup.get("mlflow_uri", ""),
+            parent_run_id=setup.get("mlflow_parent", ""),
+            run_name=trial_id,
+            wandb=setup.get("wandb"),
+            group=setup.get("wandb_group", ""),
+            job_type="trial",
+        )
         info = tracking.start(cfg, run)
     trainer = build_trainer(
         cfg,
@@ -161,6 +244,7 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         board=setup["board"],
         board_key=trial_id,
         tracking=info,
+        lock_token=lock_token,
     )
     try:
         trainer.fit()
@@ -168,8 +252,11 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         if tracking is not None:
             tracking.finish(run, status="FAILED")
         raise
-    if tracking is not None:
-        tracking.finish(run)
+    if tracking is not None and tracking.mlflow is not None:
+        # Not the W&B run: it ends with rank 0's last epoch. Tune stops this
+        # actor within seconds of the trial's last report, and a W&B session
+        # cut off there would leave an unreadable folder behind.
+        tracking.mlflow.finish(run)
 
 
 # ---------------------------------------------------------------------------
@@ -206,6 +293,7 @@ def search(
     meta = read_meta(base.data)
     base = resolve(base.replace(gpu=gpus_per_trial > 0), meta)
     spec.validate(base)
+    wandb_target(base.wandb)  # wandb missing: one line before anything is written
     out = storage.check_uri(str(out))
     identity = {
         "base": {k: v for k, v in base.to_dict().items() if k != "out"},
@@ -213,7 +301,8 @@ def search(
         "grace_period": grace_period,
         "metric": metric,
     }
-    with storage.Lock(out, "vae-ray tune"):
+    identity = json.loads(json.dumps(identity))  # as search.json reads back: a tuple (--lr-min/max) is a list
+    with dataset_read_lock(base.data), storage.Lock(out, "vae-ray tune"):
         state = _check_folder(out, identity, resume)
         if state == "complete":
             return SearchRows(read_rows(out, metric), already_complete=True)
@@ -239,14 +328,19 @@ def _check_folder(out: str, identity: dict, resume: bool) -> str:
     if resume:
         if not storage.is_dir(tune_dir):
             raise UserError(f"{out}: no search to resume (no tune/ folder)")
+        # Tune's resume state is pickles: nothing of it is read unless sealed by this user.
+        seal.check(tune_dir, storage.join(out, SEAL_FILE), "a search's saved state")
         return "resume"
     if storage.is_dir(tune_dir):
         same = {k: v for k, v in saved.items() if k != "status"} == identity
         if same and saved.get("status") == "complete":
             return "complete"
         raise UserError(f"{out}: already holds a search; pass --resume to continue it or choose a new --out")
-    if storage.is_file(out) or [n for n in storage.list_dir(out) if not n.startswith(".")]:
-        raise UserError(f"{out}: holds other files, not a vae-ray search; choose a new or empty --out")
+    if storage.is_file(out):
+        raise UserError(f"{out}: exists and is not a folder")
+    if storage.leaves(out):  # hidden names count: a home directory is not an empty folder
+        shown = storage.some(storage.leaves(out))
+        raise UserError(f"{out}: holds other files, not a vae-ray search ({shown}); choose a new or empty --out")
     return "new"
 
 
@@ -308,6 +402,9 @@ def _run(
     if uri:
         parent = Tracking(uri, run_name=f"search {storage.name_of(out)}")
         setup |= {"mlflow_uri": uri, "mlflow_parent": parent.start(base, RunDir(out))["mlflow_run_id"]}
+    target = wandb_target(base.wandb)
+    if target:  # W&B has no parent runs: the trials' runs share a group
+        setup |= {"wandb": target, "wandb_group": search_group(RunDir(out))}
     # The trial actor only drives its TorchTrainer, which reserves the workers'
     # CPUs. It reserves memory but no CPU: even a fraction of one would leave
     # Ray Data's whole-CPU read tasks unschedulable (Tune refuses an empty request).
@@ -331,6 +428,7 @@ def _run(
                 metric=metric,
                 mode="min",
                 scheduler=scheduler,
+                search_alg=spec.searcher(base.seed),
                 num_samples=spec.num_samples,
                 max_concurrent_trials=concurrency,
             ),
@@ -339,7 +437,7 @@ def _run(
                 storage_path=out_path,
                 storage_filesystem=fs,
                 verbose=0,
-                callbacks=[DisplayCallback(display)],
+                callbacks=[DisplayCallback(display), SealCallback(out)],
             ),
         )
     # A trial stopped by ASHA is blocked inside trainer.fit(), so it never
@@ -352,10 +450,13 @@ def _run(
     # traceback in the trial's folder; Tune's own logging stays off the terminal.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     stop = _GracefulStop(board, display, base.stall_timeout)
+    sealer = SealCallback(out)
+    sealer.seal()  # the Tuner has written tuner.pkl already
     try:
         with display, stop:
             results = tuner.fit()
     finally:
+        sealer.seal()  # whatever Tune saved last, however the search ended
         try:
             ray.kill(board)
         except Exception:  # noqa: BLE001
@@ -420,6 +521,42 @@ class DisplayCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         if self.display:
             self.display.finished(trial.trial_id, "failed")
+
+
+class SealCallback(tune.Callback):
+    """Seals Tune's state (OUT/tune) whenever Tune has rewritten it, so that
+    `--resume` can tell this user's state from a planted one (seal.py). Runs
+    in the driver; pickled into tuner.pkl by name with the folder's URI."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self._seen: Any = None
+        self._checked = 0.0
+
+    def __getstate__(self) -> dict:
+        return {"out": self.out, "_seen": None, "_checked": 0.0}
+
+    def seal(self) -> None:
+        seal.seal(storage.join(self.out, "tune"), storage.join(self.out, SEAL_FILE))
+
+    def _state(self) -> Any:
+        fs, path = storage.filesystem(storage.join(self.out, "tune"))
+        from pyarrow import fs as pafs
+
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return sorted((i.base_name, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._checked < SEAL_EVERY_S:
+            return
+        self._checked = time.monotonic()
+        state = self._state()
+        if state != self._seen:
+            self.seal()
+            self._seen = state
+
+    def on_experiment_end(self, trials, **info):
+        self.seal()
 
 
 class _GracefulStop:
@@ -528,3 +665,7 @@ def read_rows(out: str, metric: str) -> list[dict[str, Any]]:
         row["history"] = [h[metric] for h in RunDir(storage.join(out, "trials", row["trial_id"])).history()]
         rows.append(row)
     return rows
+
+
+# `vae_ray.tune(...)` is the Python API's function (api.py): this module is callable as it.
+callable_module(__name__)

@@ -30,8 +30,9 @@ from .config import TrainConfig
 from .images import to_float
 from .ingest import MemoryFeed, StreamFeed, eval_batches, rank_batch, steps_per_epoch
 from .keyed_random import binarize as keyed_binarize
-from .model import VAE, batch_terms, build_model
+from .model import VAE, batch_terms, build
 from .rundir import checkpoint_name
+from .spec import LIKELIHOODS, ModelSpec
 from .tracking import EpochLogger
 
 CHECK_EVERY = 20  # steps between non-finite checks and progress updates
@@ -56,9 +57,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     # 2. Model (DDP-wrapped when world > 1), optimizer and weight average.
-    core = build_model(
-        cfg.arch, dataset["shape"], cfg.latent_dim, dataset["num_classes"] if cfg.conditional else 0, cfg.loss
-    )
+    core = build(ModelSpec.from_config(cfg, dataset))
     if device.type == "cpu":
         # oneDNN's native layout: the MNIST network's training steps run about
         # 20% faster and scoring about 40% faster on 2 cores (as generate and
@@ -108,6 +107,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         started = time.perf_counter()
         sums, stopped = train_epoch(run, feed, epoch)
         if stopped:
+            if logger is not None:  # W&B would show its run as running until this worker exits
+                logger.close()
             ray.train.report({"epoch": epoch, "stopped": stopped})
             return
         sync(device)
@@ -184,7 +185,7 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
     autocast = autocast_for(cfg.precision, device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # images, loss, recon, kl
     window = torch.zeros((), device=device)
-    binarize = cfg.binarize and cfg.loss == "bernoulli"
+    binarize = cfg.binarize and LIKELIHOODS[cfg.loss].binarize
     for step, (images, labels, _) in enumerate(feed.batches(epoch, run.batch, run.steps), start=1):
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(cfg, run.global_step, run.total_steps)
@@ -244,7 +245,7 @@ def evaluate(
     across ranks. The Bernoulli target is the index-keyed binarisation that
     `vae-ray evaluate` uses, so both report the same figures."""
     core.eval()
-    binarize = cfg.binarize and cfg.loss == "bernoulli"
+    binarize = cfg.binarize and LIKELIHOODS[cfg.loss].binarize
     autocast = autocast_for(cfg.precision, device)
     sums = torch.zeros(6, dtype=torch.float64, device=device)
     for images, labels, indices in eval_batches(dataset, rank, world, EVAL_BATCH, device):

@@ -3,7 +3,7 @@
     data.py      data prepare | show | verify          -> vae_ray/data.py, vae_ray/sources/
     train.py     train, demo                            -> vae_ray/commands.py, trainer.py, worker.py
     tune.py      tune, study latent-dims | loss-weights -> vae_ray/tune.py, study.py
-    generate.py  generate                               -> vae_ray/generate.py
+    generate.py  generate, encode                       -> vae_ray/generate.py, encode.py
     evaluate.py  evaluate, classifier train, report     -> vae_ray/evaluate.py, judge.py, report.py
     jobs.py      jobs list | status | logs | stop; --submit -> vae_ray/jobs.py
     options.py   shared options, and the train options made from vae_ray/config.py

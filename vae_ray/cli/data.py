@@ -112,24 +112,27 @@ def show(
     import tempfile
 
     from .. import storage
-    from ..data import read_arrays, read_meta
+    from ..data import dataset_read_lock, read_arrays, read_meta
     from ..errors import UserError
     from ..plots import save_grid
 
-    meta = read_meta(data_dir)
-    images, _ = read_arrays(data_dir, split, limit=num, meta=meta)
-    own_preview = png is None
-    if png is None:
-        if storage.is_remote(data_dir):
-            raise UserError("--out is needed when the dataset is not on local disk")
-        png = Path(storage.check_uri(data_dir)) / "preview.png"
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = save_grid(images, Path(tmp) / "preview.png").read_bytes()
-    same = png.is_file() and png.read_bytes() == fresh
-    if png.exists() and not own_preview and not same:
-        raise UserError(f"{png}: exists; choose another --out (nothing was written)")
-    if not same:
-        storage.write_local_atomic(png, fresh)
+    with dataset_read_lock(data_dir):  # no prepare --overwrite swaps the shards meanwhile
+        meta = read_meta(data_dir)
+        images, _ = read_arrays(data_dir, split, limit=num, meta=meta)
+        own_preview = png is None
+        if png is None:
+            if storage.is_remote(data_dir):
+                raise UserError("--out is needed when the dataset is not on local disk")
+            png = Path(storage.check_uri(data_dir)) / "preview.png"
+            if png.is_symlink() or (png.exists() and not png.is_file()):
+                raise UserError(f"{png}: not a preview vae-ray wrote (a link or a folder); remove it or pass --out")
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = save_grid(images, Path(tmp) / "preview.png").read_bytes()
+        same = png.is_file() and png.read_bytes() == fresh
+        if png.exists() and not own_preview and not same:
+            raise UserError(f"{png}: exists; choose another --out (nothing was written)")
+        if not same:
+            storage.write_local_atomic(png, fresh)
     table = Table(
         title=f"{meta['name']}{' (synthetic)' if meta['synthetic'] else ''}  {'x'.join(map(str, meta['shape']))}"
     )
@@ -147,8 +150,10 @@ def show(
 @handles_errors
 def verify(data_dir: Annotated[str, typer.Argument(help="A prepared dataset folder (or s3:// URI).")]) -> None:
     """Check every shard against the checksums in dataset.json."""
+    from ..data import dataset_read_lock
     from ..data import verify as run_verify
 
-    meta = run_verify(data_dir)
+    with dataset_read_lock(data_dir):
+        meta = run_verify(data_dir)
     n = sum(len(s["shards"]) for s in meta["splits"].values())
     say(f"ok {data_dir}: {n} shards match dataset.json", "green")

@@ -86,6 +86,7 @@ def evaluate(
         result(json.dumps(summary))
         return
     _metrics_table(summary)
+    say(f"checkpoint: {summary['checkpoint']}")
     if saved:
         say(f"saved {saved}")
 

@@ -1,4 +1,5 @@
-"""`vae-ray generate` (code: vae_ray/commands.py -> vae_ray/generate.py)."""
+"""`vae-ray generate` and `vae-ray encode`, the two ways of batch inference
+(code: vae_ray/commands.py -> vae_ray/generate.py, vae_ray/encode.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from .jobs import submit_spec
 from .output import EXIT_CODES, handles_errors, labelled, result, say
 
 EPILOG = "Code: vae_ray/cli/generate.py -> vae_ray/commands.py (generate) -> vae_ray/generate.py. " + EXIT_CODES
+ENCODE_EPILOG = "Code: vae_ray/cli/generate.py -> vae_ray/commands.py (encode) -> vae_ray/encode.py. " + EXIT_CODES
 
 
 def register(app: typer.Typer) -> None:
     app.command("generate", epilog=EPILOG)(generate)
+    app.command("encode", epilog=ENCODE_EPILOG)(encode)
 
 
 @handles_errors
@@ -65,8 +68,8 @@ def generate(
         bool,
         typer.Option(
             "--overwrite",
-            help="Replace a different generated set at --out, once the new one is complete (nothing "
-            "else is ever replaced).",
+            help="Replace a different generated set at --out, once the new one is complete (a folder "
+            "holding anything else, hidden files included, is refused).",
         ),
     ] = False,
     verify_uri: Annotated[
@@ -128,4 +131,87 @@ def generate(
             f"to {out_uri}, {summary['path']}",
             "green",
         )
+    say(f"checkpoint: {summary['checkpoint']}")
+    result(out_uri)
+
+
+@handles_errors
+def encode(
+    checkpoint: Annotated[
+        str, typer.Argument(help="A checkpoint folder, or a run folder (its latest); local or s3://.")
+    ],
+    out_uri: Annotated[
+        str,
+        typer.Option("--out", "-o", help="Destination folder or s3://bucket/prefix (new, empty, or this same set)."),
+    ],
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Prepared dataset (default: the one the model was trained on).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="train, test or all.")] = "all",
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Images encoded per model call (default 256; part of the set's identity)."),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            "--actors",
+            help="Encoder actors (default: one per CPU; on GPUs, up to 8 sharing each GPU, one CPU each; "
+            "a one-shard job without a cluster runs in this process).",
+        ),
+    ] = None,
+    gpu: Annotated[
+        bool | None,
+        typer.Option(
+            "--gpu/--no-gpu", help="GPU actors (default: when the cluster has GPUs).", metavar="", show_default="auto"
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a different encoded set at a local --out, once the new one is complete (a folder "
+            "holding anything else, hidden files included, is refused).",
+        ),
+    ] = False,
+    address: opt.Address = None,
+    submit: opt.Submit = False,
+    wait: opt.Wait = True,
+    install_requirements: opt.InstallRequirements = False,
+    driver_cpus: opt.DriverCpus = 0.0,
+    driver_gpus: opt.DriverGpus = 0.0,
+    as_json: opt.Json = False,
+) -> None:
+    """Write every image's posterior mean and log-variance to Parquet with a Ray Data job, exactly once and resumable."""
+    from .. import commands
+
+    options = dict(
+        checkpoint=checkpoint,
+        out=out_uri,
+        data=data,
+        split=split,
+        batch_size=batch_size,
+        actors=actors,
+        gpu=gpu,
+        overwrite=overwrite,
+    )
+    spec = {"command": "encode", "kwargs": {"options": options}}
+    if submit:
+        submit_spec(spec, address, wait, install_requirements, [checkpoint, out_uri, data], driver_cpus, driver_gpus)
+        return
+    summary = commands.encode(options, show=not as_json, address=address)
+    if as_json:
+        result(json.dumps(summary, default=str))
+        return
+    if summary.get("already_complete"):
+        labelled("complete:", f"{out_uri} already holds these {summary['images']:,} latents; nothing to do", "green")
+    else:
+        rate = summary["images"] / max(summary["seconds"], 1e-9)
+        labelled(
+            "wrote",
+            f"{summary['images']:,} latents (K={summary['latent_dim']}, {'+'.join(summary['splits'])}) in "
+            f"{summary['seconds']:.1f} s ({rate:,.0f} img/s) to {out_uri}, {summary['path']}",
+            "green",
+        )
+    say(f"checkpoint: {summary['checkpoint']}")
     result(out_uri)

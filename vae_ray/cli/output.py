@@ -4,12 +4,23 @@ Human-facing lines, tables and progress go to stderr; results meant for
 other programs (paths, ids, `--json`) go to stdout. Text that comes from the
 user or from data (paths, class names, error messages) is never read as Rich
 markup: a path like `runs/[/x]` prints as it is.
+
+Nor does it ever reach the terminal as control codes: a class name in a
+dataset.json, a path, a lock holder's name or a job's log line could hold an
+escape sequence (an OSC 52 clipboard write, a screen clear, a bell). Both
+consoles below are `TerminalConsole`s, which write every character that is
+not printable as an escape (`storage.printable`), whoever built the text
+(tables, titles, messages); Rich's own colours and cursor moves are not text
+and pass. The message helpers escape their text as they build it (so a
+message stays one line and a table measures what it shows), and `result`
+does the same when stdout is a terminal, as `ls` does.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 import signal
 import sys
 import typing
@@ -19,12 +30,45 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.segment import Segment
 from rich.text import Text
 
 from ..errors import Interrupted, RunFailed, UserError
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # SGR: colour and weight only (Ray's log prefixes use them)
+
+
+def safe(text: Any) -> str:
+    """Text as it may reach a terminal: one line, every control character
+    (ESC, BEL, newline, ...) written as an escape such as `\\x1b`."""
+    from ..storage import printable  # here: `vae-ray --help` stays free of pyarrow
+
+    return printable(str(text))
+
+
+def _safe_lines(text: str) -> str:
+    """Like `safe`, keeping line breaks (multi-line results: YAML, log lines);
+    colour codes, which would only show as noise, are dropped."""
+    return "\n".join(safe(_COLOURS.sub("", line)) for line in text.split("\n"))
+
+
+class TerminalConsole(Console):
+    """A Rich console that never writes a control character it was given as
+    text: whatever renders through it (a table title or cell made anywhere,
+    a status line) has its non-printable characters escaped. Control segments
+    (Rich's cursor moves) and styles (applied later, as codes) are not text."""
+
+    def render(self, renderable, options=None):
+        for segment in super().render(renderable, options):
+            text = segment.text
+            if segment.control or text == "\n" or text.isprintable():
+                yield segment
+            else:
+                yield Segment(_safe_lines(text), segment.style, segment.control)
+
+
+console = TerminalConsole(stderr=True, highlight=False)
+out = TerminalConsole(highlight=False, soft_wrap=True)
 
 EXIT_CODES = (
     "Exit status: 0 done (or already complete), 1 the run failed, 2 a mistake in the input "
@@ -34,11 +78,11 @@ EXIT_CODES = (
 
 def say(text: str, style: str | None = None) -> None:
     """One line for the person at the terminal (stderr), never read as markup."""
-    console.print(Text(str(text), style=style or ""), soft_wrap=True)
+    console.print(Text(safe(text), style=style or ""), soft_wrap=True)
 
 
 def labelled(label: str, text: str, style: str) -> None:
-    console.print(Text.assemble((label, style), " ", str(text)), soft_wrap=True)
+    console.print(Text.assemble((label, style), " ", safe(text)), soft_wrap=True)
 
 
 def warn(text: str) -> None:
@@ -47,14 +91,16 @@ def warn(text: str) -> None:
 
 def result(text: str) -> None:
     """One line on stdout, for other programs: written as it is (no wrapping,
-    no tab expansion, no markup)."""
-    sys.stdout.write(f"{text}\n")
+    no tab expansion, no markup). On a terminal, control characters are
+    escaped as on stderr; a pipe gets the text unchanged (as `ls` does)."""
+    text = str(text)
+    sys.stdout.write(f"{_safe_lines(text) if is_terminal() else text}\n")
     sys.stdout.flush()
 
 
 def cell(value: Any) -> Text:
     """A table cell holding user or data text, shown literally."""
-    return Text(str(value))
+    return Text(safe(value))
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -123,6 +169,7 @@ __all__ = [
     "labelled",
     "out",
     "result",
+    "safe",
     "say",
     "warn",
 ]

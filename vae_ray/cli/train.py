@@ -101,7 +101,7 @@ def run_train(
     from .. import commands
     from ..config import load_config, read_settings
     from ..errors import UserError
-    from ..tracking import mlflow_uri
+    from ..tracking import mlflow_uri, wandb_project
 
     if resume:
         if config_file is not None:
@@ -113,6 +113,7 @@ def run_train(
         base = read_settings(config_file) if config_file is not None else {}
         settings = {**base, **flags}
         settings.setdefault("mlflow", mlflow_uri())  # resolved here, so a submitted job logs to the same place
+        settings.setdefault("wandb", wandb_project())
         settings = load_config(None, **settings).to_dict()
     if print_config:
         _print_config(settings, resume)
@@ -183,8 +184,8 @@ def _print_config(settings: dict[str, Any], resume: bool) -> None:
     from ..config import load_config, to_yaml
     from ..data import read_meta
     from ..errors import UserError
-    from ..rundir import RunDir
-    from ..trainer import merge_for_resume, resolve
+    from ..rundir import RunDir, merge_for_resume
+    from ..trainer import resolve
 
     cfg = merge_for_resume(RunDir(settings["out"]), settings) if resume else load_config(None, **settings)
     try:

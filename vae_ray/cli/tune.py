@@ -58,14 +58,29 @@ def _tune_own(
         ),
     ] = None,
     lr_min: Annotated[
-        float | None, typer.Option("--lr-min", help="Random search: lowest learning rate.", rich_help_panel=SEARCH)
+        float | None,
+        typer.Option("--lr-min", help="Random or Optuna search: lowest learning rate.", rich_help_panel=SEARCH),
     ] = None,
     lr_max: Annotated[
-        float | None, typer.Option("--lr-max", help="Random search: highest learning rate.", rich_help_panel=SEARCH)
+        float | None,
+        typer.Option("--lr-max", help="Random or Optuna search: highest learning rate.", rich_help_panel=SEARCH),
     ] = None,
     num_samples: Annotated[
-        int, typer.Option("--num-samples", help="Random draws (or repeats of the grid).", rich_help_panel=SEARCH)
+        int,
+        typer.Option(
+            "--num-samples", help="Random draws, Optuna trials, or repeats of the grid.", rich_help_panel=SEARCH
+        ),
     ] = 1,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--search",
+            help="grid, random, or optuna (Tune's OptunaSearch: --num-samples trials chosen from the results so "
+            "far, seeded by --seed; needs the optuna package). Default: grid with --lrs, random with "
+            "--lr-min/--lr-max.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
     betas: Annotated[str, typer.Option("--betas", help="Grid of KL weights.", rich_help_panel=SEARCH)] = "1.0",
     grace_period: Annotated[
         int, typer.Option("--grace-period", help="Epochs before ASHA may stop a trial.", rich_help_panel=SEARCH)
@@ -104,6 +119,7 @@ OWN = (
     "lr_min",
     "lr_max",
     "num_samples",
+    "strategy",
     "betas",
     "grace_period",
     "gpus_per_trial",
@@ -138,6 +154,7 @@ def run_tune(
     lr_min: float | None,
     lr_max: float | None,
     num_samples: int,
+    strategy: str | None,
     betas: str,
     grace_period: int,
     gpus_per_trial: int,
@@ -153,7 +170,7 @@ def run_tune(
 ) -> None:
     from ..config import load_config, read_settings
     from ..errors import UserError
-    from ..tracking import mlflow_uri
+    from ..tracking import mlflow_uri, wandb_project
     from ..tune import SearchSpec, parse_list
 
     cluster = (address, submit, wait, install_requirements, driver_cpus, driver_gpus)
@@ -172,6 +189,7 @@ def run_tune(
         raise UserError("--gpus-per-trial must equal --workers-per-trial (one GPU per worker)")
     base = {**(read_settings(config_file) if config_file else {}), **flags, "out": out_dir}
     base.setdefault("mlflow", mlflow_uri())
+    base.setdefault("wandb", wandb_project())
     if "epochs" not in flags and "epochs" not in base:
         base["epochs"] = 10  # a search's trials are short by default
     settings = load_config(None, **base).to_dict()
@@ -181,6 +199,7 @@ def run_tune(
         lr_range=(lr_min, lr_max) if lr_min is not None else None,
         num_samples=num_samples,
         betas=parse_list(betas, float, "--betas"),
+        strategy=strategy or "auto",
     )
     options |= {"grace_period": grace_period, "metric": metric}
     _run_search(settings, dict(spec.__dict__), out_dir, options, *cluster)
@@ -194,7 +213,18 @@ def _saved_search(out_dir: str) -> dict | None:
         saved = storage.read_json(storage.join(storage.check_uri(out_dir), SEARCH_FILE))
     except (FileNotFoundError, ValueError):
         return None
-    return saved if isinstance(saved, dict) and {"base", "search", "grace_period", "metric"} <= set(saved) else None
+    if not (isinstance(saved, dict) and {"base", "search", "grace_period", "metric"} <= set(saved)):
+        return None
+    from ..errors import UserError
+    from ..tune import SearchSpec
+
+    try:  # a search.json is data: a damaged or crafted one is one line, not a traceback
+        SearchSpec(**saved["search"])
+        if not isinstance(saved["base"], dict):
+            raise TypeError("base")
+    except TypeError:
+        raise UserError(f"{out_dir}: {SEARCH_FILE} does not describe a vae-ray search (damaged or not ours)") from None
+    return saved
 
 
 def _run_search(
@@ -285,9 +315,11 @@ def study_latent_dims(
     config_file: opt.ConfigFile = None,
 ) -> None:
     """Latent size 2, 5, 10, 20 with loss 0.5*MSE + 0.5*KL: reconstructions and the metric per size."""
+    from ..cluster import check_address
     from ..study import latent_dims as run_study
     from ..tune import parse_list
 
+    check_address(address)  # before the search locks or makes anything
     dims = tuple(parse_list(latent_dims, int, "--latent-dims"))
     _print_study(
         run_study(
@@ -320,8 +352,10 @@ def study_loss_weights(
     config_file: opt.ConfigFile = None,
 ) -> None:
     """0.9*MSE + 0.1*KL against 0.1*MSE + 0.9*KL: reconstructions and t-SNE maps side by side."""
+    from ..cluster import check_address
     from ..study import loss_weights as run_study
 
+    check_address(address)  # before the search locks or makes anything
     _print_study(
         run_study(
             data,

@@ -18,10 +18,14 @@ sizes are checked from headers before anything is allocated.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from ..errors import UserError
 
 Chunk = tuple[np.ndarray, np.ndarray]
 MAX_IMAGE_SIZE = 1024  # the largest square side an image folder is prepared at
@@ -52,6 +56,19 @@ def array_chunks(images: np.ndarray, labels: np.ndarray, size: int = 8192) -> Ca
     return chunks
 
 
+def refuse_link_out(path: Path, real_root: Path) -> None:
+    """A link that leads out of the source folder is refused, naming it: a
+    source is read only from the tree the user pointed at. Links within it
+    are fine."""
+    if path.is_symlink():
+        real = path.resolve()
+        if real != real_root and real_root not in real.parents:
+            raise UserError(
+                f"{path}: a link out of the source folder (to {os.path.realpath(path)}); "
+                f"copy the files in, or point --source at the folder it links to"
+            )
+
+
 def short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -59,4 +76,13 @@ def short(exc: BaseException) -> str:
 
 from .locate import DATASETS, open_source  # noqa: E402  (the package's entry point, after the types it uses)
 
-__all__ = ["Chunk", "DATASETS", "MAX_IMAGE_SIZE", "Source", "Split", "array_chunks", "open_source"]
+__all__ = [
+    "Chunk",
+    "DATASETS",
+    "MAX_IMAGE_SIZE",
+    "Source",
+    "Split",
+    "array_chunks",
+    "open_source",
+    "refuse_link_out",
+]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from . import Source, Split, array_chunks, short
+from . import Source, Split, array_chunks, refuse_link_out, short
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
@@ -99,7 +99,9 @@ def cifar_classes(root: Path) -> list[str]:
     return out
 
 
-def cifar_batches_source(root: Path) -> Source:
+def cifar_batches_source(root: Path, real_root: Path | None = None) -> Source:
+    for name in (*CIFAR_TRAIN, *CIFAR_TEST, "batches.meta"):
+        refuse_link_out(root / name, real_root or root.resolve())
     missing = [n for n in CIFAR_TRAIN + CIFAR_TEST if not (root / n).is_file()]
     if missing:
         raise UserError(f"{root}: missing CIFAR-10 batch file(s) {', '.join(missing)}")
@@ -118,9 +120,11 @@ def cifar10_source(root: Path, **folder_options) -> Source:
     (`train/<class>/*.jpg`, `test/<class>/*.jpg`) with the ten class names."""
     from .folder import imagefolder_source
 
+    real_root = root.resolve()
+    refuse_link_out(root / "cifar-10-batches-py", real_root)
     for candidate in (root, root / "cifar-10-batches-py"):
         if (candidate / "data_batch_1").is_file() or (candidate / "test_batch").is_file():
-            return cifar_batches_source(candidate)
+            return cifar_batches_source(candidate, real_root)
     if (root / "train").is_dir():
         src = imagefolder_source(root, **folder_options)
         if sorted(src.classes) != sorted(CIFAR10_CLASSES):

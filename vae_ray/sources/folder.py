@@ -4,10 +4,12 @@ bytes and a path, with a `label` column), as `vae-ray generate --format hf`
 writes them.
 
 Folders are read without following links out of the source tree: a linked
-file or class folder that resolves outside `<root>` is refused, naming the
-link. Image sizes are bounded: the automatic size is capped at
-MAX_IMAGE_SIZE, and Pillow refuses images of more than MAX_PIXELS pixels
-(decompression bombs) as corrupt.
+split folder, class folder, file, `data/` folder or Parquet file that
+resolves outside `<root>` is refused, naming the link. Image sizes are
+bounded: the automatic size is capped at MAX_IMAGE_SIZE, and Pillow refuses
+images of more than MAX_PIXELS pixels (decompression bombs) as corrupt.
+A Parquet set is checked from its footer before its columns are read: row
+count, rows without image bytes, the bytes its images take, label type.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from . import MAX_IMAGE_SIZE, Chunk, Source, Split, short
+from . import MAX_IMAGE_SIZE, Chunk, Source, Split, refuse_link_out, short
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_PIXELS = 32 * 1024 * 1024
+MAX_ROWS = 100_000_000  # images a Parquet set may hold: prepare's --limit bound (data.MAX_LIMIT)
+MAX_CLASSES = 32_767  # labels are stored as int16 (data.MAX_CLASSES)
+# PNG and JPEG bytes do not compress further: a row whose image takes fewer
+# bytes than this in the file holds no image of its own (nulls, or one image
+# repeated), however many rows the footer declares.
+MIN_STORED_IMAGE_BYTES = 8
+# The reader holds one row group's image bytes at a time.
+MAX_ROW_GROUP_BYTES = 1024**3
 CHUNK = 2048
 Entry = tuple[object, int]  # (a path, or (parquet file, row)), label
 
@@ -50,9 +60,11 @@ def imagefolder_source(
     if not root.is_dir():
         raise UserError(f"{root}: image folder not found")
     real_root = root.resolve()
-    parquet = sorted(p for p in _parquet_files(root))
+    for top in ("train", "test", "data"):  # the folders read below, before anything follows them
+        refuse_link_out(root / top, real_root)
+    parquet = sorted(p for p in _parquet_files(root, real_root))
     if parquet:
-        classes, everything = _parquet_entries(parquet)
+        classes, everything = _parquet_entries(parquet, skip_corrupt)
         entries = _held_out(everything, test_fraction, seed)
     elif (root / "train").is_dir():
         files = {s: _list_class_files(root / s, real_root) for s in ("train", "test") if (root / s).is_dir()}
@@ -144,34 +156,21 @@ def _interleave(by_class: dict[str, list[Path]], classes: list[str]) -> list[Ent
     return [x[i] for i in range(longest) for x in lists if i < len(x)]
 
 
-def _inside(path: Path, real_root: Path) -> bool:
-    real = path.resolve()
-    return real == real_root or real_root in real.parents
-
-
-def _refuse_link(path: Path, real_root: Path) -> None:
-    if path.is_symlink() and not _inside(path, real_root):
-        raise UserError(
-            f"{path}: a link out of the source folder (to {os.path.realpath(path)}); "
-            f"copy the files in, or point --source at the folder it links to"
-        )
-
-
 def _list_class_files(folder: Path, real_root: Path) -> dict[str, list[Path]]:
     out = {}
     for class_dir in sorted(folder.iterdir()):
-        _refuse_link(class_dir, real_root)
+        refuse_link_out(class_dir, real_root)
         if not class_dir.is_dir() or class_dir.name.startswith("."):
             continue
         files = []
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for d in dirnames:
-                _refuse_link(Path(dirpath, d), real_root)
+                refuse_link_out(Path(dirpath, d), real_root)
             for name in sorted(filenames):
                 path = Path(dirpath, name)
                 if path.suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                    _refuse_link(path, real_root)
+                    refuse_link_out(path, real_root)
                     if path.is_file():
                         files.append(path)
         if files:
@@ -182,7 +181,7 @@ def _list_class_files(folder: Path, real_root: Path) -> dict[str, list[Path]]:
 # ---------------------------------------------------------------------------
 # Parquet image sets (Hugging Face `Image` feature)
 # ---------------------------------------------------------------------------
-def _parquet_files(root: Path) -> list[Path]:
+def _parquet_files(root: Path, real_root: Path) -> list[Path]:
     """Parquet shards at the top or in data/ whose `image` column holds encoded images."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -192,6 +191,7 @@ def _parquet_files(root: Path) -> list[Path]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.parquet")):
+            refuse_link_out(path, real_root)
             try:
                 schema = pq.read_schema(path)
             except (OSError, pa.ArrowException) as exc:
@@ -201,15 +201,14 @@ def _parquet_files(root: Path) -> list[Path]:
     return found
 
 
-def _parquet_entries(files: list[Path]) -> tuple[list[str], list[Entry]]:
+def _parquet_entries(files: list[Path], skip_corrupt: bool = False) -> tuple[list[str], list[Entry]]:
     import json
-
-    import pyarrow.parquet as pq
 
     classes: list[str] = []
     entries: list[Entry] = []
     for path in files:
-        pf = pq.ParquetFile(path)
+        pf = _open_parquet(path)
+        _check_image_footer(path, pf, skip_corrupt)
         meta = (pf.schema_arrow.metadata or {}).get(b"huggingface")
         names = []
         if meta:
@@ -218,12 +217,10 @@ def _parquet_entries(files: list[Path]) -> tuple[list[str], list[Entry]]:
             except (ValueError, KeyError, TypeError):
                 names = []
         if names and not classes:
+            if not isinstance(names, list) or len(names) > MAX_CLASSES:
+                raise UserError(f"{path}: its metadata's class names are not a list of at most {MAX_CLASSES:,}")
             classes = [str(n) for n in names]
-        labels = (
-            pf.read(columns=["label"]).column("label").to_numpy()
-            if "label" in pf.schema_arrow.names
-            else np.zeros(pf.metadata.num_rows, dtype=np.int64)
-        )
+        labels = _labels(path, pf) if "label" in pf.schema_arrow.names else np.zeros(pf.metadata.num_rows, np.int64)
         entries.extend(((path, row), int(label)) for row, label in enumerate(labels))
     if not classes:
         top = max((label for _, label in entries), default=0)
@@ -233,6 +230,76 @@ def _parquet_entries(files: list[Path]) -> tuple[list[str], list[Entry]]:
     return classes, entries
 
 
+def _open_parquet(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({short(exc)})") from None
+
+
+def _check_image_footer(path: Path, pf, skip_corrupt: bool) -> None:
+    """What the footer says of the image column, before any column is read:
+    no more rows than a prepare takes, none without image bytes (unless
+    --skip-corrupt), enough stored bytes for that many images, and row groups
+    small enough to hold in memory one at a time."""
+    footer = pf.metadata
+    rows = footer.num_rows
+    if rows > MAX_ROWS:
+        raise UserError(f"{path}: holds {rows:,} rows, more than the {MAX_ROWS:,} images a prepare takes")
+    nulls = stored = 0
+    for number in range(footer.num_row_groups):
+        group = footer.row_group(number)
+        size = 0
+        for column in range(group.num_columns):
+            chunk = group.column(column)
+            if chunk.path_in_schema.split(".")[0] != "image":
+                continue
+            size += chunk.total_uncompressed_size
+            if chunk.path_in_schema == "image.bytes":
+                stored += chunk.total_compressed_size
+                stats = chunk.statistics
+                if stats is not None and stats.has_null_count:
+                    nulls += stats.null_count
+        if size > MAX_ROW_GROUP_BYTES:
+            raise UserError(
+                f"{path}: row group {number} declares {size:,} bytes of images, "
+                f"more than the {MAX_ROW_GROUP_BYTES:,} read at once"
+            )
+    if nulls and not skip_corrupt:
+        raise UserError(
+            f"{path}: its footer says {nulls:,} of its {rows:,} rows hold no image bytes; "
+            f"use --skip-corrupt to skip such rows"
+        )
+    if stored < rows * MIN_STORED_IMAGE_BYTES:
+        raise UserError(
+            f"{path}: holds {rows:,} rows but only {stored:,} bytes of image data "
+            f"(under {MIN_STORED_IMAGE_BYTES} a row: rows without an image of their own)"
+        )
+
+
+def _labels(path: Path, pf) -> np.ndarray:
+    """The label column as int64, refused unless it is whole numbers 0..MAX_CLASSES."""
+    import pyarrow as pa
+
+    kind = pf.schema_arrow.field("label").type
+    if not pa.types.is_integer(kind):
+        raise UserError(f"{path}: the label column holds {kind} values; expected integer class numbers")
+    try:
+        column = pf.read(columns=["label"]).column("label")
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: cannot read the label column ({short(exc)})") from None
+    if column.null_count:
+        raise UserError(f"{path}: {column.null_count:,} of {len(column):,} rows have no label")
+    labels = column.to_numpy().astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() > MAX_CLASSES - 1):
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise UserError(f"{path}: label {bad} is outside 0..{MAX_CLASSES - 1} (at most {MAX_CLASSES} classes)")
+    return labels
+
+
 class _Reader:
     """Opens an entry (a file path, or a row of a Parquet image set) with Pillow."""
 
@@ -240,8 +307,8 @@ class _Reader:
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-        self._table_path: Path | None = None
-        self._column = None
+        self._path: Path | None = None
+        self._file = self._starts = self._group = self._column = None
 
     @staticmethod
     def name(item) -> str:
@@ -257,15 +324,27 @@ class _Reader:
             return Image.open(item)
 
     def _parquet_bytes(self, path: Path, row: int) -> bytes:
+        """One row's image bytes, read a row group at a time (bounded by the footer check)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if self._table_path != path:
-            self._column = pq.read_table(path, columns=["image"]).column("image").combine_chunks()
-            self._table_path = path
-        value = self._column[row].as_py()
-        if not value or not value.get("bytes"):
+        if self._path != path:
+            self._file = pq.ParquetFile(path)
+            footer = self._file.metadata
+            self._starts = np.cumsum([0] + [footer.row_group(g).num_rows for g in range(footer.num_row_groups)])
+            self._path, self._group = path, None
+        group = int(np.searchsorted(self._starts, row, side="right")) - 1
+        if self._group != group:
+            try:
+                table = self._file.read_row_group(group, columns=["image.bytes"])
+            except (OSError, pa.ArrowException) as exc:
+                raise UserError(f"{path}: cannot read row group {group} ({short(exc)})") from None
+            self._column = table.column("image").combine_chunks().flatten()[0]  # with the struct's own nulls
+            self._group = group
+        value = self._column[row - int(self._starts[group])].as_py()
+        if not value:
             raise UserError(f"{path}: row {row} holds no image bytes")
-        return value["bytes"]
+        return value
 
     def load(self, item, size: int, mode: str) -> np.ndarray:
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from . import Source, Split, array_chunks, short
+from . import Source, Split, array_chunks, refuse_link_out, short
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -109,6 +109,9 @@ def find_idx_files(root: Path) -> dict[str, tuple[Path, Path]] | None:
 
 def idx_source(name: str, root: Path, classes: list[str]) -> Source:
     files = find_idx_files(root)
+    for pair in (files or {}).values():
+        for path in pair:
+            refuse_link_out(path, root.resolve())
     if files is None:
         missing = [
             n for names in IDX_FILES.values() for n in names if not any((root / f).is_file() for f in (n, n + ".gz"))

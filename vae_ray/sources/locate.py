@@ -4,13 +4,19 @@ archives safely (no absolute paths, no links out, bounded size and count)."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import os
+import re
 import shutil
+import struct
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 from ..errors import UserError
@@ -56,6 +62,9 @@ DOWNLOADS = {  # name -> (base URL, {file: md5}); the official files
 MAX_ARCHIVE_BYTES = int(os.environ.get("VAE_RAY_MAX_ARCHIVE_BYTES", 64 * 1024**3))
 MAX_ARCHIVE_MEMBERS = int(os.environ.get("VAE_RAY_MAX_ARCHIVE_MEMBERS", 2_000_000))
 MAX_DOWNLOAD_BYTES = 512 * 1024**2
+# tarfile reads a pax or GNU long-name header into memory whole, whatever
+# size it declares; real ones hold a few names and numbers.
+MAX_TAR_HEADER = 1024**2
 
 
 def cache_dir(name: str) -> Path:
@@ -136,10 +145,13 @@ def _md5(payload: bytes) -> str:
 
 
 def extract_archive(path: Path, workdir: Path) -> Path:
-    """Unpack a .tar(.gz) source into `workdir` safely: tarfile's "data"
-    filter (no absolute paths, no links out, no devices), and at most
-    MAX_ARCHIVE_MEMBERS members and MAX_ARCHIVE_BYTES bytes, checked from the
-    member headers as they stream by, before their data is written."""
+    """Unpack a .tar(.gz) source into `workdir` safely: its headers checked
+    first (`check_tar_headers`), then tarfile's "data" filter (no absolute
+    paths, no links out, no devices), and at most MAX_ARCHIVE_MEMBERS members
+    and MAX_ARCHIVE_BYTES bytes, checked from the member headers as they
+    stream by, before their data is written."""
+    if not check_tar_headers(path):
+        raise UserError(f"{path}: not a tar archive")
     free = shutil.disk_usage(workdir).free
     budget = min(MAX_ARCHIVE_BYTES, free)
     try:
@@ -163,6 +175,140 @@ def extract_archive(path: Path, workdir: Path) -> Path:
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else workdir
 
 
+# ---------------------------------------------------------------------------
+# Tar headers, read as tarfile reads them, before tarfile does
+# ---------------------------------------------------------------------------
+_PAX = (b"x", b"g", b"X")  # extended (next member), global, Solaris extended
+_HEADER_KINDS = {b"x": "pax", b"g": "pax global", b"X": "pax", b"L": "GNU long name", b"K": "GNU long link name"}
+_SKIPPED = (b"0", b"\0", b"7")  # regular files: tarfile skips their data by size
+_KNOWN = (*_SKIPPED, b"1", b"2", b"3", b"4", b"5", b"6", b"L", b"K", b"S", *_PAX)
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+
+
+def check_tar_headers(path: Path) -> bool:
+    """True for a tar archive (raw, .gz, .bz2 or .xz) whose headers are safe
+    to hand to tarfile; False for a file that is not a tar archive.
+
+    tarfile reads a pax or GNU long-name header whole into memory, whatever
+    size it declares (a 97 KB .tar.gz can declare a 100 MB one), and reads
+    the sparse maps of sparse members block by block. So the decompressed
+    stream is walked here first, 512-byte header block by block, skipping
+    member data by the same sizes tarfile uses: a header over MAX_TAR_HEADER,
+    a negative size, or a sparse member is refused before tarfile parses any."""
+    try:
+        with _decompressed(path) as stream:
+            return _walk_headers(path, stream)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):
+        return False  # cannot even be opened: not an archive
+
+
+def _decompressed(path: Path):
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(path, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115 - closed by the caller's `with`
+
+
+def _walk_headers(path: Path, stream) -> bool:
+    seen, size_override, global_pax = 0, None, {}
+    try:
+        while True:
+            block = stream.read(512)
+            header = _parse_header(block)
+            if header is None:  # the end, or a block tarfile would stop at (or refuse, when it is the first)
+                return seen > 0
+            seen += 1
+            kind, size = header
+            if kind in _HEADER_KINDS:
+                if not 0 <= size <= MAX_TAR_HEADER:
+                    raise UserError(
+                        f"{path}: a {_HEADER_KINDS[kind]} header of {size:,} bytes "
+                        f"(at most {MAX_TAR_HEADER:,} accepted); refusing to unpack"
+                    )
+                data = stream.read(size)
+                _skip(stream, -size % 512)
+                if kind in _PAX:
+                    records = _pax_records(data)
+                    if any(key.startswith(b"GNU.sparse.") for key in records):
+                        raise UserError(f"{path}: holds a sparse file; refusing to unpack")
+                    if kind == b"g":
+                        global_pax.update(records)
+                    elif b"size" in {**global_pax, **records}:
+                        size_override = _pax_number({**global_pax, **records}[b"size"])
+                continue
+            if kind == b"S":
+                raise UserError(f"{path}: holds a sparse file; refusing to unpack")
+            if size_override is not None:  # a pax header's size replaces the member's own
+                size, size_override = size_override, None
+            if size < 0:
+                raise UserError(f"{path}: a member declares a negative size; refusing to unpack")
+            if kind in _SKIPPED or kind not in _KNOWN:
+                _skip(stream, size + (-size % 512))
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):
+        return seen > 0  # damaged further on: tarfile says so when it gets there
+
+
+def _parse_header(block: bytes) -> tuple[bytes, int] | None:
+    """(type, size) of a valid header block, as tarfile.TarInfo.frombuf reads it; None otherwise."""
+    if len(block) < 512 or block.count(0) == 512:
+        return None
+    try:
+        checksum = _number(block[148:156])
+        for start, end in ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345)):
+            _number(block[start:end])
+        size = _number(block[124:136])
+    except ValueError:
+        return None
+    unsigned = 256 + sum(struct.unpack_from("148B8x356B", block))
+    signed = 256 + sum(struct.unpack_from("148b8x356b", block))
+    if checksum not in (unsigned, signed):
+        return None
+    kind = block[156:157]
+    if kind == b"\0" and block[:100].split(b"\0", 1)[0].endswith(b"/"):
+        kind = b"5"  # old tars write a folder as a regular file whose name ends in '/'
+    return kind, size
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field, as tarfile.nti reads it (octal, or base-256)."""
+    if field[0] in (0o200, 0o377):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
+    text = field.split(b"\0", 1)[0].decode("ascii")
+    return int(text.strip() or "0", 8)
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    records, pos = {}, 0
+    while (match := _PAX_RECORD.match(data, pos)) is not None:
+        length = int(match.group(1))
+        if length <= 0:
+            break
+        records[match.group(2)] = data[match.end(2) + 1 : match.start(1) + length - 1]
+        pos += length
+    return records
+
+
+def _pax_number(value: bytes) -> int:
+    try:
+        return int(value.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return 0  # as tarfile does
+
+
+def _skip(stream, count: int) -> None:
+    while count > 0:
+        got = len(stream.read(min(count, 1 << 20)))
+        if not got:
+            raise EOFError("unexpected end of data")
+        count -= got
+
+
 def open_source(
     name: str,
     source: str | None = None,
@@ -184,7 +330,7 @@ def open_source(
     if name == "imagefolder" and source is None:
         raise UserError("imagefolder needs --source DIR (a folder of <class>/<image> files)")
     root = archive = locate(name, source)
-    if root.is_file() and tarfile.is_tarfile(root):
+    if root.is_file() and check_tar_headers(root):  # not tarfile.is_tarfile: it parses the first header
         root = extract_archive(root, Path(tempfile.mkdtemp(dir=workdir)))
     src = _open_tree(name, root, image_size, channels, test_fraction, skip_corrupt, seed, limit)
     if root != archive:
