@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The oldest Ray release vae-ray supports, tested: the fast tier plus a smoke
 # run of train (two ranks streaming through Ray Data), tune (ASHA stopping
-# trials), generate (a Ray Data actor pool) and a job submitted through the
-# Jobs SDK to a token-authenticated head, in a virtual environment of its own (.venv-ray-oldest, kept
-# between runs and rebuilt when pyproject.toml or this script changes).
-# The newest release is the one `make test` runs in .venv.
+# trials, their workers freed), generate (a Ray Data actor pool) and a job
+# submitted through the Jobs SDK to a head with token authentication. It runs
+# in a virtual environment of its own, .venv-ray-oldest, kept between runs and
+# brought up to date when pyproject.toml or this script changes. The newest
+# release is the one `make test` runs in .venv.
 #
-# The release is pyproject.toml's lower bound (`ray[...]>=2.X`), at its
-# latest patch; RAY_VERSION=2.X.Y picks another one.
+# The release is pyproject.toml's lower bound (`ray[...]>=2.X`) at its latest
+# patch; RAY_VERSION=2.X.Y picks another. `--build-only` stops once the
+# environment is ready.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,4 +63,4 @@ started=$SECONDS
     tests/test_generate.py::test_png_counts_layout_and_determinism_across_actor_counts \
     tests/test_tune.py::test_grid_runs_to_completion_with_early_stopping
 smoke=$((SECONDS - started))
-echo "ray_range: ray $("$PY" -c 'import ray; print(ray.__version__)'): fast tier ${fast} s, smoke ${smoke} s"
+echo "ray_range: ray $("$PY" -c 'import ray; print(ray.__version__)'): fast tier ${fast} s, smoke ${smoke} s (wall)"

@@ -22,7 +22,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from . import cluster as clusters
-from . import storage
+from . import compat, storage
 from .config import TrainConfig
 from .data import dataset_read_lock, load_split, read_meta, summary
 from .errors import Interrupted, RunFailed, UserError, root_cause
@@ -38,6 +38,7 @@ from .worker import train_loop
 # ---------------------------------------------------------------------------
 def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
     """Fill in `auto` choices from the dataset and reject impossible combinations."""
+    compat.check_elastic(cfg.min_workers)
     h, w, c = meta["shape"]
     arch = cfg.arch if cfg.arch != "auto" else choose_arch(meta["shape"])
     step = ARCHITECTURES[arch].side_multiple
@@ -188,11 +189,9 @@ def build_trainer(
     controller checks it before each write into the run."""
     datasets = {}
     if ingest == "stream":
-        from ray.data import RandomSeedConfig
-
         # A new block order every epoch (every execution), reproducible from the seed.
         datasets["train"] = load_split(cfg.data, "train", read_meta(cfg.data)).randomize_block_order(
-            seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)
+            seed=compat.block_order_seed(cfg.seed)
         )
     fs, parent = storage.filesystem(run.parent)
     workers = (cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers
