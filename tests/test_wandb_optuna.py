@@ -314,9 +314,10 @@ def test_a_search_is_a_wandb_group_with_a_run_per_trial(optuna_search):
         # The trial's driver opens the run and closes its session before training; rank 0 then logs
         # the epochs, but Tune ends a trial's processes within seconds of its last report, which can
         # cut rank 0's last W&B write short (README: W&B), so only the driver's session is read here.
-        # A train run's per-epoch history is checked against metrics.jsonl above.
+        # A train run's per-epoch history is checked against metrics.jsonl above. The driver's
+        # closing session (the third) is there only when Tune lets the trial get that far.
         folders = sorted((root / "wandb").glob(f"offline-run-*-{run_id}*"))
-        assert len(folders) == 2
+        assert 2 <= len(folders) <= 3
         opened = next(first(records, "run") for records in (read_wandb_run(f) for f in folders[:1]))
         assert opened["run_group"] == group and opened["display_name"] == trial.name
         assert opened["job_type"] == "trial" and opened["config"]["update"]["latent_dim"] in (2, 4)
