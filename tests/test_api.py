@@ -22,6 +22,7 @@ def test_the_public_names_are_pinned_and_import_light():
         "__version__",
         "encode",
         "evaluate",
+        "export",
         "generate",
         "load",
         "train",

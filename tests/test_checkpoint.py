@@ -37,13 +37,13 @@ def test_corrupt_or_missing_checkpoints_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a checkpoint"):
         ckpt.load(tmp_path / "empty")
-    (directory / "model.pt").write_bytes(b"not a torch file")
+    (directory / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="corrupt checkpoint"):
         ckpt.load(directory)
 
 
 def test_weights_are_saved_contiguous_whatever_the_training_layout(tmp_path):
-    """Workers train channels-last on the CPU; model.pt holds the usual layout
+    """Workers train channels-last on the CPU; model.safetensors holds the usual layout
     for any PyTorch reader, and loads back to the same values."""
     import torch
 
@@ -52,6 +52,6 @@ def test_weights_are_saved_contiguous_whatever_the_training_layout(tmp_path):
 
     model = build_model("mnist", (28, 28, 1), 4).to(memory_format=torch.channels_last)
     ckpt.save(tmp_path / "c", model, None, {"epoch": 1}, {}, {})
-    saved = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
+    saved = ckpt.read_weights(tmp_path / "c" / "model.safetensors")
     assert all(t.is_contiguous() for t in saved.values())
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

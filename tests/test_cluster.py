@@ -66,7 +66,7 @@ def test_a_run_on_s3_trained_across_two_nodes_is_read_by_every_command(cluster, 
     assert history[0]["test_images"] == 512  # the ranks' parts of the test split cover it once
     assert history[0]["global_step"] == 7  # 256 images per rank // 33 per step: the same steps on both
     assert storage.read_pointer(run, "latest") == "checkpoint_epoch_0002"
-    assert {"model.pt", "optimizer.pt", "state.json", "config.json"} <= set(
+    assert {"model.safetensors", "optimizer.pt", "state.json", "config.json"} <= set(
         storage.list_dir(f"{run}/checkpoint_epoch_0002")
     )
     assert "samples.png" in storage.list_dir(f"{run}/plots") and storage.walk_files(f"{run}/tensorboard")

@@ -185,7 +185,7 @@ def test_generate_user_errors(ray_cluster, model_run, tmp_path):
         runner.invoke(app, ["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]), "no such checkpoint"
     )
     broken = make_checkpoint(tmp_path / "broken")
-    (broken / "latest" / "model.pt").write_bytes(b"garbage")
+    (broken / "latest" / "model.safetensors").write_bytes(b"garbage")
     assert_one_error_line(
         runner.invoke(app, ["generate", str(broken), "--out", str(tmp_path / "o")]), "corrupt checkpoint"
     )

@@ -435,7 +435,7 @@ def _edit_checkpoint_dataset(run: Path, **changes) -> None:
         ({"shape": "28x28"}, ["shape"]),
         ({"num_classes": 10**9}, ["num_classes"]),
         # Within the bounds, yet a model far larger than its weights file.
-        ({"shape": [1024, 1024, 1]}, ["model.pt", "bytes"]),
+        ({"shape": [1024, 1024, 1]}, ["model.safetensors", "bytes"]),
     ],
 )
 def test_a_checkpoint_config_is_bounded_before_a_tensor_is_made(tmp_path, changes, words):

@@ -290,7 +290,7 @@ def test_the_best_checkpoint_is_kept_as_a_copy_and_a_pointer(tmp_path):
     callback = RunDirCallback(str(run), keep_best="test_neg_elbo_nats")
     callback.after_report(None, [{"epoch": 1, "test_neg_elbo_nats": 90.0}], Reported(ckpt))
     assert os.readlink(run / "best") == "best_checkpoint_epoch_0001"
-    assert (run / "best" / "model.pt").read_bytes() == (ckpt / "model.pt").read_bytes()
+    assert (run / "best" / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
     shutil.copytree(ckpt, run / "checkpoint_epoch_0002")
     callback.after_report(None, [{"epoch": 2, "test_neg_elbo_nats": 95.0}], Reported(run / "checkpoint_epoch_0002"))
     assert os.readlink(run / "best") == "best_checkpoint_epoch_0001"  # worse: the best stays

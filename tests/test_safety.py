@@ -74,7 +74,7 @@ def test_overwrite_replaces_only_our_own_artefacts(tmp_path, tiny_data):
         assert_one_error_line(runner.invoke(app, args), *([words] if isinstance(words, str) else words))
     assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
     assert (foreign / "thesis.tex").read_text() == "months of work"
-    assert (run / "latest" / "model.pt").is_file()
+    assert (run / "latest" / "model.safetensors").is_file()
 
 
 @pytest.mark.ray

@@ -36,4 +36,6 @@ def test_a_run_logs_params_metrics_and_artifacts_to_mlflow(trained_run, mlflow_s
     history = client.get_metric_history(logged.info.run_id, "test_matlab_elbo")
     assert sorted(m.step for m in history) == [1, 2]
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} >= {"checkpoint", "plots", "samples"}
-    assert "model.pt" in {a.path.split("/")[-1] for a in client.list_artifacts(logged.info.run_id, "checkpoint")}
+    assert "model.safetensors" in {
+        a.path.split("/")[-1] for a in client.list_artifacts(logged.info.run_id, "checkpoint")
+    }

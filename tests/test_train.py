@@ -71,8 +71,8 @@ def test_weight_average_resume_and_a_non_finite_loss(ray_cluster, tiny_data, tmp
     fit(tiny(tiny_data, run, ema=0.9), show=False)
     latest = run / "latest"
     assert sorted(p.name for p in latest.iterdir()) == sorted(ckpt.FILES + (ckpt.TRAINING_WEIGHTS,))
-    average = torch.load(latest / "model.pt", weights_only=True)
-    own = torch.load(latest / ckpt.TRAINING_WEIGHTS, weights_only=True)
+    average = ckpt.read_weights(latest / ckpt.WEIGHTS)
+    own = ckpt.read_weights(latest / ckpt.TRAINING_WEIGHTS)
     assert average.keys() == own.keys()
     assert any(not torch.equal(average[k], own[k]) for k in average)  # two different sets of weights
     assert torch.equal(ckpt.load(run).model.state_dict()["head.weight"], average["head.weight"])  # served

@@ -128,7 +128,7 @@ def test_a_run_is_one_wandb_run_read_back_with_wandbs_reader(ray_cluster, tiny_d
     assert summary["samples"]["_type"] == "images/separated" and summary["samples"]["count"] == 64
     (artifact,) = of_type(sessions[2], "artifact")
     assert artifact["name"] == f"model-{run_id}" and artifact["type"] == "model"
-    assert {f["path"] for f in artifact["manifest"]["contents"]} >= {"model.pt", "config.json"}
+    assert {f["path"] for f in artifact["manifest"]["contents"]} >= {"model.safetensors", "config.json"}
     assert first(sessions[2], "exit")["exit_code"] == 0
     assert not list(run.glob("wandb*"))  # W&B's files stay in WANDB_DIR
     for folder in (run, root):

@@ -15,9 +15,21 @@ from typing import Any
 __version__ = "0.2.0"
 
 # The public names: tests/test_api.py pins them.
-__all__ = ["Model", "ModelSpec", "UserError", "__version__", "encode", "evaluate", "generate", "load", "train", "tune"]
+__all__ = [
+    "Model",
+    "ModelSpec",
+    "UserError",
+    "__version__",
+    "encode",
+    "evaluate",
+    "export",
+    "generate",
+    "load",
+    "train",
+    "tune",
+]
 
-_LAZY = {"Model": "api", "load": "api", "train": "api", "ModelSpec": "spec", "UserError": "errors"}
+_LAZY = {"Model": "api", "load": "api", "train": "api", "export": "api", "ModelSpec": "spec", "UserError": "errors"}
 # These four are modules of the package too: the module is the attribute,
 # and calling it calls the API's function (api.CommandModule).
 _COMMAND_MODULES = ("generate", "encode", "evaluate", "tune")

@@ -2,7 +2,7 @@
 
     import vae_ray
 
-    model = vae_ray.load("runs/mnist")              # a run folder or a checkpoint, local or s3://
+    model = vae_ray.load("runs/mnist")              # a run, a checkpoint or an exported model; local, s3://, hf://
     images = model.sample(64, seed=0)               # uint8 (64, H, W, C): generate's first 64 latents
     mu, logvar = model.encode(images)               # float32 (64, K) each
     again = model.reconstruct(images)
@@ -13,6 +13,7 @@
     vae_ray.generate("runs/mnist", out="gen/mnist", num=10_000, format="parquet")
     vae_ray.encode("runs/mnist", out="latents/mnist", data="data/mnist")
     vae_ray.evaluate("runs/mnist", iw_samples=100)
+    vae_ray.export("runs/mnist", out="hub/mnist-vae")  # model.safetensors, config.json, README.md (card)
 
 `train`, `tune`, `generate`, `encode` and `evaluate` take the command line's options as
 keyword arguments (`--latent-dim` is `latent_dim`) and run the very functions
@@ -173,7 +174,8 @@ class Model:
 
 
 def load(path: str, device: str = "cpu") -> Model:
-    """A trained model from a run folder (its `latest` checkpoint) or a checkpoint folder, local or s3://."""
+    """A trained model from a run folder (its `latest` checkpoint), a checkpoint folder or a folder
+    `vae-ray export` wrote; local, s3:// or hf://ORG/NAME (with huggingface_hub installed)."""
     from .checkpoint import load as load_checkpoint
 
     return Model(load_checkpoint(path, device=device), device=device)
@@ -251,6 +253,13 @@ def evaluate(checkpoint: str, *, address: str | None = None, **options: Any) -> 
 
     _known(options, Evaluation, "evaluate", skip=("checkpoint",))
     return commands.evaluate({"checkpoint": checkpoint, **options}, address=address)
+
+
+def export(run: str, *, out: str, repo: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """`vae-ray export`: the run's best checkpoint (else its latest) as a Hugging Face Hub model folder."""
+    from .hub import export as export_model
+
+    return export_model(run, out, samples_seed=seed, repo=repo)
 
 
 def _known(options: dict[str, Any], command: Any, name: str, skip: tuple[str, ...]) -> None:

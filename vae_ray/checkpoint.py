@@ -1,15 +1,24 @@
 """Checkpoints: fixed file names, the resolved config inside, safe to load.
 
-    model.pt      the model's state_dict (tensors only); the weight average with --ema
-    optimizer.pt  the optimizer's state_dict
-    state.json    epoch, global step, the epoch's metrics
-    config.json   {"config": TrainConfig, "dataset": shape/classes/name/shards}
-    training.pt   with --ema only: the optimizer's own weights, to resume from
+    model.safetensors     the model's weights; the weight average with --ema
+    optimizer.pt          the optimizer's state_dict (tensors, numbers, lists)
+    state.json            epoch, global step, the epoch's metrics
+    config.json           {"config": TrainConfig, "dataset": shape/classes/name/shards}
+    training.safetensors  with --ema only: the optimizer's own weights, to resume from
 
-Everything is loaded with `torch.load(weights_only=True)`: no code from a
-checkpoint file ever runs. `save` and `restore` run on training workers;
-`load` and `load_blob` serve generate, evaluate and report, from a local
-folder or s3:// (a remote checkpoint is copied to a temporary folder first).
+Weights are safetensors files: a bounded JSON header and raw tensor bytes,
+nothing a reader executes, the format model hubs and their scanners expect.
+The optimizer's state is a nested dict of tensors and numbers, which
+safetensors cannot hold; it is read with `torch.load(weights_only=True)`
+(whose known escape was fixed in torch 2.6, the floor), and only by a worker
+resuming its own run. Checkpoints written before safetensors (`model.pt`,
+`training.pt`) still load, the same safe way.
+
+`save` and `restore` run on training workers; `load` and `load_blob` serve
+generate, evaluate, encode, report and the Python API, from a checkpoint
+folder, a run (its `latest`), a folder `vae-ray export` wrote (its
+config.json also holds the state), local, s3:// or hf://ORG/NAME (a remote
+one is copied to a temporary folder first).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import Any
 
 import torch
 
-from . import storage
+from . import hub, storage
 from .config import TrainConfig
 from .data import MAX_CLASSES
 from .errors import UserError, first_line
@@ -33,8 +42,12 @@ from .model import VAE, build_model
 from .rundir import RunDir
 from .sources import MAX_IMAGE_SIZE
 
-FILES = ("model.pt", "optimizer.pt", "state.json", "config.json")
-TRAINING_WEIGHTS = "training.pt"
+WEIGHTS = "model.safetensors"
+TRAINING_WEIGHTS = "training.safetensors"
+FILES = (WEIGHTS, "optimizer.pt", "state.json", "config.json")
+# What checkpoints written before safetensors hold instead (still loaded).
+LEGACY = {WEIGHTS: "model.pt", TRAINING_WEIGHTS: "training.pt"}
+ALL_FILES = (*FILES, TRAINING_WEIGHTS, *LEGACY.values())
 
 
 # ---------------------------------------------------------------------------
@@ -44,6 +57,30 @@ def _plain_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weights as every PyTorch reader expects them (contiguous), whatever
     layout the workers trained in (channels-last on the CPU)."""
     return {name: tensor.contiguous() for name, tensor in weights.items()}
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_plain_layout(model.state_dict()), str(path), metadata={"format": "pt"})
+
+
+def weights_file(directory: Path, name: str = WEIGHTS) -> Path | None:
+    """The file holding `name`'s weights in a checkpoint folder: the
+    safetensors file, else the one an older checkpoint wrote, else None."""
+    for candidate in (name, LEGACY.get(name)):
+        if candidate and (Path(directory) / candidate).is_file():
+            return Path(directory) / candidate
+    return None
+
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors only, from either format; nothing in the file is executed."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def save(
@@ -57,11 +94,11 @@ def save(
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(_plain_layout(model.state_dict()), directory / "model.pt")
+    save_weights(model, directory / WEIGHTS)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    if training_weights is not None:  # --ema: model.pt is the average; these are what the optimizer moves
-        torch.save(_plain_layout(training_weights.state_dict()), directory / TRAINING_WEIGHTS)
+    if training_weights is not None:  # --ema: WEIGHTS is the average; these are what the optimizer moves
+        save_weights(training_weights, directory / TRAINING_WEIGHTS)
     (directory / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps({"config": config, "dataset": dataset}, indent=2) + "\n")
     return directory
@@ -77,15 +114,13 @@ def restore(
     """Load a checkpoint into a training worker's model, optimizer and weight
     average; return its state (epoch, global step)."""
     directory = Path(directory)
-
-    def load(name: str):
-        return torch.load(directory / name, map_location=device, weights_only=True)
-
-    own = TRAINING_WEIGHTS if (directory / TRAINING_WEIGHTS).is_file() else "model.pt"
-    model.load_state_dict(load(own))
+    average = weights_file(directory)
+    if average is None:
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS}")
+    model.load_state_dict(read_weights(weights_file(directory, TRAINING_WEIGHTS) or average, device))
     if averaged is not None:
-        averaged.load_state_dict(load("model.pt"))
-    optimizer.load_state_dict(load("optimizer.pt"))
+        averaged.load_state_dict(read_weights(average, device))
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
     return json.loads((directory / "state.json").read_text())
 
 
@@ -98,21 +133,29 @@ class Loaded:
     config: TrainConfig
     dataset: dict[str, Any]
     state: dict[str, Any]
-    path: str  # the checkpoint's own URI
+    path: str  # the checkpoint's own URI (hf://ORG/NAME as given)
     local: Path  # where its files are on this machine
+    exported: dict[str, Any] | None = None  # an exported model's config.json (its evaluation figures)
+
+
+def is_checkpoint(uri: str) -> bool:
+    return any(storage.is_file(storage.join(uri, name)) for name in (WEIGHTS, LEGACY[WEIGHTS]))
 
 
 def resolve(path: str | Path) -> str:
-    """A checkpoint folder, or a run folder (whose `latest` is followed); local or s3://."""
+    """A checkpoint folder, an exported model folder, or a run folder (whose
+    `latest` is followed); local, s3:// or hf://ORG/NAME (downloaded first)."""
+    if str(path).startswith(hub.SCHEME):
+        return str(hub.download(str(path)))
     uri = storage.check_uri(str(path))
     if not storage.exists(uri):
-        raise UserError(f"{path}: no such checkpoint or run folder")
-    if storage.is_file(storage.join(uri, "model.pt")):
+        raise UserError(f"{path}: no such checkpoint, model or run folder")
+    if is_checkpoint(uri):
         return uri
     latest = RunDir(uri).latest()
-    if latest is not None and storage.is_file(storage.join(latest, "model.pt")):
+    if latest is not None and is_checkpoint(latest):
         return latest
-    raise UserError(f"{path}: neither a checkpoint (no model.pt) nor a run with a checkpoint (no latest)")
+    raise UserError(f"{path}: neither a checkpoint or exported model (no {WEIGHTS}) nor a run with a checkpoint")
 
 
 _COPIES: dict[str, Path] = {}
@@ -125,7 +168,7 @@ def local_copy(uri: str) -> Path:
     if uri not in _COPIES:
         folder = Path(tempfile.mkdtemp(prefix="vae-ray-checkpoint-"))
         atexit.register(shutil.rmtree, folder, True)
-        for name in (*FILES, TRAINING_WEIGHTS):
+        for name in ALL_FILES:
             source = storage.join(uri, name)
             if storage.exists(source):
                 (folder / name).write_bytes(storage.read_bytes(source))
@@ -181,7 +224,7 @@ def _check_size(uri: str, config: TrainConfig, dataset: dict[str, Any], weights:
     if needed > held:
         raise UserError(
             f"{uri}: corrupt checkpoint (config.json describes a model of {needed:,} bytes, "
-            f"but model.pt holds {held:,} bytes)"
+            f"but {weights.name} holds {held:,} bytes)"
         )
 
 
@@ -195,38 +238,55 @@ def _build(cfg: dict[str, Any], dataset: dict[str, Any]) -> VAE:
     )
 
 
+def read_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checkpoint's state.json, and the config.json of an exported model
+    (which holds the state instead), else None."""
+    meta = json.loads((directory / "config.json").read_text())
+    exported = meta if isinstance(meta, dict) and meta.get("format") == hub.FORMAT else None
+    if (directory / "state.json").is_file():
+        state = json.loads((directory / "state.json").read_text())
+    else:
+        state = (exported or {}).get("state", {})
+    if not isinstance(state, dict):
+        raise ValueError("state is not an object")
+    return state, exported
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
-    """Rebuild the model from a checkpoint (or a run's latest) on `device`."""
+    """Rebuild the model from a checkpoint (or a run's latest, or an exported folder) on `device`."""
     uri = resolve(path)
     directory = local_copy(uri)
     config, dataset = read_config(uri)
+    weights_path = weights_file(directory)
     try:
-        _check_size(uri, config, dataset, directory / "model.pt")
-        state = json.loads((directory / "state.json").read_text())
-        weights = torch.load(directory / "model.pt", map_location=device, weights_only=True)
+        _check_size(uri, config, dataset, weights_path)
+        state, exported = read_state(directory)
+        weights = read_weights(weights_path, device)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
+    except Exception as exc:  # noqa: BLE001 - torch.load and safetensors raise many types for damaged files
         raise UserError(f"{uri}: corrupt checkpoint ({first_line(exc, 200)})") from None
     try:
         model = _build(config.to_dict(), dataset)
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{uri}: weights do not match the config ({first_line(exc, 200)})") from None
-    return Loaded(model.to(device).eval(), config, dataset, state, uri, directory)
+    shown = str(path).rstrip("/") if str(path).startswith(hub.SCHEME) else uri
+    return Loaded(model.to(device).eval(), config, dataset, state, shown, directory, exported)
 
 
 def load_blob(path: str | Path) -> dict[str, Any]:
     """A checkpoint as one picklable dict for Ray workers: weights (loaded
     safely), config, dataset description and the weights' digest."""
     loaded = load(path)
-    sha = hashlib.sha256((loaded.local / "model.pt").read_bytes()).hexdigest()
+    sha = hashlib.sha256(weights_file(loaded.local).read_bytes()).hexdigest()
     return {
         "weights": loaded.model.state_dict(),
         "config": loaded.config.to_dict(),
         "dataset": loaded.dataset,
         "sha256": sha,
         "path": loaded.path,
+        "evaluation": (loaded.exported or {}).get("evaluation") if loaded.exported else None,
     }
 
 

@@ -296,6 +296,8 @@ def summarise(per_image: dict[str, np.ndarray], loss: str, dims: int) -> dict[st
 
 def save(result: dict[str, Any], checkpoint: str) -> str | None:
     """Keep the result beside a run (RUN/evaluation.json) when given a run folder."""
+    if str(checkpoint).startswith("hf://"):
+        return None
     run = RunDir(checkpoint)
     if run.latest() is None:
         return None

@@ -324,7 +324,10 @@ def make_plan(
         )
     if label is not None and not 0 <= label < len(classes):
         raise UserError(f"--label must be between 0 and {len(classes) - 1} (got {label})")
-    labels = "per-class" if per_class else ("none" if label is None else str(label))
+    # A conditional model needs a label for every image: without --label, the
+    # classes take turns (as with --per-class).
+    balanced = per_class or (label is None and blob["config"]["conditional"])
+    labels = "per-class" if balanced else ("none" if label is None else str(label))
     return Plan(
         num=num,
         seed=seed,
@@ -756,6 +759,51 @@ def settle_swap(out: str, foreign_of: Callable[[str], list[str]], last: tuple[st
         storage.fsync_dir(target.parent)
 
 
+def staged(target: Path) -> Path:
+    """Where a whole-folder output is copied before its swap: a fixed name, so
+    a copy a crash left is found and removed."""
+    return target.with_name(f".{target.name}.new")
+
+
+def check_destination(out: str, foreign_of: Callable[[str], list[str]], what: str) -> None:
+    """A whole-folder output (a report, an exported model) goes into a new or
+    empty folder, or replaces a folder holding only its own files; locally the
+    two names its swap uses beside it must be free or hold only its files too."""
+    if storage.is_file(out):
+        raise UserError(f"{out}: exists and is not a folder")
+    foreign = foreign_of(out)
+    if foreign:
+        raise UserError(f"{out}: holds other files ({storage.some(foreign)}), not {what}; choose another --out")
+    if storage.is_remote(out):
+        return
+    for sibling in (staged(Path(out)), aside(Path(out))):
+        foreign = in_the_way(sibling, foreign_of)
+        if foreign:
+            raise UserError(
+                f"{sibling}: holds other files ({storage.some(foreign)}); {out} is swapped in "
+                f"through this name: move it"
+            )
+
+
+def publish_folder(folder: Path, out: str) -> None:
+    """Put a finished whole-folder output in place (call under the output's
+    lock, after check_destination): locally a whole-folder swap, on S3 one PUT
+    per file, then the old files the new folder lacks removed."""
+    if storage.is_remote(out):
+        stale = set(storage.walk_files(out)) - {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+        storage.upload(folder, out)
+        for rel in stale:  # the output's own files only: check_destination proved it under the lock
+            storage.delete(storage.join(out, rel))
+        return
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    copy = staged(target)
+    if os.path.lexists(copy):  # a copy a crash left before it was swapped in (our files only, checked)
+        remove_folder(copy)
+    shutil.copytree(folder, copy)
+    swap_folder(copy, target)
+
+
 def _check_aside(out: str) -> None:
     """An --overwrite sets the old set aside under a fixed name: that name must be free or ours."""
     if storage.is_remote(out):
@@ -1024,7 +1072,7 @@ class Generation(ShardedJob):
             "class_folders": dict(zip(classes, class_folders(classes), strict=True)) if plan.labels != "none" else {},
             "config": blob["config"],
             "dataset": blob["dataset"],
-            "evaluation": _evaluation_of(blob["path"]),
+            "evaluation": blob["evaluation"] if blob.get("evaluation") is not None else _evaluation_of(blob["path"]),
         }
 
     def _remove_partial(self, root: str, shard: int) -> None:

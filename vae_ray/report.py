@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,11 +21,11 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import storage
+from . import hub, storage
 from .data import dataset_read_lock, read_arrays, read_meta
 from .embedding import pca_2d, tsne_2d
 from .errors import UserError
-from .generate import aside, in_the_way, remove_folder, settle_swap, swap_folder
+from .generate import check_destination, publish_folder, settle_swap
 from .images import to_float, to_uint8
 from .pictures import samples, two_per_class
 from .plots import histogram, image_grid, latent_scatter, loss_curves, pairs_grid, save_png
@@ -73,7 +71,10 @@ class Report:
 
     def __init__(self, run: str, out: str | None = None, data: str | None = None, seed: int = 0):
         self.loaded = ckpt.load(run)  # a clear error for a missing or broken run
-        self.run = RunDir(run)
+        on_hub = str(run).startswith(hub.SCHEME)
+        if on_hub and not out:
+            raise UserError(f"{run}: a model on the Hub has no folder here to hold its report; pass --out")
+        self.run = RunDir(str(self.loaded.local) if on_hub else run)
         self.is_run = self.run.latest() is not None
         self.model = self.loaded.model
         self.out = (
@@ -111,7 +112,7 @@ class Report:
                 str(folder / MARKER),
                 {"run": self.run.uri, "checkpoint": self.loaded.path, "written": time.strftime("%Y-%m-%d %H:%M:%S")},
             )
-            _publish(folder, self.out)
+            publish_folder(folder, self.out)
         return storage.join(self.out, "index.html")
 
     def _build(self, out: Path, say: Callable[[str], None]) -> None:
@@ -311,48 +312,8 @@ def _not_report_files(uri: str) -> list[str]:
     return storage.foreign_leaves(uri, FILES.__contains__)
 
 
-def _staged(target: Path) -> Path:
-    """Where a local report is copied before the swap: a fixed name, so a copy a crash left is found and removed."""
-    return target.with_name(f".{target.name}.new")
-
-
 def _check_destination(out: str) -> None:
-    """A report goes into a new or empty folder, or replaces a folder holding
-    only report files; locally the two names its swap uses beside it must be
-    free or hold only report files too."""
-    if storage.is_file(out):
-        raise UserError(f"{out}: exists and is not a folder")
-    foreign = _not_report_files(out)
-    if foreign:
-        raise UserError(
-            f"{out}: holds other files ({storage.some(foreign)}), not a vae-ray report; choose another --out"
-        )
-    if storage.is_remote(out):
-        return
-    for sibling in (_staged(Path(out)), aside(Path(out))):
-        foreign = in_the_way(sibling, _not_report_files)
-        if foreign:
-            raise UserError(
-                f"{sibling}: holds other files ({storage.some(foreign)}); the report of {out} is swapped in "
-                f"through this name: move it"
-            )
-
-
-def _publish(folder: Path, out: str) -> None:
-    """Put the finished report in place: locally a whole-folder swap, on S3 one PUT per file."""
-    if storage.is_remote(out):
-        stale = set(storage.walk_files(out)) - {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
-        storage.upload(folder, out)
-        for rel in stale:  # report files only: _check_destination proved it under the lock
-            storage.delete(storage.join(out, rel))
-        return
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = _staged(target)
-    if os.path.lexists(staged):  # a copy a crash left before it was swapped in (report files only, checked)
-        remove_folder(staged)
-    shutil.copytree(folder, staged)
-    swap_folder(staged, target)
+    check_destination(out, _not_report_files, "a vae-ray report")
 
 
 def _read_json(uri: str) -> dict:

@@ -168,7 +168,8 @@ class RunDir:
         target = storage.read_pointer(self.uri, LATEST)
         if target is not None:
             return self.path(target)
-        if storage.is_file(self.path(LATEST, "model.pt")):  # a copied run: latest is a folder
+        if any(storage.is_file(self.path(LATEST, name)) for name in ("model.safetensors", "model.pt")):
+            # a copied run: latest is a folder
             return self.path(LATEST)
         return None
 
@@ -218,6 +219,8 @@ class RunDir:
 def describe_checkpoint(given: str, used: str) -> str:
     """The checkpoint a command used, and which of the run's pointers led there:
     'RUN/checkpoint_epoch_0010 (the run's latest)'."""
+    if str(given).startswith("hf://"):  # a model on the Hugging Face Hub: `used` is its URI
+        return used
     name = storage.name_of(str(given).rstrip("/"))
     if name in (BEST, LATEST):
         return f"{used} (the run's {name})"

@@ -5,6 +5,7 @@
     tune.py      tune, study latent-dims | loss-weights -> vae_ray/tune.py, study.py
     generate.py  generate, encode                       -> vae_ray/generate.py, encode.py
     evaluate.py  evaluate, classifier train, report     -> vae_ray/evaluate.py, judge.py, report.py
+    export.py    export (a Hub model folder)            -> vae_ray/hub.py
     jobs.py      jobs list | status | logs | stop; --submit -> vae_ray/jobs.py
     options.py   shared options, and the train options made from vae_ray/config.py
     output.py    what is printed, and how errors end a command
@@ -21,7 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from . import data, evaluate, generate, jobs, train, tune
+from . import data, evaluate, export, generate, jobs, train, tune
 from .output import EXIT_CODES, labelled, result
 
 
@@ -79,7 +80,7 @@ def _root(
     """Variational autoencoders trained, tuned and sampled at cluster scale on Ray."""
 
 
-for module in (data, train, tune, generate, evaluate, jobs):
+for module in (data, train, tune, generate, evaluate, export, jobs):
     module.register(app)
 
 

@@ -62,7 +62,11 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="Scale T of z ~ N(0, T^2 I), in (0, 100].")] = 1.0,
     label: Annotated[int | None, typer.Option("--label", help="Class-conditional models: this class only.")] = None,
     per_class: Annotated[
-        bool, typer.Option("--per-class", help="Class-conditional models: N split evenly over classes.")
+        bool,
+        typer.Option(
+            "--per-class",
+            help="Class-conditional models: N split evenly over classes (the default for them without --label).",
+        ),
     ] = False,
     overwrite: Annotated[
         bool,
