@@ -43,10 +43,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: install
 	$(PYTEST) $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
-# The quick tier: no Ray cluster, no subprocess, no browser, plus one
-# end-to-end smoke test. About a minute on 2 cores.
+# The quick tier: no Ray cluster, no subprocess, no browser, nothing slow,
+# plus one end-to-end smoke test. About a minute on 2 cores.
 test-fast: install
-	$(PYTEST) -m "smoke or not (ray or subprocess or browser)"
+	$(PYTEST) -m "smoke or not (ray or subprocess or browser or slow)"
 
 # The fast tier plus a smoke run of train, tune, generate and a submitted job
 # on the oldest Ray release pyproject.toml allows, in its own environment

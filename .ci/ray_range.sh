@@ -51,7 +51,7 @@ echo "ray_range: $("$PY" -c 'import ray, torch; print(f"ray {ray.__version__}, t
 started=$SECONDS
 # The fast tier, as `make test-fast` runs it. cluster.yaml's image is the
 # newest release's (the one `make test` checks it against).
-"$PY" -m pytest -q -p no:cacheprovider -m "smoke or not (ray or subprocess or browser)" \
+"$PY" -m pytest -q -p no:cacheprovider -m "smoke or not (ray or subprocess or browser or slow)" \
     --deselect tests/test_deploy.py::test_cluster_yaml_has_the_launcher_fields
 fast=$((SECONDS - started))
 

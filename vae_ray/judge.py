@@ -60,12 +60,15 @@ class Judge(nn.Module):
         return feats, self.out(self.dropout(feats))
 
 
+BATCH = 128
+
+
 def fit(
     images: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
     epochs: int = 3,
-    batch_size: int = 128,
+    batch_size: int = BATCH,
     lr: float = 2e-3,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,

@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         epilog="Code: vae_ray/cli/evaluate.py -> vae_ray/commands.py (evaluate) -> "
         "vae_ray/evaluate.py, vae_ray/metrics.py. " + EXIT_CODES,
     )(evaluate)
+    app.command("evaluate-set", epilog="Code: vae_ray/quality.py, vae_ray/judge.py. " + EXIT_CODES)(evaluate_set)
     app.command("report", epilog="Code: vae_ray/report.py, vae_ray/plots.py. " + EXIT_CODES)(report)
     app.add_typer(classifier_app, name="classifier")
 
@@ -149,3 +150,91 @@ def report(
         page = page_report.build(lambda stage: status.update(f"report: {stage}"))
     labelled("wrote", page, "green")
     result(page)
+
+
+@handles_errors
+def evaluate_set(
+    generated: Annotated[str, typer.Argument(help="A set `vae-ray generate` wrote (any format); local or s3://.")],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="The real prepared dataset, with its judge (vae-ray classifier train).")
+    ],
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="Folder for quality.json and sample grids (new, or an earlier one)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Judge only the set's first N images.")] = None,
+    copy_percentile: Annotated[
+        float,
+        typer.Option(
+            "--copy-percentile", help="A near-copy is closer to a training image than this % of real test images are."
+        ),
+    ] = 1.0,
+    tstr: Annotated[
+        bool, typer.Option("--tstr/--no-tstr", help="Train-on-synthetic figures (labelled sets).", metavar="")
+    ] = True,
+    mixing: Annotated[
+        bool,
+        typer.Option("--mixing/--no-mixing", help="Also the real:synthetic mixes between TRTR and TSTR.", metavar=""),
+    ] = True,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Batches of 128 each TSTR/TRTR classifier trains on (the judge's: 450).")
+    ] = 450,
+    seed: opt.Seed = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Quality of a generated set against real data: Frechet distance, precision/recall, Inception
+    Score in the judge's features, near-copies of training images, TSTR against TRTR."""
+    from ..progress import Stages
+    from ..quality import evaluate_set as run
+
+    with Stages(enabled=not as_json) as stages:
+        summary = run(
+            generated,
+            data,
+            limit=limit,
+            seed=seed,
+            copy_percentile=copy_percentile,
+            tstr=tstr,
+            mixing=mixing,
+            steps=steps,
+            out=out,
+            progress=stages,
+        )
+    if as_json:
+        result(json.dumps(summary))
+        return
+    table = Table(title=f"{summary['images']:,} generated images against {summary['data']}")
+    for column in ("figure", "set", "real"):
+        table.add_column(column, justify="right" if column != "figure" else "left")
+
+    def cell(value) -> str:
+        return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+    rows = [
+        ("Frechet distance", summary["fd"], summary["fd_real"]),
+        ("precision", summary["precision"], summary["precision_real"]),
+        ("recall", summary["recall"], summary["recall_real"]),
+        ("Inception Score", summary["inception_score"], summary["inception_score_real"]),
+        (
+            "near-copies (pixels)",
+            summary["near_copies_pixels"]["fraction"],
+            summary["near_copies_pixels"]["fraction_real"],
+        ),
+        (
+            "near-copies (features)",
+            summary["near_copies_features"]["fraction"],
+            summary["near_copies_features"]["fraction_real"],
+        ),
+        ("classifier accuracy (TSTR / TRTR)", summary["tstr_accuracy"], summary["trtr_accuracy"]),
+    ]
+    for name, ours, real in rows:
+        table.add_row(name, cell(ours), cell(real))
+    console.print(table)
+    if summary["mixing"]:
+        say(
+            "mixing: "
+            + ", ".join(f"{m['synthetic_share']:.0%} synthetic {m['accuracy']:.4f}" for m in summary["mixing"])
+        )
+    say(f"judge: {summary['judge']}")
+    if summary.get("out"):
+        result(summary["out"])

@@ -1,0 +1,114 @@
+"""`vae-ray evaluate-set`: a generated set judged against real data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vae_ray import judge, quality
+from vae_ray.cli import app
+
+from conftest import assert_one_error_line, make_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def judged(tiny_data, tmp_path_factory):
+    """The tiny dataset (a copy: its judge is this module's) with a judge, and
+    a 300-image labelled set of an untrained model in two formats."""
+    tmp = tmp_path_factory.mktemp("quality")
+    data = tmp / "digits"
+    shutil.copytree(tiny_data, data)
+    judge.train(str(data), epochs=2)
+    run = make_checkpoint(tmp / "run", conditional=True)
+    sets = {}
+    for fmt in ("png", "hf"):
+        sets[fmt] = tmp / f"gen-{fmt}"
+        made = runner.invoke(app, ["generate", str(run), "--num", "300", "--format", fmt, "--out", str(sets[fmt])])
+        assert made.exit_code == 0, made.output
+    return data, sets
+
+
+def test_every_format_reads_back_the_same_images_after_its_checksums(judged):
+    _, sets = judged
+    png, png_labels, manifest = quality.read_generated(str(sets["png"]))
+    hf, hf_labels, _ = quality.read_generated(str(sets["hf"]))
+    assert png.shape == (300, 28, 28, 1) and np.array_equal(png, hf)
+    assert png_labels.tolist() == hf_labels.tolist() == [i % 10 for i in range(300)]
+    assert manifest["count"] == 300
+    first = next((sets["png"]).rglob("000000000.png"))
+    assert np.array_equal(np.asarray(Image.open(first)), png[0, :, :, 0])
+    # A changed file is found before any figure is computed.
+    with open(first, "r+b") as fh:
+        fh.seek(60)
+        fh.write(b"\x00\x01")
+    assert_one_error_line(runner.invoke(app, ["evaluate-set", str(sets["png"]), "--data", str(judged[0])]), "checksum")
+
+
+@pytest.mark.slow
+def test_a_set_is_judged_against_real_data(judged, tmp_path):
+    data, sets = judged
+    out = tmp_path / "q"
+    done = runner.invoke(
+        app, ["evaluate-set", str(sets["hf"]), "--data", str(data), "--out", str(out), "--steps", "30", "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output)
+    assert summary["images"] == 300
+    # An untrained model's images are far from real ones: further than real train is from real test.
+    assert summary["fd"] > summary["fd_real"] > 0 and summary["fd_ratio"] > 1
+    for key in ("precision", "recall", "precision_real", "recall_real"):
+        assert 0 <= summary[key] <= 1
+    assert summary["recall_real"] > summary["recall"]
+    # Classifiers trained on real images beat those trained on noise-like samples; the mixing
+    # curve runs from all real (TRTR) to all synthetic (TSTR).
+    curve = summary["mixing"]
+    assert [m["synthetic_share"] for m in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert curve[0]["accuracy"] == summary["trtr_accuracy"] and curve[-1]["accuracy"] == summary["tstr_accuracy"]
+    assert summary["trtr_accuracy"] > summary["tstr_accuracy"] and summary["tstr_ratio"] < 1
+    # Near-copies: real test images fall under their own 1st percentile 1% of the time.
+    for space in ("near_copies_pixels", "near_copies_features"):
+        copies = summary[space]
+        assert copies["fraction_real"] <= 0.02 and 0 <= copies["fraction"] <= 1
+    assert json.loads((out / "quality.json").read_text()) == {k: v for k, v in summary.items() if k != "out"}
+    assert Image.open(out / "samples_per_class.png").size[1] >= 10 * 28
+    # The same command again replaces its own folder; a folder of anything else is refused.
+    again = runner.invoke(
+        app, ["evaluate-set", str(sets["hf"]), "--data", str(data), "--out", str(out), "--no-tstr", "--json"]
+    )
+    assert again.exit_code == 0 and json.loads(again.output)["tstr_accuracy"] is None, again.output
+    (out / "mine.txt").write_text("x")
+    refused = runner.invoke(app, ["evaluate-set", str(sets["hf"]), "--data", str(data), "--out", str(out)])
+    assert_one_error_line(refused, "mine.txt")
+
+
+def test_near_copies_are_counted_against_real_test_images():
+    rng = np.random.default_rng(0)
+    train, test = rng.random((500, 32)), rng.random((200, 32))
+    copies = quality.near_copies(train[:50] + 1e-4, test, train, percentile=1.0)
+    assert copies["fraction"] == 1.0 and copies["fraction_real"] == pytest.approx(0.01, abs=0.006)
+    fresh = quality.near_copies(rng.random((200, 32)), test, train, percentile=1.0)
+    assert fresh["fraction"] < 0.05
+    d = quality.nearest_distances(np.array([[0.0, 0.0], [3.0, 4.0]]), np.array([[0.0, 1.0], [3.0, 0.0]]))
+    assert d.tolist() == pytest.approx([1.0, 4.0])
+
+
+def test_mistakes_are_one_line(judged, tmp_path):
+    data, sets = judged
+    bare = tmp_path / "bare"
+    shutil.copytree(data, bare, ignore=shutil.ignore_patterns("classifier"))
+    cases = [
+        (["evaluate-set", str(sets["png"]), "--data", str(bare)], "no judge classifier"),
+        (["evaluate-set", str(tmp_path), "--data", str(data)], "not a generated set"),
+        (["evaluate-set", str(sets["png"]), "--data", str(data), "--limit", "5"], "--limit"),
+        (["evaluate-set", str(sets["png"]), "--data", str(data), "--copy-percentile", "80"], "--copy-percentile"),
+    ]
+    for args, words in cases:
+        assert_one_error_line(runner.invoke(app, args), words)
+    assert not (tmp_path / "q").exists()

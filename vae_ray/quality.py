@@ -1,0 +1,305 @@
+"""`vae-ray evaluate-set`: what a generated set is worth, measured against real data.
+
+    vae-ray evaluate-set GEN --data REAL [--out DIR]
+
+GEN is any set `vae-ray generate` wrote (PNG, Parquet, NPZ or Hugging Face
+Parquet; local or s3://). It is verified against its manifest (every
+checksum) before an image is read. REAL is the prepared dataset the model
+learnt from; its judge classifier (`vae-ray classifier train`) supplies the
+feature space. The figures, each beside the same figure for real images
+where one exists:
+
+- Frechet distance to the real test images in the judge's features, and
+  between real train and real test images (`fd_real`): their ratio says how
+  far the set is from "as good as more real data";
+- precision and recall (Kynkaanniemi et al. 2019): how much of the set looks
+  real, and how much of the real variety the set covers;
+- Inception Score in the judge's features (set and real test);
+- near-copies: each generated image's distance to its nearest training
+  image, in pixels and in judge features, against the distances of the real
+  test images to the training set. An image closer than 99% of real test
+  images are (`--copy-percentile 1`) is a near-copy; real test images have 1%
+  of them by construction, so a set with more copies the training data;
+- for labelled sets, TSTR: a fresh classifier of the judge's architecture
+  trained on the set alone and scored on the real test split, against the
+  same classifier trained on as many real training images (TRTR), and the
+  mixing curve: real:synthetic training mixes from all real to all synthetic
+  (each classifier trains for `--steps` batches of 128, 450 by default: the
+  judge's 3 epochs of 20,000 images).
+
+The classifiers of TSTR and the mixing curve are trained with a seed other
+than the judge's, so the figures never reward a set for pleasing the judge.
+With `--out DIR`, DIR/quality.json holds the figures and DIR/samples.png
+(DIR/samples_per_class.png for labelled sets) the set's first images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import judge, storage
+from .errors import UserError
+
+MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the synthetic share of the training images
+MAX_IMAGES = 1_000_000
+STEPS = 450  # optimizer steps of each TSTR/TRTR classifier: the judge's 3 epochs of 20,000 images
+
+
+# ---------------------------------------------------------------------------
+# Reading a generated set back
+# ---------------------------------------------------------------------------
+def read_generated(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A finished set's images (uint8 NHWC), labels (-1 where the set has
+    none) and manifest, verified file by file against the manifest first."""
+    from .generate import read_set, shard_files, verify
+
+    root = storage.check_uri(uri)
+    verify(root)  # complete, nothing foreign, every shard's checksum
+    manifest, layout = read_set(root)
+    shape = tuple(manifest["dataset"]["shape"])
+    images, labels, taken = [], [], 0
+    for entry in sorted(manifest["shards"], key=lambda e: e["shard"]):
+        if limit is not None and taken >= limit:
+            break
+        start, end = layout.plan.shard_range(entry["shard"])
+        names = shard_files(layout.plan, entry["shard"], list(layout.folders))
+        blobs = [storage.read_bytes(storage.join(root, name)) for name in names]
+        part = _decode_shard(layout.plan.format, blobs, shape)
+        if len(part) != end - start:
+            raise UserError(f"{uri}: shard {entry['shard']} holds {len(part)} images, not {end - start}")
+        images.append(part)
+        labels.append(np.array([layout.label_of(i) for i in range(start, end)], dtype=np.int64))
+        taken += len(part)
+    if not images:
+        raise UserError(f"{uri}: the set holds no images")
+    images_all, labels_all = np.concatenate(images), np.concatenate(labels)
+    if limit is not None:
+        images_all, labels_all = images_all[:limit], labels_all[:limit]
+    return images_all, labels_all, manifest
+
+
+def _decode_shard(fmt: str, blobs: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    from PIL import Image
+
+    def png(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as img:
+            array = np.asarray(img.convert("L" if shape[2] == 1 else "RGB"), dtype=np.uint8)
+        return array.reshape(shape)
+
+    if fmt == "png":
+        return np.stack([png(b) for b in blobs])
+    if fmt == "npz":
+        with np.load(io.BytesIO(blobs[0]), allow_pickle=False) as held:
+            return np.asarray(held["images"], dtype=np.uint8).reshape(-1, *shape)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(blobs[0]), columns=["image"])
+    if fmt == "hf":
+        return np.stack([png(cell["bytes"]) for cell in table.column("image").to_pylist()])
+    from .data import decode_images
+
+    return decode_images(table.column("image"), shape).copy()
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+def nearest_distances(queries: np.ndarray, references: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Each query row's Euclidean distance to its nearest reference row."""
+    refs = torch.from_numpy(np.ascontiguousarray(references, dtype=np.float32))
+    out = []
+    for start in range(0, len(queries), chunk):
+        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + chunk], dtype=np.float32))
+        best = torch.full((len(q),), float("inf"))
+        for r0 in range(0, len(refs), 8192):
+            best = torch.minimum(best, torch.cdist(q, refs[r0 : r0 + 8192]).min(dim=1).values)
+        out.append(best)
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def near_copies(fake: np.ndarray, test: np.ndarray, train: np.ndarray, percentile: float) -> dict[str, float]:
+    """How close the set sits to the training data, against real test images:
+    the threshold is the `percentile`-th percentile of the test images'
+    nearest-training distances, and a near-copy is a generated image closer
+    than that (real test images: `percentile`% by construction)."""
+    d_fake, d_test = nearest_distances(fake, train), nearest_distances(test, train)
+    threshold = float(np.percentile(d_test, percentile))
+    return {
+        "threshold": threshold,
+        "fraction": float(np.mean(d_fake < threshold)),
+        "fraction_real": float(np.mean(d_test < threshold)),
+        "median_distance": float(np.median(d_fake)),
+        "median_distance_real": float(np.median(d_test)),
+    }
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def evaluate_set(
+    gen: str,
+    data: str,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    copy_percentile: float = 1.0,
+    tstr: bool = True,
+    mixing: bool = True,
+    steps: int = STEPS,
+    out: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    from .data import dataset_read_lock, read_arrays, read_meta
+    from .metrics import frechet_distance, inception_score, precision_recall
+
+    check_options(limit, seed, copy_percentile, steps)
+    if out:  # refused before an hour of work, and again under its lock before the write
+        from .generate import check_destination
+
+        check_destination(storage.check_uri(out), _not_quality_files, WHAT)
+    say = progress or (lambda *_: None)
+    started = time.time()
+    meta = read_meta(data)
+    with dataset_read_lock(data):
+        found = judge.load(data, meta)
+        if found is None:
+            raise UserError(f"{data}: no judge classifier; run `vae-ray classifier train --data {data}` first")
+        model, info = found
+        say("reading the set", 0, 1)
+        fake, fake_labels, manifest = read_generated(gen, limit)
+        if list(fake.shape[1:]) != list(meta["shape"]):
+            raise UserError(f"{gen}: images are {fake.shape[1:]} but {data} holds {tuple(meta['shape'])}")
+        test, test_labels = read_arrays(data, "test", meta=meta)
+        train, train_labels = read_arrays(data, "train", meta=meta)
+    n = len(fake)
+    rng = np.random.default_rng(seed)
+    test_pick = rng.choice(len(test), min(n, len(test)), replace=False)
+    train_pick = rng.choice(len(train), min(n, len(train)), replace=False)
+    say("judge features", 0, 3)
+    f_fake, p_fake = judge.features_and_probs(model, fake)
+    f_test, p_test = judge.features_and_probs(model, test[test_pick])
+    f_train_n, _ = judge.features_and_probs(model, train[train_pick])
+    say("judge features", 3, 3)
+    precision, recall = precision_recall(f_test, f_fake, k=3)
+    precision_real, recall_real = precision_recall(f_test, f_train_n, k=3)
+    fd, fd_real = frechet_distance(f_fake, f_test), frechet_distance(f_train_n, f_test)
+    result: dict[str, Any] = {
+        "set": storage.check_uri(gen),
+        "data": meta["root"],
+        "images": n,
+        "checkpoint": manifest.get("checkpoint"),
+        "fd": fd,
+        "fd_real": fd_real,
+        "fd_ratio": fd / fd_real if fd_real > 0 else None,
+        "precision": precision,
+        "recall": recall,
+        "precision_real": precision_real,
+        "recall_real": recall_real,
+        "inception_score": inception_score(p_fake),
+        "inception_score_real": inception_score(p_test),
+        "judge": f"{info['dataset']} classifier, test accuracy {info['test_accuracy']:.4f}",
+    }
+    say("near-copies", 0, 2)
+    f_train_all, _ = judge.features_and_probs(model, train)
+    result["near_copies_pixels"] = near_copies(_flat(fake), _flat(test[test_pick]), _flat(train), copy_percentile)
+    say("near-copies", 1, 2)
+    result["near_copies_features"] = near_copies(f_fake, f_test, f_train_all, copy_percentile)
+    result["copy_percentile"] = copy_percentile
+    say("near-copies", 2, 2)
+    labelled = bool((fake_labels >= 0).all()) and meta["num_classes"] > 1
+    result["tstr_accuracy"] = result["trtr_accuracy"] = result["tstr_ratio"] = None
+    result["mixing"] = None
+    if tstr and labelled:
+        result.update(
+            _train_on_synthetic(
+                fake, fake_labels, train, train_labels, train_pick, test, test_labels, meta, seed, steps, mixing, say
+            )
+        )
+    elif tstr:
+        result["tstr_note"] = "the set has no labels (a class-conditional model's set has)"
+    result["seconds"] = round(time.time() - started, 1)
+    if out:
+        _write(out, result, fake, fake_labels, meta)
+        result["out"] = storage.check_uri(out)
+    return result
+
+
+def _train_on_synthetic(
+    fake, fake_labels, train, train_labels, train_pick, test, test_labels, meta, seed, steps, mixing, say
+) -> dict[str, Any]:
+    """TSTR, TRTR at the same size, and the mixing curve. Classifiers get the
+    seed `seed + 1`: never the judge's own (0 by default)."""
+    n, classes = len(fake), meta["num_classes"]
+    real, real_labels = train[train_pick], train_labels[train_pick]
+    shares = MIXES if mixing else (0.0, 1.0)
+    # A number of steps, not epochs: a small set's classifiers see it more
+    # often, or TRTR itself would be an undertrained figure.
+    epochs = math.ceil(steps * judge.BATCH / n)
+    curve = []
+    for step, share in enumerate(shares):
+        say("train on mixes" if mixing else "train on synthetic", step, len(shares))
+        k = int(round(share * n))
+        images = np.concatenate([fake[:k], real[: n - k]])
+        labels = np.concatenate([fake_labels[:k], real_labels[: n - k]])
+        model = judge.fit(images, labels, classes, epochs=epochs, seed=seed + 1)
+        curve.append({"synthetic_share": share, "accuracy": judge.accuracy(model, test, test_labels)})
+    say("train on synthetic", len(shares), len(shares))
+    trtr, tstr = curve[0]["accuracy"], curve[-1]["accuracy"]
+    return {
+        "tstr_accuracy": tstr,
+        "trtr_accuracy": trtr,
+        "tstr_ratio": tstr / trtr if trtr > 0 else None,
+        "mixing": curve if mixing else None,
+        "classifier_epochs": epochs,
+    }
+
+
+def _write(out: str, result: dict[str, Any], fake: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """OUT/quality.json and the set's first images, as a whole-folder output."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .generate import check_destination, publish_folder, settle_swap
+    from .plots import save_grid
+
+    target = storage.check_uri(out)
+    with storage.Lock(target, "vae-ray evaluate-set"), tempfile.TemporaryDirectory() as tmp:
+        settle_swap(target, _not_quality_files)
+        check_destination(target, _not_quality_files, WHAT)
+        folder = Path(tmp) / "quality"
+        folder.mkdir()
+        (folder / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_grid(fake[:64], folder / "samples.png", cols=8)
+        if (labels >= 0).all() and meta["num_classes"] > 1:
+            rows = [np.flatnonzero(labels == k)[:8] for k in range(min(meta["num_classes"], 20))]
+            picks = np.concatenate([r for r in rows if len(r)])
+            save_grid(fake[picks], folder / "samples_per_class.png", cols=8)
+        publish_folder(folder, target)
+
+
+WHAT = "a vae-ray set evaluation"
+OUT_FILES = frozenset({"quality.json", "samples.png", "samples_per_class.png"})
+
+
+def _not_quality_files(uri: str) -> list[str]:
+    return storage.foreign_leaves(uri, OUT_FILES.__contains__)
+
+
+def check_options(limit: int | None, seed: int, copy_percentile: float, steps: int) -> None:
+    if limit is not None and not 100 <= limit <= MAX_IMAGES:
+        raise UserError(f"--limit must be between 100 and {MAX_IMAGES} (got {limit})")
+    if not 0 <= seed < 2**31:
+        raise UserError(f"--seed must be between 0 and {2**31 - 1} (got {seed})")
+    if not 0 < copy_percentile < 50:
+        raise UserError(f"--copy-percentile must be between 0 and 50 (got {copy_percentile})")
+    if not 10 <= steps <= 1_000_000:
+        raise UserError(f"--steps must be between 10 and 1000000 (got {steps})")
