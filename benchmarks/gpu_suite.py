@@ -75,6 +75,8 @@ def main() -> None:
                 str(out / "work" / "mnist-run"),
                 "--epochs",
                 str(sizes["train_epochs"]),
+                "--loss",
+                "matlab",  # the figures before the bernoulli default, in the same unit
                 "--batch-size",
                 "512",
                 "--lr",

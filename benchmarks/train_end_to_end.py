@@ -66,6 +66,8 @@ def main() -> None:
                 str(work / f"run{run}"),
                 "--epochs",
                 str(args.epochs),
+                "--loss",
+                "matlab",  # the plain loop's loss (the default for grey images is bernoulli)
             ]
             if run % 2 == 0:
                 plain, ours = timed(plain_cmd), timed(ours_cmd)

@@ -50,7 +50,7 @@ def test_a_finished_run_leaves_its_files_and_a_rerun_changes_nothing(trained_run
     assert not (run / "ray-logs").exists()  # Ray's logs are kept only when a run fails
     assert history[0]["ingest"] == "memory" and history[0]["test_images"] == 512
     loaded = ckpt.load(run)
-    assert loaded.config.arch == "mnist" and loaded.config.loss == "matlab" and loaded.state["epoch"] == 2
+    assert loaded.config.arch == "mnist" and loaded.config.loss == "bernoulli" and loaded.state["epoch"] == 2
     assert loaded.config.lr_schedule == "onecycle" and loaded.config.cpus_per_worker >= 1  # auto, resolved
 
     # The same command again finds the run complete and changes nothing ...

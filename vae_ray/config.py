@@ -133,7 +133,7 @@ class TrainConfig:
     loss: str = setting(
         "auto",
         "matlab (0.5*SSE + KL), bernoulli (BCE + KL), gaussian (learned variance), "
-        "logistic (discretised logistic for 8-bit data, bits/dim); auto = matlab for 1 channel, "
+        "logistic (discretised logistic for 8-bit data, bits/dim); auto = bernoulli for 1 channel, "
         "gaussian otherwise.",
         "Loss",
         choices=LOSSES,
