@@ -44,11 +44,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--num", type=int, default=20_000)
     parser.add_argument("--limit", type=int, help="prepare only the first N images of each split")
-    parser.add_argument("--keep", help="keep the work folders here")
+    parser.add_argument("--keep", help="keep the work folders here (and reuse its dataset and judge)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
-        data, run_dir, gen = work / "mnist", work / "run", work / "gen"
+        # One dataset and judge for every recipe kept in the same folder (prepare and classifier
+        # train find theirs complete); a run and a set per recipe.
+        recipe = f"{args.arch}-{args.loss}-{args.epochs}"
+        data, run_dir, gen = work / "mnist", work / f"run-{recipe}", work / f"gen-{recipe}-{args.num}"
         limit = ["--limit", str(args.limit)] if args.limit else []
         run("data", "prepare", "mnist", "--source", args.source or mnist_source(), "--out", str(data), *limit)
         run("classifier", "train", "--data", str(data))
