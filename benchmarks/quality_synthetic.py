@@ -54,7 +54,8 @@ def main() -> None:
         data, run_dir, gen = work / "mnist", work / f"run-{recipe}", work / f"gen-{recipe}-{args.num}"
         limit = ["--limit", str(args.limit)] if args.limit else []
         run("data", "prepare", "mnist", "--source", args.source or mnist_source(), "--out", str(data), *limit)
-        run("classifier", "train", "--data", str(data))
+        if not (data / "classifier" / "info.json").is_file():  # a kept folder's judge is reused
+            run("classifier", "train", "--data", str(data))
         train_s = run(
             "train",
             "--data",
