@@ -93,13 +93,12 @@ def choose_loss(shape: tuple[int, int, int] | list[int]) -> str:
     """`--loss auto`: Bernoulli for grey images, a learned-scale Gaussian for colour.
 
     Grey images were the MATLAB example's loss (0.5 * SSE, a unit-variance
-    Gaussian) until measured against real data: with it, the 10-epoch
-    conditional MNIST model's 20,000 samples covered 4.5% of the real images'
-    variety (recall 0.045) and trained a classifier to 0.965 of real data's
-    accuracy; the same network and recipe with Bernoulli: recall 0.735, 0.984
-    (docs/benchmarks.md, "Synthetic sets"). A unit variance is far wider than
-    pixel noise, so the decoder learns to average and the KL term to collapse
-    latent units. `--loss matlab` keeps the seed's loss and its figures."""
+    Gaussian) until measured against real data: the 10-epoch conditional
+    MNIST model's 20,000 samples had recall 0.003 and trained a classifier to
+    0.574 of real data's accuracy; the same network and recipe with
+    Bernoulli: recall 0.474, 0.938 (docs/benchmarks.md, "Synthetic sets"). A
+    unit variance is far wider than pixel noise, so the decoder learns to
+    average. `--loss matlab` keeps the seed's loss and its figures."""
     return "bernoulli" if shape[2] == 1 else "gaussian"
 
 
