@@ -151,6 +151,12 @@ def test_export_keeps_to_its_own_folders(run, tmp_path):
         runner.invoke(app, ["export", str(run), "--out", str(out)]), "not an exported vae-ray model", "notes.txt"
     )
     assert (out / "notes.txt").read_text() == "mine"
+    # Names alone prove nothing: a folder of the user's own README.md is not an earlier export.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("# my notes")
+    assert_one_error_line(runner.invoke(app, ["export", str(run), "--out", str(notes)]), "README.md")
+    assert (notes / "README.md").read_text() == "# my notes"
     assert_one_error_line(runner.invoke(app, ["export", str(run), "--out", str(run / "x")]), "inside the run")
     assert_one_error_line(
         runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "e2"), "--repo", "../etc"]), "hf://ORG/NAME"

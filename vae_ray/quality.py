@@ -186,7 +186,8 @@ def evaluate_set(
     say("judge features", 0, 3)
     f_fake, p_fake = judge.features_and_probs(model, fake)
     f_test, p_test = judge.features_and_probs(model, test[test_pick])
-    f_train_n, _ = judge.features_and_probs(model, train[train_pick])
+    f_train_all, _ = judge.features_and_probs(model, train)  # once: the sample here, every image for near-copies
+    f_train_n = f_train_all[train_pick]
     say("judge features", 3, 3)
     precision, recall = precision_recall(f_test, f_fake, k=3)
     precision_real, recall_real = precision_recall(f_test, f_train_n, k=3)
@@ -208,7 +209,6 @@ def evaluate_set(
         "judge": f"{info['dataset']} classifier, test accuracy {info['test_accuracy']:.4f}",
     }
     say("near-copies", 0, 2)
-    f_train_all, _ = judge.features_and_probs(model, train)
     result["near_copies_pixels"] = near_copies(_flat(fake), _flat(test[test_pick]), _flat(train), copy_percentile)
     say("near-copies", 1, 2)
     result["near_copies_features"] = near_copies(f_fake, f_test, f_train_all, copy_percentile)
@@ -291,7 +291,9 @@ OUT_FILES = frozenset({"quality.json", "samples.png", "samples_per_class.png"})
 
 
 def _not_quality_files(uri: str) -> list[str]:
-    return storage.foreign_leaves(uri, OUT_FILES.__contains__)
+    from .hub import unproven
+
+    return storage.foreign_leaves(uri, OUT_FILES.__contains__) or unproven(uri, "quality.json", "fd_ratio")
 
 
 def check_options(limit: int | None, seed: int, copy_percentile: float, steps: int) -> None:
