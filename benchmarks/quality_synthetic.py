@@ -3,6 +3,7 @@
     python benchmarks/quality_synthetic.py                           # --loss bernoulli, 10 epochs, 20,000 images
     python benchmarks/quality_synthetic.py --loss matlab             # the MATLAB example's loss
     python benchmarks/quality_synthetic.py --epochs 2 --num 2000 --limit 6000   # a quick look
+    python benchmarks/quality_synthetic.py --arch hvae --min-confidence 0.9     # the README's recipe
 
 Runs, as a user would:
     vae-ray data prepare mnist --source ../shared/data/mnist --out D
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--num", type=int, default=20_000)
     parser.add_argument("--limit", type=int, help="prepare only the first N images of each split")
+    parser.add_argument("--temperature", type=float, default=1.0, help="generate --temperature")
+    parser.add_argument("--min-confidence", type=float, default=0.0, help="generate --min-confidence (judge seed 1)")
+    parser.add_argument("--max-copy-distance", default="0", help="generate --max-copy-distance")
     parser.add_argument("--keep", help="keep the work folders here (and reuse its dataset and judge)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,11 +55,19 @@ def main() -> None:
         # One dataset and judge for every recipe kept in the same folder (prepare and classifier
         # train find theirs complete); a run and a set per recipe.
         recipe = f"{args.arch}-{args.loss}-{args.epochs}"
-        data, run_dir, gen = work / "mnist", work / f"run-{recipe}", work / f"gen-{recipe}-{args.num}"
+        sampling = [
+            *(["--temperature", str(args.temperature)] if args.temperature != 1.0 else []),
+            *(["--min-confidence", str(args.min_confidence)] if args.min_confidence else []),
+            *(["--max-copy-distance", args.max_copy_distance] if args.max_copy_distance != "0" else []),
+        ]
+        suffix = "".join(sampling).replace("--", "-")
+        data, run_dir, gen = work / "mnist", work / f"run-{recipe}", work / f"gen-{recipe}-{args.num}{suffix}"
         limit = ["--limit", str(args.limit)] if args.limit else []
         run("data", "prepare", "mnist", "--source", args.source or mnist_source(), "--out", str(data), *limit)
         if not (data / "classifier" / "info.json").is_file():  # a kept folder's judge is reused
             run("classifier", "train", "--data", str(data))
+        if args.min_confidence and not (data / "classifier" / "seed-1" / "info.json").is_file():
+            run("classifier", "train", "--data", str(data), "--seed", "1")  # the filter's judge: not the scorer
         train_s = run(
             "train",
             "--data",
@@ -71,7 +83,16 @@ def main() -> None:
             args.loss,
         )
         gen_s = run(
-            "generate", str(run_dir), "--num", str(args.num), "--per-class", "--format", "hf", "--out", str(gen)
+            "generate",
+            str(run_dir),
+            "--num",
+            str(args.num),
+            "--per-class",
+            "--format",
+            "hf",
+            "--out",
+            str(gen),
+            *sampling,
         )
         done = subprocess.run(
             [EXE, "evaluate-set", str(gen), "--data", str(data), "--json"], check=True, capture_output=True, text=True
@@ -79,8 +100,13 @@ def main() -> None:
         figures = json.loads(done.stdout)
     print(
         f"recipe: --arch {args.arch} --loss {args.loss}, {args.epochs} epochs (train {train_s:.0f} s), "
-        f"{args.num:,} images (generate {gen_s:.0f} s), evaluate-set {figures['seconds']:.0f} s"
+        f"{args.num:,} images (generate {gen_s:.0f} s{', ' + ' '.join(sampling) if sampling else ''}), "
+        f"evaluate-set {figures['seconds']:.0f} s"
     )
+    if figures.get("filter"):
+        print(
+            f"filter: {figures['filter']['acceptance_rate']:.1%} of {figures['filter']['candidates']:,} candidates kept"
+        )
     rows = [
         (
             "TSTR / TRTR",

@@ -91,8 +91,8 @@ def test_train_help_shows_every_setting_with_its_default_in_panels():
         assert flag_of(f.name) in result.output, f.name
     for panel in ("Data", "Model", "Loss", "Optimisation", "Scale", "Tracking", "Cluster"):
         assert f"─ {panel} " in result.output, panel
-    assert "[default: 16]" in result.output and "<auto|mnist|cifar>" in result.output
-    assert "by network: 32 mnist, 128 cifar" in result.output  # what auto means
+    assert "[default: 16]" in result.output and "<auto|mnist|hvae|cifar>" in result.output
+    assert "by network: 32 mnist, 64 hvae, 128 cifar" in result.output  # what auto means
     assert "vae_ray/trainer.py" in result.output and "Exit status" in result.output  # one hop to the code
 
 

@@ -1,6 +1,7 @@
 """Bulk generation on the shared local cluster: counts, determinism,
 exactly-once restarts, formats, S3, class-conditional layouts, errors."""
 
+import io
 import json
 import os
 import signal
@@ -282,3 +283,129 @@ def test_hugging_face_sets_load_with_datasets_and_prepare_back(conditional_run, 
     back = prepare("imagefolder", tmp_path / "back", str(out), test_fraction=0.25)
     assert back["classes"] == [str(k) for k in range(10)] and back["shape"] == [28, 28, 1]
     assert back["splits"]["train"]["count"] + back["splits"]["test"]["count"] == 40
+
+
+def _by_index(root: Path) -> dict[int, bytes]:
+    return {int(p.stem): p.read_bytes() for p in root.rglob("*.png")}
+
+
+def test_a_filtered_set_keeps_confident_images_exactly_once(ray_cluster, conditional_run, tiny_data, tmp_path):
+    """--min-confidence: a judge of seed 1 (kept apart from the evaluation
+    judge), candidates keyed by index, the same bytes from actors, from this
+    process and after a resume; every image passes or is counted."""
+    import shutil
+
+    from vae_ray import judge as judges
+    from vae_ray.data import read_meta
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    runner = CliRunner()
+    cli = ["generate", str(conditional_run), "--num", "60", "--min-confidence", "0.3", "--data", str(data)]
+    missing = runner.invoke(app, [*cli, "--out", str(tmp_path / "none")])
+    assert_one_error_line(missing, "classifier train --data")
+    assert not (tmp_path / "none").exists()
+    trained = runner.invoke(app, ["classifier", "train", "--data", str(data), "--seed", "1", "--epochs", "1"])
+    assert trained.exit_code == 0, trained.output
+    assert (data / "classifier" / "seed-1" / "model.pt").is_file() and not (data / "classifier" / "model.pt").exists()
+    judge, _ = judges.load(str(data), read_meta(data), seed=1)
+
+    def label_probability(images: dict[int, bytes]) -> np.ndarray:
+        order = sorted(images)
+        pixels = np.stack([np.asarray(Image.open(io.BytesIO(images[i])))[..., None] for i in order])
+        return judges.features_and_probs(judge, pixels)[1][np.arange(len(order)), np.array(order) % 10]
+
+    plain = generate(str(conditional_run), 60, str(tmp_path / "plain"), shard_size=60)
+    assert "filter" not in plain
+    first = label_probability(_by_index(tmp_path / "plain"))
+    threshold = float(np.median(first))  # about half the first candidates pass
+    options = dict(per_class=True, min_confidence=threshold, data=str(data))
+    filtered = generate(str(conditional_run), 60, str(tmp_path / "f"), shard_size=20, actors=2, **options)
+    found = filtered["filter"]
+    assert found["min_confidence"] == threshold and found["judge_sha256"] == judges.weights_digest(str(data), 1)
+    assert 60 < found["candidates"] <= 60 * found["max_candidates"]
+    assert found["acceptance_rate"] == round(60 / found["candidates"], 6)
+    kept = _by_index(tmp_path / "f")
+    assert sorted(kept) == list(range(60))
+    passed = label_probability(kept) >= threshold
+    assert int((~passed).sum()) == found["unmet"] < 60
+    # An image whose first candidate passed is the unfiltered set's image; the others were redrawn.
+    plain_images = _by_index(tmp_path / "plain")
+    assert all(kept[i] == plain_images[i] for i in np.flatnonzero(first >= threshold))
+    assert any(kept[i] != plain_images[i] for i in np.flatnonzero(first < threshold))
+    # In this process, one shard: the same images, the same counts.
+    single = generate(str(conditional_run), 60, str(tmp_path / "one"), shard_size=60, **options)
+    assert _by_index(tmp_path / "one") == kept and single["filter"]["candidates"] == found["candidates"]
+    verify(str(tmp_path / "f"))
+
+    # A run cut short after shards 0 and 2 (their markers written), resumed: the same bytes and counts.
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "f", cut)
+    manifest = json.loads((cut / MANIFEST).read_text())
+    (cut / ".progress").mkdir()
+    for entry in manifest["shards"]:
+        if entry["shard"] != 1:
+            (cut / ".progress" / f"{entry['shard']:05d}.json").write_text(json.dumps(entry))
+    for folder in cut.glob("*/00001"):
+        shutil.rmtree(folder)
+    running = {k: v for k, v in manifest.items() if k not in ("shards", "seconds", "path")} | {"status": "running"}
+    running["filter"] = {"min_confidence": threshold, "judge_sha256": found["judge_sha256"]}
+    (cut / MANIFEST).write_text(json.dumps(running))
+    resumed = generate(str(conditional_run), 60, str(cut), shard_size=20, actors=1, **options)
+    assert _by_index(cut) == kept and resumed["filter"] == found and resumed["shards"] == filtered["shards"]
+    assert json.loads((cut / MANIFEST).read_text())["status"] == "complete"
+
+
+def test_near_copies_of_the_training_split_are_redrawn(ray_cluster, model_run, tiny_data, tmp_path):
+    """--max-copy-distance: every kept image is farther than the threshold
+    from every training image, or counted; `auto` is the 1st percentile of
+    real test images' distances to the training split."""
+    from vae_ray.data import read_arrays
+    from vae_ray.quality import nearest_distances
+
+    train = read_arrays(tiny_data, "train")[0]
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
+
+    def distances(root: Path) -> np.ndarray:
+        images = _by_index(root)
+        return nearest_distances(
+            flat(np.stack([np.asarray(Image.open(io.BytesIO(images[i]))) for i in sorted(images)])), flat(train)
+        )
+
+    generate(str(model_run), 40, str(tmp_path / "plain"), shard_size=40)
+    first = distances(tmp_path / "plain")
+    threshold = float(np.median(first))
+    made = generate(
+        str(model_run), 40, str(tmp_path / "far"), shard_size=40, max_copy_distance=threshold, data=str(tiny_data)
+    )
+    found = made["filter"]
+    assert found["max_copy_distance"] == round(threshold, 6) and found["min_confidence"] == 0
+    kept = distances(tmp_path / "far")
+    assert int((kept <= found["max_copy_distance"]).sum()) == found["unmet"] < 40
+    assert found["copies_dropped"] >= int((first <= found["max_copy_distance"]).sum()) > 0
+    card = generate(
+        str(model_run), 40, str(tmp_path / "hf"), fmt="hf", shard_size=40, max_copy_distance="auto", data=str(tiny_data)
+    )
+    test = read_arrays(tiny_data, "test")[0]
+    expected = float(np.percentile(nearest_distances(flat(test), flat(train)), 1.0))
+    assert card["filter"]["max_copy_distance"] == pytest.approx(expected, abs=1e-5)
+    assert "near-copies" in (tmp_path / "hf" / "README.md").read_text()
+    refused = CliRunner().invoke(
+        app, ["generate", str(model_run), "--out", str(tmp_path / "x"), "--max-copy-distance", "near"]
+    )
+    assert_one_error_line(refused, "--max-copy-distance must be auto or a number")
+
+
+def test_a_set_written_before_filters_existed_is_still_this_set(model_run, tmp_path):
+    """A manifest of an earlier version holds no filter fields: the same
+    command finds its set complete (no rewrite, no 'different run')."""
+    from vae_ray.generate import FILTER_FIELDS
+
+    out = tmp_path / "set"
+    generate(str(model_run), 30, str(out), shard_size=30)
+    manifest = json.loads((out / MANIFEST).read_text())
+    for name in FILTER_FIELDS:
+        del manifest["plan"][name]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    again = generate(str(model_run), 30, str(out), shard_size=30)
+    assert again["already_complete"]

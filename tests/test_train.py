@@ -191,34 +191,33 @@ def test_impossible_runs_exit_2(ray_cluster, tiny_data, tmp_path):
     assert greedy.exit_code == 2 and "need 16 CPUs" in greedy.output
 
 
-def test_conditional_training_feeds_per_class_generation(ray_cluster, tiny_data, tmp_path):
+def test_hierarchical_conditional_training_on_two_ranks_feeds_per_class_generation(ray_cluster, tiny_data, tmp_path):
+    """--arch hvae under DDP on two ranks, conditional; its flat z is what
+    generate draws (the same bytes twice), evaluate's sequential posterior
+    scores it, and a resume keeps its sizes."""
     runner = CliRunner()
-    trained = runner.invoke(
-        app,
-        [
-            "train",
-            "--data",
-            str(tiny_data),
-            "--out",
-            str(tmp_path / "run"),
-            "--epochs",
-            "1",
-            "--latent-dim",
-            "4",
-            "--batch-size",
-            "64",
-            "--conditional",
-            "--json",
-        ],
-    )
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--out", str(run), "--latent-dim", "4", "--batch-size", "64", "--json"]
+    shape = ["--arch", "hvae", "--width", "16", "--depth", "1", "--conditional", "--workers", "2"]
+    trained = runner.invoke(app, ["train", *args, *shape, "--epochs", "1", "--cpus-per-worker", "1"])
     assert trained.exit_code == 0, trained.output
-    assert ckpt.load(tmp_path / "run").model.num_classes == 10
-    made = runner.invoke(
-        app, ["generate", str(tmp_path / "run"), "--num", "40", "--per-class", "--out", str(tmp_path / "set")]
-    )
-    assert made.exit_code == 0, made.output
-    counts = sorted(len(list(d.rglob("*.png"))) for d in (tmp_path / "set").iterdir() if d.is_dir())
-    assert counts == [4] * 10
+    loaded = ckpt.load(run)
+    assert (loaded.model.arch, loaded.model.num_classes, loaded.model.latent_dim) == ("hvae", 10, 4 + 196 + 392)
+    assert (loaded.config.width, loaded.config.depth) == (16, 1)
+    assert read_history(run)[0]["workers"] == 2
+    resized = runner.invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "2", "--width", "32"])
+    assert resized.exit_code == 2 and "keeps the run's width" in resized.output
+    sets = []
+    for name in ("set", "again"):
+        made = runner.invoke(app, ["generate", str(run), "--num", "40", "--per-class", "--out", str(tmp_path / name)])
+        assert made.exit_code == 0, made.output
+        sets.append({p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name).rglob("*.png")})
+    assert sorted(len([p for p in sets[0] if p.parts[0] == d]) for d in {p.parts[0] for p in sets[0]}) == [4] * 10
+    assert sets[0] == sets[1]
+    scored = runner.invoke(app, ["evaluate", str(run), "--iw-samples", "4", "--limit", "32", "--json"])
+    assert scored.exit_code == 0, scored.output
+    figures = json.loads(scored.output[scored.output.index("{") :])
+    assert 0 < figures["nll_iw_nats"] <= figures["neg_elbo_nats"]
 
 
 KEEP_MEMORY = """

@@ -76,7 +76,8 @@ class Model:
 
     @property
     def latent_dim(self) -> int:
-        return self.spec.latent_dim
+        """Numbers in one latent vector z (for hvae: all its groups, flattened)."""
+        return self.spec.z_dim
 
     # -- the four methods -----------------------------------------------------
     def sample(
@@ -228,7 +229,8 @@ def tune(
 def generate(
     checkpoint: str, *, out: str, num: int, format: str = "png", address: str | None = None, **options: Any
 ) -> dict[str, Any]:
-    """`vae-ray generate`: seed=, temperature=, label=, per_class=, overwrite=, actors=, gpu=, ..."""
+    """`vae-ray generate`: seed=, temperature=, label=, per_class=, overwrite=, actors=, gpu=,
+    min_confidence=, max_copy_distance=, data=, ..."""
     from .generate import Generation
 
     _known(options, Generation, "generate", skip=("checkpoint", "out", "num", "fmt"))

@@ -235,6 +235,8 @@ def _build(cfg: dict[str, Any], dataset: dict[str, Any]) -> VAE:
         cfg["latent_dim"],
         dataset["num_classes"] if cfg["conditional"] else 0,
         cfg["loss"],
+        int(cfg.get("width") or 0),
+        int(cfg.get("depth") or 0),
     )
 
 

@@ -99,7 +99,7 @@ def generate(options: dict[str, Any], *, show: bool = False, address: str | None
     job = generation.Generation(**options)
     with Stages(enabled=show, rate=True) as stages:
         manifest = job.run(address, lambda done, total: stages("generating", done, total))
-    return {k: manifest.get(k) for k in ("count", "seconds", "image_format", "already_complete")} | {
+    return {k: manifest.get(k) for k in ("count", "seconds", "image_format", "already_complete", "filter")} | {
         "out": job.out,
         "path": job.path_taken,
         "checkpoint": describe_checkpoint(options["checkpoint"], job.blob["path"]),
@@ -184,6 +184,8 @@ def validate(spec: dict[str, Any]) -> None:
             label=o.get("label"),
             per_class=o.get("per_class", False),
             actors=o.get("actors"),
+            min_confidence=o.get("min_confidence", 0.0),
+            max_copy_distance=o.get("max_copy_distance", 0.0),
         )
     elif command == "encode":
         from . import encode as encoding

@@ -50,13 +50,14 @@ MAX_CLASSES = 32_767  # labels are stored as int16
 # The only shard names prepare writes; any other name in dataset.json (an
 # absolute path, `..`, a sub-folder, another split's folder) is refused.
 SHARD_NAME = re.compile(r"^(train|test)/part-[0-9]{5,}\.parquet$")
-# Everything prepare, `data show` (preview.png) and the judge (judge.py:
-# classifier/model.pt and info.json) write in a dataset folder; with our
+# Everything prepare, `data show` (preview.png) and the judges (judge.py:
+# classifier/[seed-S/]model.pt and info.json) write in a dataset folder; with our
 # temporary names (storage.is_temp_name) beside them, nothing else may be in
 # a folder that --overwrite replaces.
 OURS = re.compile(
     r"^(?:dataset\.json|preview\.png|(?:train|test)/part-[0-9]{5,}\.parquet"
-    r"|classifier/(?:model\.pt|info\.json)|(?:train|test|classifier)/)$"
+    r"|classifier/(?:seed-[1-9][0-9]{0,9}/)?(?:model\.pt|info\.json)|(?:train|test|classifier)/"
+    r"|classifier/seed-[1-9][0-9]{0,9}/)$"
 )
 
 
@@ -180,7 +181,9 @@ def _check_destination(out: Path, overwrite: bool, existing: dict | None) -> Non
 
 def _written_by_us(rel: str) -> bool:
     folder, _, name = rel.rpartition("/")
-    return bool(OURS.match(rel)) or (folder in ("", "classifier") and storage.is_temp_name(name))
+    return bool(OURS.match(rel)) or (
+        bool(re.fullmatch(r"|classifier(?:/seed-[1-9][0-9]{0,9})?", folder)) and storage.is_temp_name(name)
+    )
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -88,11 +88,12 @@ from .generate import (
 )
 from .generate import foreign_in_set as generated_foreign_in_set
 from .images import to_float
+from .spec import MAX_Z, ModelSpec
 
 FORMAT_ID = "vae-ray-encoded/1"
 BATCH = 256  # images per encoder call, aligned to each shard's start
 MAX_BATCH = 65_536
-MAX_LATENT = 65_536  # bounds what a manifest read back may claim
+MAX_LATENT = MAX_Z  # bounds what a manifest read back may claim
 SPLIT_CHOICES = (*SPLITS, "all")
 PART = re.compile(r"part-([0-9]{5,6})\.parquet")
 MARKER = re.compile(r"([0-9]{5,6})\.json")
@@ -198,7 +199,8 @@ def make_plan(blob: dict[str, Any], meta: dict[str, Any], split: str, batch_size
         raise UserError(f"{meta['root']}: {'the dataset' if split == 'all' else f'split {split!r}'} has no images")
     if len(sources) > MAX_SHARDS:
         raise UserError(f"{meta['root']}: has more than {MAX_SHARDS:,} shards; vae-ray encode writes one part each")
-    return Plan(blob["sha256"], int(blob["config"]["latent_dim"]), batch_size, sources)
+    z_dim = ModelSpec.from_checkpoint(blob["config"], blob["dataset"], blob["path"]).z_dim
+    return Plan(blob["sha256"], z_dim, batch_size, sources)
 
 
 # ---------------------------------------------------------------------------

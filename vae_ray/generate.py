@@ -61,7 +61,7 @@ from .api import callable_module
 from .checkpoint import load_blob, model_from_blob
 from .errors import UserError
 from .formats import encode_pngs, hf_features, hf_parquet_bytes, npz_bytes, parquet_bytes
-from .images import to_uint8
+from .images import to_float, to_uint8
 from .keyed_random import latent_normals
 
 SHARD = 10_000  # images per shard (PNG folder, Parquet/NPZ file)
@@ -73,6 +73,14 @@ MAX_CLASSES = 100_000
 MAX_MANIFEST_BYTES = 64 * 2**20  # a manifest of MAX_SHARDS shards is about 12 MB
 MAX_MARKER_BYTES = 4096
 MAX_TEMPERATURE = 100.0
+MAX_CANDIDATES = 64  # draws per image under --min-confidence; the judge's favourite of them when none passes
+# Candidate r of image i is decoded from the keyed normals of index i + r * CANDIDATE_STRIDE: never
+# another image's (indices stay below MAX_NUM), and candidate 0 is the unfiltered set's image i.
+CANDIDATE_STRIDE = 1 << 30
+FILTER_JUDGE_SEED = 1  # the evaluation judge is seed 0: a set is never judged by the network that filtered it
+MAX_COPY_DISTANCE = 1e4  # pixel L2 in [0, 1] units; 1024x1024x3 images are at most ~1774 apart
+MAX_REFERENCE_BYTES = 4 << 30  # --max-copy-distance holds the training split in every writer
+COPY_PERCENTILE = 1.0  # --max-copy-distance auto: closer than 99% of real test images are
 FORMATS = ("png", "parquet", "npz", "hf")
 FORMAT_ID = "vae-ray-generated/1"
 MANIFEST = "_manifest.json"
@@ -100,6 +108,14 @@ class Plan:
     checkpoint_sha256: str
     shard_size: int = SHARD
     chunk: int = CHUNK  # decode batch; part of the identity, since kernels may round differently
+    min_confidence: float = 0.0  # > 0: keep an image only when the judge gives its label this probability
+    judge_sha256: str = ""  # the filtering judge's weights
+    max_copy_distance: float = 0.0  # > 0: drop an image this close (pixel L2, [0, 1] units) to a training image
+    reference_sha256: str = ""  # the dataset whose training split that is
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.min_confidence or self.max_copy_distance)
 
     @property
     def num_shards(self) -> int:
@@ -110,7 +126,11 @@ class Plan:
         return start, min(start + self.shard_size, self.num)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields_ = asdict(self)
+        if not self.filtered:  # an unfiltered plan keeps the digest it had before filtering existed
+            for name in FILTER_FIELDS:
+                del fields_[name]
+        return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def labels_for(plan: Plan, indices: np.ndarray, num_classes: int) -> np.ndarray:
@@ -188,6 +208,12 @@ class ShardWriter:
         # CPUs (oneDNN's NHWC kernels); every run uses the same kernels, so
         # outputs stay byte-identical.
         self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.judge = _filter_judge(model_blob, self.device) if self.plan.min_confidence else None
+        self.reference = None  # the training split's pixels, for --max-copy-distance
+        if self.plan.max_copy_distance:
+            held = model_blob["reference"]
+            self.reference = torch.from_numpy(held.reshape(len(held), -1)).to(self.device).float().div_(255.0)
+        self.filtered: dict[int, dict[str, int]] = {}  # shard -> candidates, images none passed, copies dropped
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
@@ -201,33 +227,104 @@ class ShardWriter:
             counts.append(n)
             sums.append(checksum)
             seconds.append(time.perf_counter() - started)
-        return {
+        out = {
             "shard": np.array(shards),
             "images": np.array(counts),
             "sha256": np.array(sums),
             "seconds": np.array(seconds),
         }
+        for key in FILTER_KEYS if self.plan.filtered else ():
+            out[key] = np.array([self.filtered[s][key] for s in shards])
+        return out
 
     @torch.no_grad()
-    def decode(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images and labels for indices [start, end), in aligned chunks."""
+    def decode(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 images, labels and candidates drawn for indices [start, end), in aligned chunks."""
         size = self.plan.chunk
         first, last = (start // size) * size, -(-end // size) * size
-        images, labels = [], []
+        images, labels, tries = [], [], []
         for chunk in range(first, last, size):
             idx = np.arange(chunk, chunk + size)
-            z = torch.from_numpy(latent_normals(self.plan.seed, idx, self.model.latent_dim))
-            z = (z * self.plan.temperature).to(self.device)
             lab = labels_for(self.plan, idx, len(self.classes))
             y = torch.from_numpy(lab).to(self.device) if self.model.num_classes else None
-            images.append(to_uint8(self.model.mean_image(self.model.decode(z, y))))
+            drawn = self._draw(idx, y)
+            count, copies = np.ones(len(idx), dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
+            if self.plan.filtered:
+                drawn, count, copies = self._filter(idx, lab, y, drawn)
+            images.append(drawn)
             labels.append(lab)
-        images, labels = np.concatenate(images), np.concatenate(labels)
-        return images[start - first : end - first], labels[start - first : end - first]
+            tries.append(np.stack([count, copies], 1))
+        cut = slice(start - first, end - first)
+        return np.concatenate(images)[cut], np.concatenate(labels)[cut], np.concatenate(tries)[cut]
+
+    def _draw(self, keys: np.ndarray, y: torch.Tensor | None) -> np.ndarray:
+        z = torch.from_numpy(latent_normals(self.plan.seed, keys, self.model.latent_dim))
+        z = (z * self.plan.temperature).to(self.device)
+        return to_uint8(self.model.mean_image(self.model.decode(z, y)))
+
+    def _filter(
+        self, idx: np.ndarray, lab: np.ndarray, y: torch.Tensor | None, drawn: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """--min-confidence and --max-copy-distance: redraw, candidate by
+        candidate, the images the judge does not give their label (an
+        unlabelled set: any class) with at least that probability, and those
+        that close to a training image. Candidate r of image i is keyed by i
+        and r alone and each round redraws the same images for the same
+        chunk, so the result is the same bytes on every run and every resume.
+        An image no candidate passes keeps the one nearest to passing: the set
+        still has exactly --num images, and the manifest counts those.
+        -> (images, candidates per image (negative: none passed), copies dropped per image)."""
+        best, (best_score, copy) = drawn.copy(), self._score(drawn, lab)
+        count, copies = np.ones(len(idx), dtype=np.int64), copy.astype(np.int64)
+        pending = np.flatnonzero(best_score < 1)
+        for r in range(1, MAX_CANDIDATES):
+            if not len(pending):
+                break
+            keys = idx[pending] + np.int64(r * CANDIDATE_STRIDE)
+            images = self._draw(keys, y[torch.from_numpy(pending).to(y.device)] if y is not None else None)
+            score, copy = self._score(images, lab[pending])
+            count[pending] += 1
+            copies[pending] += copy
+            better = score > best_score[pending]
+            best[pending[better]], best_score[pending[better]] = images[better], score[better]
+            pending = pending[score < 1]
+        return best, np.where(best_score >= 1, count, -count), copies
+
+    def _score(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """How far each candidate is from passing, as its worst ratio to a
+        threshold (>= 1: it passes), and whether it is a near-copy."""
+        score = np.full(len(images), np.inf)
+        copy = np.zeros(len(images), dtype=bool)
+        if self.judge is not None:
+            score = np.minimum(score, self._confidence(images, labels) / self.plan.min_confidence)
+        if self.reference is not None:
+            distance = self._nearest_training_distance(images)
+            copy = distance <= self.plan.max_copy_distance
+            # just past the threshold passes: distance / threshold > 1
+            score = np.minimum(score, np.where(copy, distance / self.plan.max_copy_distance, np.inf))
+        return score, copy
+
+    def _nearest_training_distance(self, images: np.ndarray) -> np.ndarray:
+        q = torch.from_numpy(images.reshape(len(images), -1)).to(self.device).float().div_(255.0)
+        best = torch.full((len(q),), float("inf"), device=self.device)
+        for start in range(0, len(self.reference), 8192):
+            best = torch.minimum(best, torch.cdist(q, self.reference[start : start + 8192]).min(dim=1).values)
+        return best.cpu().numpy().astype(np.float64)
+
+    def _confidence(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The judge's probability of each image's label (of its likeliest class when unlabelled)."""
+        probs = torch.softmax(self.judge(to_float(images).to(self.device))[1].float(), dim=1).cpu().numpy()
+        return probs.max(1) if labels[0] < 0 else probs[np.arange(len(labels)), labels]
 
     def write_shard(self, shard: int) -> tuple[int, str]:
         start, end = self.plan.shard_range(shard)
-        images, labels = self.decode(start, end)
+        images, labels, tries = self.decode(start, end)
+        # tries[:, 0] < 0: an image none of its candidates passed (see _filter)
+        self.filtered[shard] = {
+            "candidates": int(np.abs(tries[:, 0]).sum()),
+            "unmet": int((tries[:, 0] < 0).sum()),
+            "copies": int(tries[:, 1].sum()),
+        }
         indices = np.arange(start, end)
         names = shard_files(self.plan, shard, self.folders)
         if self.plan.format == "png":
@@ -250,8 +347,23 @@ class ShardWriter:
             storage.write_bytes(storage.join(self.root, names[0]), blobs[0])
         checksum = digest(blobs)
         marker = {"shard": shard, "images": end - start, "sha256": checksum}
+        if self.plan.filtered:
+            marker |= self.filtered[shard]
         storage.write_bytes(storage.join(self.root, MARKERS, f"{shard:05d}.json"), json.dumps(marker).encode())
         return end - start, checksum
+
+
+FILTER_KEYS = ("candidates", "unmet", "copies")  # a filtered set's per-shard counts (markers and manifest)
+FILTER_FIELDS = ("min_confidence", "judge_sha256", "max_copy_distance", "reference_sha256")  # Plan's, newer
+
+
+def _filter_judge(model_blob: dict[str, Any], device: torch.device):
+    from .judge import Judge
+
+    held = model_blob["judge"]
+    judge = Judge(held["channels"], held["num_classes"])
+    judge.load_state_dict(held["state"])
+    return judge.to(device).eval()
 
 
 def write_folder(root: str, rel: str, files: dict[str, bytes]) -> None:
@@ -306,7 +418,10 @@ def make_plan(
     per_class: bool,
     chunk: int = CHUNK,
     shard_size: int = SHARD,
+    filters: dict[str, Any] | None = None,
 ) -> Plan:
+    """The plan of a run; `filters` holds the Plan's FILTER_FIELDS (resolved by Generation)."""
+    filters = filters or {}
     check_options(
         num=num,
         fmt=fmt,
@@ -316,6 +431,8 @@ def make_plan(
         shard_size=shard_size,
         label=label,
         per_class=per_class,
+        min_confidence=filters.get("min_confidence", 0.0),
+        max_copy_distance=filters.get("max_copy_distance", 0.0),
     )
     classes = blob["dataset"]["classes"]
     if (label is not None or per_class) and not blob["config"]["conditional"]:
@@ -337,6 +454,7 @@ def make_plan(
         checkpoint_sha256=blob["sha256"],
         chunk=chunk,
         shard_size=shard_size,
+        **filters,
     )
 
 
@@ -350,8 +468,18 @@ def check_options(
     label: int | None = None,
     per_class: bool = False,
     actors: int | None = None,
+    min_confidence: float = 0.0,
+    max_copy_distance: float | str = 0.0,
 ) -> None:
     """Every check that needs no files: run before anything else, and before --submit."""
+    if not (_is_number(min_confidence) and 0 <= min_confidence < 1):
+        raise UserError(f"--min-confidence must be a probability in [0, 1) (got {min_confidence})")
+    if max_copy_distance != "auto" and not (
+        _is_number(max_copy_distance) and 0 <= max_copy_distance <= MAX_COPY_DISTANCE
+    ):
+        raise UserError(
+            f"--max-copy-distance must be auto or a pixel distance in [0, {MAX_COPY_DISTANCE:g}] (got {max_copy_distance})"
+        )
     if not 1 <= shard_size <= SHARD:
         raise UserError(f"--shard-size must be between 1 and {SHARD} (got {shard_size})")
     if not 1 <= chunk <= 65536:
@@ -431,6 +559,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def same_plan(raw: dict[str, Any], plan: Plan) -> bool:
+    """A checked manifest's plan against this run's: a field an older version
+    did not write holds its default, so a set written before the field existed
+    is still the same set."""
+    try:
+        return Plan(**raw) == plan
+    except TypeError:
+        return False
+
+
 def _valid_entry(entry: Any, shard: int, plan: Plan) -> bool:
     """A shard's record (in a manifest or a marker): its number, image count and checksum."""
     start, end = plan.shard_range(shard)
@@ -445,6 +587,21 @@ def _valid_entry(entry: Any, shard: int, plan: Plan) -> bool:
     )
 
 
+def _valid_filter_counts(entry: dict[str, Any], plan: Plan) -> bool:
+    """A filtered set's shard record also counts its candidates (at least one
+    and at most MAX_CANDIDATES per image) and the images none of them passed."""
+    if not plan.filtered:
+        return True
+    images = entry["images"]
+    candidates, unmet, copies = (entry.get(k) for k in FILTER_KEYS)
+    return (
+        all(_is_int(v) for v in (candidates, unmet, copies))
+        and images <= candidates <= images * MAX_CANDIDATES
+        and 0 <= unmet <= images
+        and 0 <= copies <= candidates
+    )
+
+
 def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
     """The layout a manifest read back describes, once every value it is built
     from has been checked: types, bounds (no list is built from a count that
@@ -456,18 +613,31 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
 
     raw = manifest.get("plan")
     names = {f.name for f in fields(Plan)}
-    if not isinstance(raw, dict) or not set(raw) <= names or not names - {"shard_size", "chunk"} <= set(raw):
+    optional = {"shard_size", "chunk", *FILTER_FIELDS}  # fields later versions added
+    if not isinstance(raw, dict) or not set(raw) <= names or not names - optional <= set(raw):
         raise bad("holds no valid plan")
     if not (
         all(_is_int(raw[k]) for k in ("num", "seed", "shard_size", "chunk") if k in raw)
-        and all(isinstance(raw[k], str) for k in ("format", "labels", "checkpoint_sha256"))
-        and isinstance(raw["temperature"], (int, float))
-        and not isinstance(raw["temperature"], bool)
+        and all(
+            isinstance(raw[k], str)
+            for k in ("format", "labels", "checkpoint_sha256", "judge_sha256", "reference_sha256")
+            if k in raw
+        )
+        and all(_is_number(raw[k]) for k in ("temperature", "min_confidence", "max_copy_distance") if k in raw)
     ):
         raise bad("holds a plan with values of the wrong type")
     plan = Plan(**raw)
     try:
-        check_options(plan.num, plan.format, plan.seed, plan.temperature, plan.chunk, plan.shard_size)
+        check_options(
+            plan.num,
+            plan.format,
+            plan.seed,
+            plan.temperature,
+            plan.chunk,
+            plan.shard_size,
+            min_confidence=plan.min_confidence,
+            max_copy_distance=plan.max_copy_distance,
+        )
     except UserError as exc:
         raise bad(f"plans impossible values ({exc})") from None
     if manifest.get("count") != plan.num or manifest.get("image_format") != plan.format:
@@ -496,7 +666,7 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
         if not isinstance(shards, list) or len(shards) != plan.num_shards:
             raise bad(f"does not list its {plan.num_shards:,} shard(s)")
         for shard, entry in enumerate(shards):
-            if not _valid_entry(entry, shard, plan):
+            if not _valid_entry(entry, shard, plan) or not _valid_filter_counts(entry, plan):
                 raise bad(f"holds a malformed entry for shard {shard}")
     return Layout(plan, tuple(folders) if plan.labels != "none" else ())
 
@@ -638,7 +808,7 @@ def destination_state(out: str, plan: Plan, overwrite: bool) -> str:
     foreign = storage.foreign_leaves(out, layout.owns)
     if foreign:
         raise _other_files(out, foreign, beside_a_set=True)
-    if manifest["plan"] == asdict(plan):
+    if same_plan(manifest["plan"], plan):
         return "complete" if manifest["status"] == "complete" else "resume"
     if not overwrite:
         raise UserError(
@@ -657,7 +827,7 @@ def _interrupted_swap(out: str, plan: Plan) -> bool:
         return False  # a local swap is two renames: see settle_swap
     staging = staging_folder(out, plan)
     new = read_set(staging)
-    if new is None or new[0]["status"] != "complete" or new[0]["plan"] != asdict(plan):
+    if new is None or new[0]["status"] != "complete" or not same_plan(new[0]["plan"], plan):
         return False
     replaced = _read_json_file(storage.join(staging, REPLACING), MAX_MANIFEST_BYTES)
     if not isinstance(replaced, dict):
@@ -687,8 +857,9 @@ def completed_shards(root: str, plan: Plan) -> dict[int, dict]:
         except UserError:
             continue
         shard = int(match[1])
-        if _valid_entry(marker, shard, plan):
+        if _valid_entry(marker, shard, plan) and _valid_filter_counts(marker, plan):
             done[shard] = {"shard": shard, "images": marker["images"], "sha256": marker["sha256"]}
+            done[shard] |= {k: marker[k] for k in FILTER_KEYS if plan.filtered}
     return done
 
 
@@ -879,6 +1050,7 @@ class ShardedJob:
                 for shard in todo:
                     n, checksum = shard_writer.write_shard(shard)
                     done[shard] = {"shard": shard, "images": n, "sha256": checksum}
+                    done[shard] |= getattr(shard_writer, "filtered", {}).get(shard, {})
                     written += n
                     tick(written, self.plan.num)
             else:
@@ -890,6 +1062,7 @@ class ShardedJob:
                 "seconds": round(time.time() - started, 3),
                 "path": self.path_taken,
             }
+            self._summarise(manifest)
             lock.ensure_held()  # a writer that lost its lock never writes the manifest that calls a set complete
             self._before_manifest(root, manifest)
             storage.write_json(storage.join(root, MANIFEST), manifest)
@@ -937,7 +1110,7 @@ class ShardedJob:
                     "shard": int(row["shard"]),
                     "images": int(row["images"]),
                     "sha256": str(row["sha256"]),
-                }
+                } | {key: int(row[key]) for key in FILTER_KEYS if key in row}
                 written += int(row["images"])
                 if progress:
                     progress(written, self.plan.num)
@@ -952,6 +1125,9 @@ class ShardedJob:
 
     def _before_manifest(self, root: str, manifest: dict[str, Any]) -> None:
         """Anything written just before the complete manifest (the last file)."""
+
+    def _summarise(self, manifest: dict[str, Any]) -> None:
+        """Totals of the shards' records, into the complete manifest."""
 
 
 class Generation(ShardedJob):
@@ -981,14 +1157,25 @@ class Generation(ShardedJob):
         overwrite: bool = False,
         batch_size: int | None = None,
         shard_size: int = SHARD,
+        min_confidence: float = 0.0,
+        max_copy_distance: float | str = 0.0,
+        data: str | None = None,
+        judge_seed: int = FILTER_JUDGE_SEED,
     ):
         chunk = CHUNK if batch_size is None else batch_size
-        check_options(num, fmt, seed, temperature, chunk, shard_size, label, per_class, actors)
+        check_options(
+            num, fmt, seed, temperature, chunk, shard_size, label, per_class, actors, min_confidence, max_copy_distance
+        )
         self.out = storage.check_uri(out)
         self.blob = load_blob(checkpoint)
         if self.blob["path"].rstrip("/").startswith(self.out.rstrip("/") + "/") or self.blob["path"] == self.out:
             raise UserError(f"{out}: holds the checkpoint being sampled; choose another --out")
-        self.plan = make_plan(self.blob, num, fmt, seed, temperature, label, per_class, chunk, shard_size)
+        filters: dict[str, Any] = {}
+        if min_confidence or max_copy_distance:
+            filters = self._load_filters(
+                data or self.blob["config"]["data"], min_confidence, max_copy_distance, judge_seed
+            )
+        self.plan = make_plan(self.blob, num, fmt, seed, temperature, label, per_class, chunk, shard_size, filters)
         self.state = destination_state(self.out, self.plan, overwrite)
         self.actors, self.gpu, self.overwrite = actors, gpu, overwrite
         self.path_taken = ""
@@ -998,6 +1185,84 @@ class Generation(ShardedJob):
 
     def _writer_options(self, root: str, device: str, threads: int) -> dict[str, Any]:
         return {"plan": asdict(self.plan), "root": root, "device": device, "threads": threads}
+
+    def _load_filters(
+        self, data: str, min_confidence: float, max_copy_distance: float | str, judge_seed: int
+    ) -> dict[str, Any]:
+        """What the filters need, from the dataset `data` (of the model's
+        classes and image shape), into the blob the writers get; returns the
+        plan's filter fields."""
+        from .data import read_meta
+
+        if not data:
+            raise UserError("--min-confidence and --max-copy-distance need the model's dataset: pass --data")
+        meta = read_meta(data)
+        classes, shape = self.blob["dataset"]["classes"], self.blob["dataset"]["shape"]
+        if list(meta["shape"]) != list(shape) or (min_confidence and list(meta["classes"]) != list(classes)):
+            raise UserError(f"{data}: holds other classes or image shapes than the model {self.blob['path']} takes")
+        filters: dict[str, Any] = {}
+        if min_confidence:
+            filters |= {
+                "min_confidence": float(min_confidence),
+                "judge_sha256": self._load_judge(data, meta, judge_seed),
+            }
+        if max_copy_distance:
+            filters |= self._load_reference(data, meta, max_copy_distance)
+        return filters
+
+    def _load_reference(self, data: str, meta: dict[str, Any], max_copy_distance: float | str) -> dict[str, Any]:
+        """The training split's pixels for --max-copy-distance; `auto` is the
+        distance to the training split that 99% of real test images exceed
+        (evaluate-set's near-copy threshold)."""
+        from .data import read_arrays
+        from .judge import dataset_digest
+        from .quality import nearest_distances
+
+        h, w, c = meta["shape"]
+        size = meta["splits"]["train"]["count"] * h * w * c
+        if size > MAX_REFERENCE_BYTES:
+            raise UserError(
+                f"{data}: --max-copy-distance compares every image with the whole training split, and its "
+                f"{size / 2**30:.1f} GiB do not fit every writer (at most {MAX_REFERENCE_BYTES / 2**30:.0f} GiB)"
+            )
+        train, _ = read_arrays(data, "train", meta=meta)
+        if max_copy_distance == "auto":
+            test, _ = read_arrays(data, "test", limit=2000, meta=meta)
+            if not len(test):
+                raise UserError(f"{data}: --max-copy-distance auto needs real test images; give a distance")
+            flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
+            max_copy_distance = float(np.percentile(nearest_distances(flat(test), flat(train)), COPY_PERCENTILE))
+        self.blob = self.blob | {"reference": train}
+        return {"max_copy_distance": round(float(max_copy_distance), 6), "reference_sha256": dataset_digest(meta)}
+
+    def _load_judge(self, data: str, meta: dict[str, Any], seed: int) -> str:
+        """The filtering judge (a classifier of the model's dataset and classes,
+        of a seed other than the evaluation judge's), into the blob the
+        writers get; returns the SHA-256 of its weights."""
+        from . import judge
+
+        found = judge.load(data, meta, seed)
+        if found is None:
+            raise UserError(
+                f"{data}: no judge classifier of seed {seed} for --min-confidence; "
+                f"run `vae-ray classifier train --data {data} --seed {seed}` first"
+            )
+        model, info = found
+        self.blob = self.blob | {
+            "judge": {"state": model.state_dict(), "channels": info["channels"], "num_classes": info["num_classes"]}
+        }
+        return judge.weights_digest(data, seed)
+
+    def _summarise(self, manifest: dict[str, Any]) -> None:
+        if "filter" in manifest:  # acceptance: images kept over candidates decoded
+            candidates = sum(entry["candidates"] for entry in manifest["shards"])
+            manifest["filter"] |= {
+                "candidates": candidates,
+                "acceptance_rate": round(manifest["count"] / candidates, 6),
+                "unmet": sum(entry["unmet"] for entry in manifest["shards"]),
+                "copies_dropped": sum(entry["copies"] for entry in manifest["shards"]),
+                "max_candidates": MAX_CANDIDATES,
+            }
 
     def _before_manifest(self, root: str, manifest: dict[str, Any]) -> None:
         if self.plan.format == "hf":
@@ -1017,7 +1282,7 @@ class Generation(ShardedJob):
         if all(storage.is_temp_name(rel.split("/")[0]) for rel in found):
             return staging
         existing = read_set(staging)
-        if existing is None or existing[0]["plan"] != asdict(self.plan):
+        if existing is None or not same_plan(existing[0]["plan"], self.plan):
             foreign = found
         else:
             foreign = storage.foreign_leaves(staging, existing[1].owns)
@@ -1068,6 +1333,7 @@ class Generation(ShardedJob):
             "image_format": plan.format,
             "temperature": plan.temperature,
             "checkpoint": blob["path"],
+            **({"filter": {name: getattr(plan, name) for name in FILTER_FIELDS}} if plan.filtered else {}),
             "checkpoint_sha256": blob["sha256"],
             "class_folders": dict(zip(classes, class_folders(classes), strict=True)) if plan.labels != "none" else {},
             "config": blob["config"],
@@ -1264,7 +1530,7 @@ them is a real {dataset["name"]} image.
 | labels | {"image i has label i mod " + str(len(dataset["classes"])) if plan["labels"] == "per-class" else ("class " + plan["labels"] if plan["labels"] != "none" else "none (an unconditional model)")} |
 | seed | {plan["seed"]} (image i depends only on the checkpoint, the seed, i and its label) |
 | temperature | {plan["temperature"]:g} (z ~ N(0, T^2 I)) |
-| checkpoint | `{manifest["checkpoint"]}` |
+{_filter_row(manifest)}| checkpoint | `{manifest["checkpoint"]}` |
 | checkpoint SHA-256 | `{manifest["checkpoint_sha256"]}` |
 | model | {manifest["config"]["arch"]} network, latent {manifest["config"]["latent_dim"]}, {manifest["config"]["loss"]} loss{", class-conditional" if manifest["config"]["conditional"] else ""} |
 | trained on | {dataset["name"]} |
@@ -1285,6 +1551,28 @@ ds = load_dataset("parquet", data_files="data/*.parquet", split="train")
 `_manifest.json` lists every shard with its checksum; `vae-ray generate --verify DIR` checks them.
 """
     return "\n".join(lines) + body
+
+
+def _filter_row(manifest: dict[str, Any]) -> str:
+    found = manifest.get("filter")
+    if not found:
+        return ""
+    rules = []
+    if found["min_confidence"]:
+        rules.append(
+            f"a judge classifier (weights SHA-256 `{found['judge_sha256'][:16]}...`) gave its label (unlabelled: "
+            f"any class) probability >= {found['min_confidence']:g}"
+        )
+    if found["max_copy_distance"]:
+        rules.append(
+            f"it was farther than {found['max_copy_distance']:g} (pixel L2, [0, 1] units) from every training "
+            f"image ({found['copies_dropped']:,} candidates dropped as near-copies)"
+        )
+    return (
+        f"| filter | kept an image only when {' and '.join(rules)}: {found['acceptance_rate']:.1%} of "
+        f"{found['candidates']:,} candidates kept; {found['unmet']:,} images are the nearest to passing of "
+        f"{found['max_candidates']} candidates |\n"
+    )
 
 
 def verify(out: str) -> dict[str, Any]:

@@ -230,7 +230,7 @@ def card(loaded, evaluation: dict[str, Any], used: str, repo: str | None = None)
 # vae-ray {spec.arch} VAE on {name}
 
 A variational autoencoder trained with [vae-ray](https://pypi.org/project/vae-ray/):
-the `{spec.arch}` network, a {spec.latent_dim}-dimensional latent space, the `{spec.loss}` likelihood,
+the `{spec.arch}` network, a {spec.z_dim}-dimensional latent space, the `{spec.loss}` likelihood,
 {h}x{w} {"colour" if c == 3 else "grey"} images{f", conditioned on {spec.num_classes} classes" if conditional else ""}.
 Trained for {state.get("epoch", "?")} epochs; exported from `{storage.printable(used)}` on {time.strftime("%Y-%m-%d")}.
 

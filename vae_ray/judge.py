@@ -124,10 +124,19 @@ def dataset_digest(meta: dict) -> str:
     return hashlib.sha256("".join(sums).encode()).hexdigest()
 
 
-def folder_for(data: str) -> Path:
+def folder_for(data: str, seed: int = 0) -> Path:
+    """Seed 0 is the judge of evaluate and evaluate-set (DATA/classifier);
+    other seeds are kept apart (DATA/classifier/seed-S), so a set filtered by
+    one (generate --min-confidence) is never judged by the same network."""
     if storage.is_remote(str(data)):
         raise UserError(f"{data}: the judge classifier is cached beside a local dataset; copy it locally first")
-    return Path(storage.check_uri(str(data))) / FOLDER
+    folder = Path(storage.check_uri(str(data))) / FOLDER
+    return folder / f"seed-{seed}" if seed else folder
+
+
+def weights_digest(data: str, seed: int = 0) -> str:
+    """SHA-256 of a cached judge's weights file: a filtered set's plan names the judge it was filtered by."""
+    return hashlib.sha256((folder_for(data, seed) / "model.pt").read_bytes()).hexdigest()
 
 
 def train(
@@ -158,7 +167,7 @@ def _train(
         raise UserError(f"--epochs must be between 1 and 1000 (got {epochs})")
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
-    folder = folder_for(data)
+    folder = folder_for(data, seed)
     if (folder / "info.json").exists() and not overwrite:
         info = json.loads((folder / "info.json").read_text())
         if info.get("dataset_sha256") == dataset_digest(meta):
@@ -176,6 +185,7 @@ def _train(
         "channels": meta["shape"][2],
         "num_classes": meta["num_classes"],
         "epochs": epochs,
+        "seed": seed,
         "train_images": len(images),
         "test_accuracy": accuracy(model, test_images, test_labels),
         "seconds": round(time.time() - started, 1),
@@ -187,9 +197,9 @@ def _train(
     return info | {"path": str(folder)}
 
 
-def load(data: str, meta: dict) -> tuple[Judge, dict] | None:
-    """The dataset's cached judge, or None when there is none (or it is stale)."""
-    folder = folder_for(data)
+def load(data: str, meta: dict, seed: int = 0) -> tuple[Judge, dict] | None:
+    """The dataset's cached judge of that seed, or None when there is none (or it is stale)."""
+    folder = folder_for(data, seed)
     try:
         info = json.loads((folder / "info.json").read_text())
     except (OSError, ValueError):

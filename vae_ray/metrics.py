@@ -46,13 +46,17 @@ def likelihood_terms(
     for start in range(0, k, step):
         e = eps[start : start + step].to(x.device)
         kk = e.shape[0]
-        z = mu.unsqueeze(0) + e * std.unsqueeze(0)  # (kk, N, latent)
         yy = y.repeat(kk) if y is not None else None
-        logits = model.decode(z.reshape(kk * n, -1), yy)
         rep = (kk,) + (1,) * (x.dim() - 1)
+        if model.hierarchical:  # each group's posterior depends on the groups drawn above it
+            logits, z, path_logvar = model.posterior(x.repeat(rep), yy, e.reshape(kk * n, -1))
+            z, path_logvar = z.float().view(kk, n, -1), path_logvar.float().view(kk, n, -1)
+        else:
+            z, path_logvar = mu.unsqueeze(0) + e * std.unsqueeze(0), logvar.unsqueeze(0)  # (kk, N, latent)
+            logits = model.decode(z.reshape(kk * n, -1), yy)
         log_px = -recon_nll(model, logits, target.repeat(rep)).view(kk, n)
         log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-        log_qz = -0.5 * (e.pow(2) + LOG_2PI + logvar.unsqueeze(0)).sum(-1)
+        log_qz = -0.5 * (e.pow(2) + LOG_2PI + path_logvar).sum(-1)
         log_w.append(log_px + log_pz - log_qz)
         matlab.append(matlab_recon(logits, x.repeat(rep)).view(kk, n))
     log_w = torch.cat(log_w)

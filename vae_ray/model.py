@@ -47,6 +47,9 @@ class VAE(nn.Module):
         self.centered_inputs = parts.centered_inputs
         if parts.glorot:
             _glorot(self)
+        self._likelihood_init(c, loss)
+
+    def _likelihood_init(self, c: int, loss: str) -> None:
         if loss not in NLL:
             raise ValueError(f"unknown loss {loss!r}")
         # sigma-VAE / discretised logistic: one learned log scale per channel.
@@ -59,9 +62,17 @@ class VAE(nn.Module):
         learned = LIKELIHOODS[loss].learned_scale
         self.log_sigma = nn.Parameter(torch.full((c,), LOG_SIGMA_INIT)) if learned else None
 
+    hierarchical = False  # one latent group: the posterior of z is one Gaussian given x
+
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec(self.arch, self.shape, self.latent_dim, self.num_classes, self.loss)
+
+    def posterior(self, x: torch.Tensor, y: torch.Tensor | None, noise: torch.Tensor):
+        """z drawn from q(z | x) with the given standard noise -> (logits, z, logvar)."""
+        mu, logvar = self.encode(x, y)
+        z = mu + noise * torch.exp(0.5 * logvar)
+        return self.decode(z, y), z, logvar
 
     # -- the four methods -------------------------------------------------
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,6 +352,8 @@ def batch_terms(
     reconstruction term is then the mean over them.
     """
     kl = kl_divergence(mu, logvar)
+    if kl.shape[0] != x.shape[0]:  # a hierarchical posterior: one KL per drawn path, sample-major
+        kl = kl.view(-1, x.shape[0]).mean(0)
     # Sample-major logits: one (N, ...) slice per latent sample, each scored against the same input.
     parts = logits.chunk(logits.shape[0] // x.shape[0])
 
@@ -355,15 +368,36 @@ def batch_terms(
     )
 
 
+def _hierarchical(spec: ModelSpec) -> VAE:
+    from .hvae import HierarchicalVAE  # its own module; it builds on VAE
+
+    sizes = spec.architecture.sizes or {}
+    width, depth = spec.width or sizes["width"], spec.depth or sizes["depth"]
+    return HierarchicalVAE(spec.shape, spec.latent_dim, spec.num_classes, spec.loss, width, depth)
+
+
+def _make(spec: ModelSpec) -> VAE:
+    if spec.arch in BUILDERS:
+        return VAE(spec.arch, spec.shape, spec.latent_dim, spec.num_classes, spec.loss)
+    return NETWORKS[spec.arch](spec)
+
+
+# Networks that are not an encoder, a head and a decoder (spec.ARCHITECTURES names them all).
+NETWORKS: dict[str, Callable[[ModelSpec], VAE]] = {"hvae": _hierarchical}
+
+
 def build(spec: ModelSpec) -> VAE:
     """The model a spec describes (checked first: a spec may come from a file)."""
-    spec.check()
-    return VAE(spec.arch, spec.shape, spec.latent_dim, spec.num_classes, spec.loss)
+    return _make(spec.check())
 
 
-def build_model(arch: str, shape, latent_dim: int, num_classes: int = 0, loss: str = "matlab") -> VAE:
+def build_model(
+    arch: str, shape, latent_dim: int, num_classes: int = 0, loss: str = "matlab", width: int = 0, depth: int = 0
+) -> VAE:
     h, w, _ = shape
     step = ARCHITECTURES[arch].side_multiple if arch in ARCHITECTURES else 1
     if h % step or w % step:
         raise ValueError(f"the {arch} network needs image sides divisible by {step}, got {h}x{w}")
-    return VAE(arch, tuple(shape), latent_dim, num_classes, loss)
+    if arch not in BUILDERS and arch not in NETWORKS:
+        raise ValueError(f"unknown arch {arch!r}")
+    return _make(ModelSpec(arch, tuple(shape), latent_dim, num_classes, loss, width, depth))

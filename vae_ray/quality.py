@@ -207,7 +207,13 @@ def evaluate_set(
         "inception_score": inception_score(p_fake),
         "inception_score_real": inception_score(p_test),
         "judge": f"{info['dataset']} classifier, test accuracy {info['test_accuracy']:.4f}",
+        "filter": manifest.get("filter"),
     }
+    if (manifest.get("filter") or {}).get("judge_sha256") == judge.weights_digest(data):
+        # generate --judge-seed 0: the set was filtered by the very network that scores it
+        result["warning"] = (
+            "the set was filtered by this judge: its feature figures flatter it (filter with --judge-seed 1)"
+        )
     say("near-copies", 0, 2)
     result["near_copies_pixels"] = near_copies(_flat(fake), _flat(test[test_pick]), _flat(train), copy_percentile)
     say("near-copies", 1, 2)

@@ -43,7 +43,7 @@ from .config import TrainConfig
 from .errors import UserError
 
 # Settings that define the model and its data: a resumed run must keep them.
-MODEL_FIELDS = ("arch", "latent_dim", "conditional", "loss", "data")
+MODEL_FIELDS = ("arch", "latent_dim", "width", "depth", "conditional", "loss", "data")
 # Settings that may differ between two commands for the same run.
 OPERATIONAL = (
     "out",

@@ -27,6 +27,8 @@ from .errors import UserError
 MAX_SIDE = 1024  # the largest image side any command prepares or loads
 MAX_LATENT = 4096
 MAX_CLASSES = 100_000
+MAX_WIDTH, MAX_DEPTH = 1024, 16
+MAX_Z = 1 << 18  # numbers in one flattened latent vector
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Architecture:
     about: str
     side_multiple: int  # image height and width must be multiples of this
     recipe: dict[str, Any]  # batch_size, lr, lr_schedule, adam_beta2 when left at auto (docs/benchmarks.md)
+    sizes: dict[str, int] | None = None  # width and depth when left at 0 (auto); None: a fixed network
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,14 @@ ARCHITECTURES: dict[str, Architecture] = {
             "the MATLAB example's network: two 3x3/2 convolutions, one dense layer, three transposed convolutions",
             side_multiple=4,
             recipe={"batch_size": 32, "lr": 3e-3, "lr_schedule": "onecycle", "adam_beta2": 0.99},
+        ),
+        Architecture(
+            "hvae",
+            "a hierarchical VAE made for generation: residual cells, a dense top latent and spatial latent "
+            "groups at 1/4 and 1/2 of the image side, each conditioned on the groups above it",
+            side_multiple=4,
+            recipe={"batch_size": 64, "lr": 2e-3, "lr_schedule": "onecycle", "adam_beta2": 0.99, "grad_clip": 200.0},
+            sizes={"width": 48, "depth": 2},
         ),
         Architecture(
             "cifar",
@@ -80,6 +91,26 @@ LIKELIHOODS: dict[str, Likelihood] = {
 }
 
 DISCRETE_LOSSES = tuple(name for name, lk in LIKELIHOODS.items() if lk.discrete)
+
+
+def hvae_groups(shape: tuple[int, int, int], latent_dim: int, depth: int) -> list[tuple[int, int, int]]:
+    """The hierarchical network's latent groups, top first: a dense vector of
+    `latent_dim`, `depth` groups of 4 channels at 1/4 of the image side (the
+    shapes of strokes and parts), then ceil(depth / 2) groups of 2 channels
+    at 1/2 of the side (edges and texture). hvae.py builds them."""
+    h, w, _ = shape
+    quarter = [(h // 4, w // 4, 4)] * depth
+    half = [(h // 2, w // 2, 2)] * -(-depth // 2)
+    return [(1, 1, latent_dim), *quarter, *half]
+
+
+def _get_or(get, name: str, default: Any) -> Any:
+    """A setting that configs written before it existed do not hold."""
+    try:
+        value = get(name)
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
 
 
 def choose_arch(shape: tuple[int, int, int] | list[int]) -> str:
@@ -111,6 +142,8 @@ class ModelSpec:
     latent_dim: int
     num_classes: int = 0  # > 0: class-conditional
     loss: str = "matlab"
+    width: int = 0  # channels at 1/4 of the image side (networks with `sizes` only; 0 = their default)
+    depth: int = 0  # latent groups at 1/4 of the image side (likewise)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
@@ -125,6 +158,20 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"shape": list(self.shape)}
+
+    @property
+    def groups(self) -> list[tuple[int, int, int]]:
+        """The latent groups, top first, as (height, width, channels); a dense
+        group is (1, 1, size). The seeds' networks have one dense group."""
+        if self.architecture.sizes is None:
+            return [(1, 1, self.latent_dim)]
+        return hvae_groups(self.shape, self.latent_dim, self.depth or self.architecture.sizes["depth"])
+
+    @property
+    def z_dim(self) -> int:
+        """Numbers in one latent vector z, all groups flattened: what `generate`
+        draws, `encode` writes and a Python caller passes to `decode`."""
+        return sum(h * w * c for h, w, c in self.groups)
 
     def check(self, where: str = "") -> ModelSpec:
         """Every value in range, before any tensor is made: a spec read from a
@@ -145,6 +192,16 @@ class ModelSpec:
             raise UserError(f"{at}latent size {self.latent_dim} is out of range (1-{MAX_LATENT})")
         if not 0 <= self.num_classes <= MAX_CLASSES or self.num_classes == 1:
             raise UserError(f"{at}{self.num_classes} classes is out of range (0, or 2-{MAX_CLASSES})")
+        sized = self.architecture.sizes is not None
+        if not sized and (self.width or self.depth):
+            raise UserError(f"{at}the {self.arch} network has a fixed size: --width and --depth apply to hvae only")
+        if not (0 <= self.width <= MAX_WIDTH and self.width % 4 == 0 and 0 <= self.depth <= MAX_DEPTH):
+            raise UserError(
+                f"{at}width {self.width} / depth {self.depth} out of range "
+                f"(width a multiple of 4 up to {MAX_WIDTH}, depth up to {MAX_DEPTH})"
+            )
+        if self.z_dim > MAX_Z:
+            raise UserError(f"{at}the latent vector would hold {self.z_dim:,} numbers (at most {MAX_Z:,})")
         return self
 
     @classmethod
@@ -158,6 +215,8 @@ class ModelSpec:
                 latent_dim=int(get("latent_dim")),
                 num_classes=int(dataset["num_classes"]) if get("conditional") else 0,
                 loss=str(get("loss")),
+                width=int(_get_or(get, "width", 0)),
+                depth=int(_get_or(get, "depth", 0)),
             )
             if len(spec.shape) != 3:
                 raise ValueError("shape")

@@ -66,6 +66,7 @@ from .config import check_wandb_project, public_mlflow_uri, without_credentials
 from .errors import UserError
 from .images import to_float, to_uint8
 from .keyed_random import latent_normals
+from .spec import ModelSpec
 
 TENSORBOARD = "tensorboard"
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "vae-ray")
@@ -433,7 +434,8 @@ class EpochLogger:
                 self.wandb = _open_wandb(tracking["wandb"], tracking["wandb_run_id"])
             except Exception as exc:  # noqa: BLE001 - wandb missing or unreachable here: training goes on
                 log.warning("W&B logging is off on this node: %s", _wandb_error(tracking["wandb"], exc))
-        self._fixed_z = torch.from_numpy(latent_normals(cfg.seed + 99, np.arange(64), cfg.latent_dim))
+        z_dim = ModelSpec.from_config(cfg, dataset).z_dim
+        self._fixed_z = torch.from_numpy(latent_normals(cfg.seed + 99, np.arange(64), z_dim))
         self._originals: np.ndarray | None = None
 
     def epoch(self, metrics: dict[str, Any], model, device: torch.device) -> None:

@@ -73,7 +73,23 @@ def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
         lr=recipe["lr"] if cfg.lr is None else cfg.lr,
         lr_schedule=cfg.lr_schedule or recipe["lr_schedule"],
         adam_beta2=recipe["adam_beta2"] if cfg.adam_beta2 is None else cfg.adam_beta2,
+        grad_clip=recipe.get("grad_clip", 0.0) if cfg.grad_clip is None else cfg.grad_clip,
+        **_sizes(arch, cfg),
     )
+
+
+def _sizes(arch: str, cfg: TrainConfig) -> dict[str, int]:
+    """width and depth: the network's defaults written down, so a run's
+    config says what it trained; a fixed network refuses them."""
+    sizes = ARCHITECTURES[arch].sizes
+    if sizes is None:
+        if cfg.width or cfg.depth:
+            raise UserError(f"the {arch} network has a fixed size: --width and --depth apply to hvae only")
+        return {}
+    width, depth = cfg.width or sizes["width"], cfg.depth or sizes["depth"]
+    if width % 4:
+        raise UserError(f"--width must be a multiple of 4 (got {width})")
+    return {"width": width, "depth": depth}
 
 
 def plan_scale(cfg: TrainConfig, cluster: clusters.Cluster) -> tuple[TrainConfig, bool]:

@@ -253,8 +253,7 @@ def evaluate(
         target = keyed_binarize(x, cfg.seed, indices.cpu().numpy()) if binarize else x
         y = labels if cfg.conditional else None
         with autocast:
-            mu, logvar = core.encode(x, y)
-            logits = core.decode(core.reparameterize(mu, logvar), y)
+            logits, mu, logvar = core(x, y)
         t = batch_terms(core, x, target, logits, mu, logvar, cfg.beta, cfg.recon_weight)
         sums += torch.stack(
             [torch.tensor(float(len(x)), device=device, dtype=torch.float64)]

@@ -117,7 +117,11 @@ def classifier_train(
     seed: opt.Seed = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retrain when one is already cached.")] = False,
 ) -> None:
-    """Train the dataset's judge classifier and cache it in DATA/classifier."""
+    """Train the dataset's judge classifier and cache it in DATA/classifier.
+
+    Seed 0 (the default) is the judge `evaluate` and `evaluate-set` use; a
+    judge of another seed is kept in DATA/classifier/seed-S, for
+    `generate --min-confidence` (filter with one judge, judge with another)."""
     from .. import judge
     from ..progress import Stages
 
@@ -236,5 +240,9 @@ def evaluate_set(
             + ", ".join(f"{m['synthetic_share']:.0%} synthetic {m['accuracy']:.4f}" for m in summary["mixing"])
         )
     say(f"judge: {summary['judge']}")
+    if summary.get("filter"):
+        say(f"the set was filtered: {summary['filter']['acceptance_rate']:.1%} of candidates kept")
+    if summary.get("warning"):
+        say(f"warning: {summary['warning']}", "yellow")
     if summary.get("out"):
         result(summary["out"])

@@ -21,6 +21,18 @@ def register(app: typer.Typer) -> None:
     app.command("encode", epilog=ENCODE_EPILOG)(encode)
 
 
+def copy_distance(text: str) -> float | str:
+    """--max-copy-distance: auto, or a number (checked with the other options)."""
+    from ..errors import UserError
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--max-copy-distance must be auto or a number (got {text!r})") from None
+
+
 @handles_errors
 def generate(
     checkpoint: Annotated[
@@ -76,6 +88,42 @@ def generate(
             "holding anything else, hidden files included, is refused).",
         ),
     ] = False,
+    min_confidence: Annotated[
+        float,
+        typer.Option(
+            "--min-confidence",
+            help="Keep an image only when a judge classifier gives its label (unlabelled sets: any class) at "
+            "least this probability, drawing further candidates until one passes (at most 64, then the judge's "
+            "favourite); the set still has exactly --num images. 0 = off.",
+        ),
+    ] = 0.0,
+    max_copy_distance: Annotated[
+        str,
+        typer.Option(
+            "--max-copy-distance",
+            help="Drop an image this close to a training image (pixel L2 distance, pixels in [0, 1]) and draw "
+            "another, as --min-confidence does; auto = closer than 99% of real test images are (evaluate-set's "
+            "near-copy threshold). 0 = off.",
+        ),
+    ] = "0",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Prepared dataset the filters read: its judge (--min-confidence) and training split "
+            "(--max-copy-distance). Default: the one the model was trained on.",
+        ),
+    ] = None,
+    judge_seed: Annotated[
+        int,
+        typer.Option(
+            "--judge-seed",
+            help="Seed of the filtering judge (`vae-ray classifier train --seed S`); not 0, the seed of the judge "
+            "that evaluate-set scores with.",
+            min=0,
+        ),
+    ] = 1,
     verify_uri: Annotated[
         str | None, typer.Option("--verify", help="Check a finished set against its manifest and exit.")
     ] = None,
@@ -116,6 +164,10 @@ def generate(
         overwrite=overwrite,
         batch_size=batch_size,
         shard_size=shard_size,
+        min_confidence=min_confidence,
+        max_copy_distance=copy_distance(max_copy_distance),
+        data=data,
+        judge_seed=judge_seed,
     )
     spec = {"command": "generate", "kwargs": {"options": options}}
     if submit:
@@ -134,6 +186,13 @@ def generate(
             f"{summary['count']:,} {fmt} images in {summary['seconds']:.1f} s ({rate:,.0f} img/s) "
             f"to {out_uri}, {summary['path']}",
             "green",
+        )
+    if summary.get("filter"):
+        found = summary["filter"]
+        say(
+            f"filter: {found['acceptance_rate']:.1%} of {found['candidates']:,} candidates passed; "
+            f"{found['copies_dropped']:,} near-copies dropped; {found['unmet']:,} images are the nearest to "
+            f"passing of {found['max_candidates']}"
         )
     say(f"checkpoint: {summary['checkpoint']}")
     result(out_uri)
