@@ -377,11 +377,12 @@ HOLD = textwrap.dedent("""
     ray.init(address=sys.argv[1])
     # The jobs stopped by earlier tests free their workers' resources a little
     # after they end: wait for an idle cluster, then take every CPU.
-    deadline = time.time() + 120
+    # A stopped job's Train workers can take minutes to go on a loaded machine.
+    deadline = time.time() + 300
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0) and time.time() < deadline:
         time.sleep(1)
     pg = placement_group([{"CPU": 1}] * 3, strategy="SPREAD")
-    ray.get(pg.ready(), timeout=60)
+    ray.get(pg.ready(), timeout=120)
     print("held", flush=True)
     time.sleep(600)
 """)

@@ -590,7 +590,7 @@ def _valid_entry(entry: Any, shard: int, plan: Plan) -> bool:
 def _valid_filter_counts(entry: dict[str, Any], plan: Plan) -> bool:
     """A filtered set's shard record also counts its candidates (at least one
     and at most MAX_CANDIDATES per image) and the images none of them passed."""
-    if not plan.filtered:
+    if not getattr(plan, "filtered", False):  # encode's plans (it shares this module's machinery) never are
         return True
     images = entry["images"]
     candidates, unmet, copies = (entry.get(k) for k in FILTER_KEYS)
@@ -859,7 +859,7 @@ def completed_shards(root: str, plan: Plan) -> dict[int, dict]:
         shard = int(match[1])
         if _valid_entry(marker, shard, plan) and _valid_filter_counts(marker, plan):
             done[shard] = {"shard": shard, "images": marker["images"], "sha256": marker["sha256"]}
-            done[shard] |= {k: marker[k] for k in FILTER_KEYS if plan.filtered}
+            done[shard] |= {k: marker[k] for k in FILTER_KEYS if getattr(plan, "filtered", False)}
     return done
 
 

@@ -104,7 +104,7 @@ class HierarchicalVAE(VAE):
         latent_dim: int,
         num_classes: int = 0,
         loss: str = "bernoulli",
-        width: int = 64,
+        width: int = 48,
         depth: int = 2,
     ):
         nn.Module.__init__(self)
