@@ -373,7 +373,7 @@ def test_a_job_whose_python_lacks_the_requirements_says_so(wheel_env, tmp_path):
 
 HOLD = textwrap.dedent("""
     import sys, time, ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
     ray.init(address=sys.argv[1])
     # The jobs stopped by earlier tests free their workers' resources a little
     # after they end: wait for an idle cluster, then take every CPU.
@@ -381,8 +381,19 @@ HOLD = textwrap.dedent("""
     deadline = time.time() + 300
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0) and time.time() < deadline:
         time.sleep(1)
-    pg = placement_group([{"CPU": 1}] * 3, strategy="SPREAD")
-    ray.get(pg.ready(), timeout=120)
+    # Every CPU of the nodes alive now (a node the elastic test took away may
+    # still be on its way out); a group not placed in a minute is asked again.
+    for attempt in range(3):
+        cpus = int(sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]))
+        pg = placement_group([{"CPU": 1}] * cpus, strategy="SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=60)
+            break
+        except ray.exceptions.GetTimeoutError:
+            print("not placed:", ray.cluster_resources(), ray.available_resources(), file=sys.stderr, flush=True)
+            remove_placement_group(pg)
+    else:
+        raise SystemExit("could not hold the cluster's CPUs")
     print("held", flush=True)
     time.sleep(600)
 """)
