@@ -611,3 +611,22 @@ def test_a_reader_lock_never_follows_a_link(tmp_path):
     os.unlink(tmp_path / ".d.lock")
     with dataset_read_lock(out):
         assert (tmp_path / ".d.lock").is_file() and not (tmp_path / ".d.lock").is_symlink()
+
+
+def test_a_judge_folder_planted_as_a_link_is_refused(tmp_path):
+    """classifier/seed-S made a link to a folder elsewhere: nothing is written through it."""
+    from vae_ray import judge
+    from vae_ray.errors import UserError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "data" / "classifier").mkdir(parents=True)
+    (tmp_path / "data" / "classifier" / "seed-1").symlink_to(elsewhere)
+    with pytest.raises(UserError, match="is a link"):
+        judge.folder_for(str(tmp_path / "data"), 1)
+    (tmp_path / "data2").mkdir()
+    (tmp_path / "data2" / "classifier").symlink_to(elsewhere)
+    for seed in (0, 1):
+        with pytest.raises(UserError, match="is a link"):
+            judge.folder_for(str(tmp_path / "data2"), seed)
+    assert list(elsewhere.iterdir()) == []

@@ -1216,7 +1216,7 @@ class Generation(ShardedJob):
         (evaluate-set's near-copy threshold)."""
         from .data import read_arrays
         from .judge import dataset_digest
-        from .quality import nearest_distances
+        from .quality import nearest_distances, pixel_rows
 
         h, w, c = meta["shape"]
         size = meta["splits"]["train"]["count"] * h * w * c
@@ -1230,8 +1230,8 @@ class Generation(ShardedJob):
             test, _ = read_arrays(data, "test", limit=2000, meta=meta)
             if not len(test):
                 raise UserError(f"{data}: --max-copy-distance auto needs real test images; give a distance")
-            flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
-            max_copy_distance = float(np.percentile(nearest_distances(flat(test), flat(train)), COPY_PERCENTILE))
+            distances = nearest_distances(pixel_rows(test), pixel_rows(train))
+            max_copy_distance = float(np.percentile(distances, COPY_PERCENTILE))
         self.blob = self.blob | {"reference": train}
         return {"max_copy_distance": round(float(max_copy_distance), 6), "reference_sha256": dataset_digest(meta)}
 

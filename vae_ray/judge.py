@@ -131,7 +131,11 @@ def folder_for(data: str, seed: int = 0) -> Path:
     if storage.is_remote(str(data)):
         raise UserError(f"{data}: the judge classifier is cached beside a local dataset; copy it locally first")
     folder = Path(storage.check_uri(str(data))) / FOLDER
-    return folder / f"seed-{seed}" if seed else folder
+    folder = folder / f"seed-{seed}" if seed else folder
+    for part in (folder.parent, folder) if seed else (folder,):
+        if part.is_symlink():  # a planted link would send the judge's files (or its reads) elsewhere
+            raise UserError(f"{part}: is a link; vae-ray keeps its judge there and never writes through one")
+    return folder
 
 
 def weights_digest(data: str, seed: int = 0) -> str:

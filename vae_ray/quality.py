@@ -140,7 +140,8 @@ def near_copies(fake: np.ndarray, test: np.ndarray, train: np.ndarray, percentil
     }
 
 
-def _flat(images: np.ndarray) -> np.ndarray:
+def pixel_rows(images: np.ndarray) -> np.ndarray:
+    """uint8 images -> one float row each, pixels in [0, 1]: the space of pixel distances."""
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
@@ -215,7 +216,9 @@ def evaluate_set(
             "the set was filtered by this judge: its feature figures flatter it (filter with --judge-seed 1)"
         )
     say("near-copies", 0, 2)
-    result["near_copies_pixels"] = near_copies(_flat(fake), _flat(test[test_pick]), _flat(train), copy_percentile)
+    result["near_copies_pixels"] = near_copies(
+        pixel_rows(fake), pixel_rows(test[test_pick]), pixel_rows(train), copy_percentile
+    )
     say("near-copies", 1, 2)
     result["near_copies_features"] = near_copies(f_fake, f_test, f_train_all, copy_percentile)
     result["copy_percentile"] = copy_percentile
