@@ -4,6 +4,7 @@
     python benchmarks/quality_synthetic.py --loss matlab             # the MATLAB example's loss
     python benchmarks/quality_synthetic.py --epochs 2 --num 2000 --limit 6000   # a quick look
     python benchmarks/quality_synthetic.py --arch hvae --min-confidence 0.9     # the README's recipe
+    python benchmarks/quality_synthetic.py --arch hvae --prior gmm              # z from a fitted mixture
 
 Runs, as a user would:
     vae-ray data prepare mnist --source ../shared/data/mnist --out D
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="generate --temperature")
     parser.add_argument("--min-confidence", type=float, default=0.0, help="generate --min-confidence (judge seed 1)")
     parser.add_argument("--max-copy-distance", default="0", help="generate --max-copy-distance")
+    parser.add_argument("--prior", default="normal", help="generate --prior (gmm: fitted once, kept in the run)")
     parser.add_argument("--keep", help="keep the work folders here (and reuse its dataset and judge)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +61,7 @@ def main() -> None:
             *(["--temperature", str(args.temperature)] if args.temperature != 1.0 else []),
             *(["--min-confidence", str(args.min_confidence)] if args.min_confidence else []),
             *(["--max-copy-distance", args.max_copy_distance] if args.max_copy_distance != "0" else []),
+            *(["--prior", args.prior] if args.prior != "normal" else []),
         ]
         suffix = "".join(sampling).replace("--", "-")
         data, run_dir, gen = work / "mnist", work / f"run-{recipe}", work / f"gen-{recipe}-{args.num}{suffix}"

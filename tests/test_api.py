@@ -27,6 +27,7 @@ def test_the_public_names_are_pinned_and_import_light():
         "load",
         "train",
         "tune",
+        "tune_sampling",
     ]
     for name in vae_ray.__all__:
         assert getattr(vae_ray, name) is not None

@@ -409,3 +409,62 @@ def test_a_set_written_before_filters_existed_is_still_this_set(model_run, tmp_p
     (out / MANIFEST).write_text(json.dumps(manifest))
     again = generate(str(model_run), 30, str(out), shard_size=30)
     assert again["already_complete"]
+
+
+def test_a_gmm_prior_is_fitted_once_beside_the_run_and_resumes_to_the_same_bytes(
+    ray_cluster, conditional_run, tiny_data, tmp_path
+):
+    """--prior gmm: a Ray Data job encodes the training split, one mixture
+    per class is fitted and kept in the run folder, later sets reuse it, and
+    a gmm set resumes to the same bytes; the plan names the mixture."""
+    import hashlib
+    import shutil
+
+    import vae_ray
+    from vae_ray.data import read_arrays
+    from vae_ray.prior import Mixture
+
+    run = tmp_path / "run"
+    shutil.copytree(conditional_run, run)
+    options = dict(per_class=True, prior="gmm", data=str(tiny_data))
+    first = generate(str(run), 60, str(tmp_path / "a"), shard_size=20, actors=2, **options)
+    stored = list(run.glob("prior-gmm-*.safetensors"))
+    assert len(stored) == 1
+    data = stored[0].read_bytes()
+    plan = json.loads((tmp_path / "a" / MANIFEST).read_text())["plan"]
+    assert plan["prior"] == "gmm" and plan["prior_sha256"] == hashlib.sha256(data).hexdigest()
+    generate(str(run), 60, str(tmp_path / "hf"), fmt="hf", shard_size=60, **options)
+    assert "Gaussian mixture" in (tmp_path / "hf" / "README.md").read_text()
+    # One mixture per class, fitted to that class's codes (the posterior means of its training images).
+    mixture = Mixture.from_bytes(data, "stored")
+    images, labels = read_arrays(str(tiny_data), "train")
+    codes, _ = vae_ray.load(str(run)).encode(images, labels.tolist())
+    assert mixture.weights.shape[0] == 10 and mixture.dims == codes.shape[1]
+    for c in (0, 7):
+        centre = (mixture.weights[c][:, None] * mixture.means[c]).sum(0)
+        assert np.allclose(centre, codes[labels == c].mean(0), atol=0.1 * codes[labels == c].std() + 1e-3)
+    # Not N(0, I)'s images; the same images from this process and after a resume; the mixture kept.
+    plain = generate(str(run), 60, str(tmp_path / "plain"), shard_size=20, per_class=True)
+    kept = _by_index(tmp_path / "a")
+    assert sorted(kept) == list(range(60)) and kept != _by_index(tmp_path / "plain")
+    assert first["count"] == plain["count"] == 60
+    modified = stored[0].stat().st_mtime_ns
+    generate(str(run), 60, str(tmp_path / "one"), shard_size=60, **options)
+    assert _by_index(tmp_path / "one") == kept and stored[0].stat().st_mtime_ns == modified
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "a", cut)
+    manifest = json.loads((cut / MANIFEST).read_text())
+    (cut / ".progress").mkdir()
+    for entry in manifest["shards"][:2]:
+        (cut / ".progress" / f"{entry['shard']:05d}.json").write_text(json.dumps(entry))
+    for folder in cut.glob("*/00002"):
+        shutil.rmtree(folder)
+    running = {k: v for k, v in manifest.items() if k not in ("shards", "seconds", "path")} | {"status": "running"}
+    (cut / MANIFEST).write_text(json.dumps(running))
+    resumed = generate(str(run), 60, str(cut), shard_size=20, actors=1, **options)
+    assert _by_index(cut) == kept and resumed["shards"] == first["shards"]
+    # A damaged mixture is refused in one line; nothing is written.
+    stored[0].write_bytes(data[:100])
+    with pytest.raises(UserError, match="remove it to refit"):
+        generate(str(run), 60, str(tmp_path / "never"), **options)
+    assert not (tmp_path / "never").exists()

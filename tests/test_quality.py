@@ -78,11 +78,13 @@ def test_a_set_is_judged_against_real_data(judged, tmp_path):
         assert copies["fraction_real"] <= 0.02 and 0 <= copies["fraction"] <= 1
     assert json.loads((out / "quality.json").read_text()) == {k: v for k, v in summary.items() if k != "out"}
     assert Image.open(out / "samples_per_class.png").size[1] >= 10 * 28
+    assert Image.open(out / "mixing.png").size[0] > 100  # the mixing curve, to look at
     # The same command again replaces its own folder; a folder of anything else is refused.
     again = runner.invoke(
         app, ["evaluate-set", str(sets["hf"]), "--data", str(data), "--out", str(out), "--no-tstr", "--json"]
     )
     assert again.exit_code == 0 and json.loads(again.output)["tstr_accuracy"] is None, again.output
+    assert not (out / "mixing.png").exists()  # replaced whole: no curve from the earlier run stays
     (out / "mine.txt").write_text("x")
     refused = runner.invoke(app, ["evaluate-set", str(sets["hf"]), "--data", str(data), "--out", str(out)])
     assert_one_error_line(refused, "mine.txt")

@@ -27,9 +27,18 @@ __all__ = [
     "load",
     "train",
     "tune",
+    "tune_sampling",
 ]
 
-_LAZY = {"Model": "api", "load": "api", "train": "api", "export": "api", "ModelSpec": "spec", "UserError": "errors"}
+_LAZY = {
+    "Model": "api",
+    "load": "api",
+    "train": "api",
+    "export": "api",
+    "tune_sampling": "api",
+    "ModelSpec": "spec",
+    "UserError": "errors",
+}
 # These four are modules of the package too: the module is the attribute,
 # and calling it calls the API's function (api.CommandModule).
 _COMMAND_MODULES = ("generate", "encode", "evaluate", "tune")

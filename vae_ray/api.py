@@ -230,10 +230,10 @@ def generate(
     checkpoint: str, *, out: str, num: int, format: str = "png", address: str | None = None, **options: Any
 ) -> dict[str, Any]:
     """`vae-ray generate`: seed=, temperature=, label=, per_class=, overwrite=, actors=, gpu=,
-    min_confidence=, max_copy_distance=, data=, ..."""
+    min_confidence=, max_copy_distance=, data=, prior=, ..."""
     from .generate import Generation
 
-    _known(options, Generation, "generate", skip=("checkpoint", "out", "num", "fmt"))
+    _known(options, Generation, "generate", skip=("checkpoint", "out", "num", "fmt", "address", "fitting"))
     return commands.generate(
         {"checkpoint": checkpoint, "out": out, "num": num, "fmt": format, **options}, address=address
     )
@@ -255,6 +255,14 @@ def evaluate(checkpoint: str, *, address: str | None = None, **options: Any) -> 
 
     _known(options, Evaluation, "evaluate", skip=("checkpoint",))
     return commands.evaluate({"checkpoint": checkpoint, **options}, address=address)
+
+
+def tune_sampling(checkpoint: str, *, out: str, address: str | None = None, **options: Any) -> dict[str, Any]:
+    """`vae-ray tune-sampling`: data=, temperatures=, priors=, min_confidences=, num=, metric=, ..."""
+    from .sampling import search
+
+    _known(options, search, "tune_sampling", skip=("checkpoint", "out", "address", "progress"))
+    return search(checkpoint, out, address=address, **options)
 
 
 def export(run: str, *, out: str, repo: str | None = None, seed: int = 0) -> dict[str, Any]:

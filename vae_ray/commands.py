@@ -96,10 +96,12 @@ def generate(options: dict[str, Any], *, show: bool = False, address: str | None
     from . import generate as generation
 
     check_address(address)
-    job = generation.Generation(**options)
     with Stages(enabled=show, rate=True) as stages:
+        fitting = lambda done, total: stages("fitting the prior: encoding the training split", done, total)  # noqa: E731
+        job = generation.Generation(**options, address=address, fitting=fitting)
         manifest = job.run(address, lambda done, total: stages("generating", done, total))
     return {k: manifest.get(k) for k in ("count", "seconds", "image_format", "already_complete", "filter")} | {
+        "prior": job.plan.prior,
         "out": job.out,
         "path": job.path_taken,
         "checkpoint": describe_checkpoint(options["checkpoint"], job.blob["path"]),
@@ -186,6 +188,7 @@ def validate(spec: dict[str, Any]) -> None:
             actors=o.get("actors"),
             min_confidence=o.get("min_confidence", 0.0),
             max_copy_distance=o.get("max_copy_distance", 0.0),
+            prior=o.get("prior", "normal"),
         )
     elif command == "encode":
         from . import encode as encoding

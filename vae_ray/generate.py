@@ -112,6 +112,8 @@ class Plan:
     judge_sha256: str = ""  # the filtering judge's weights
     max_copy_distance: float = 0.0  # > 0: drop an image this close (pixel L2, [0, 1] units) to a training image
     reference_sha256: str = ""  # the dataset whose training split that is
+    prior: str = "normal"  # where z comes from (vae_ray/prior.py): N(0, I), or "gmm"
+    prior_sha256: str = ""  # the fitted mixture's file, for "gmm"
 
     @property
     def filtered(self) -> bool:
@@ -129,6 +131,9 @@ class Plan:
         fields_ = asdict(self)
         if not self.filtered:  # an unfiltered plan keeps the digest it had before filtering existed
             for name in FILTER_FIELDS:
+                del fields_[name]
+        if self.prior == "normal":  # likewise before priors were a choice
+            for name in PRIOR_FIELDS:
                 del fields_[name]
         return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -214,6 +219,13 @@ class ShardWriter:
             held = model_blob["reference"]
             self.reference = torch.from_numpy(held.reshape(len(held), -1)).to(self.device).float().div_(255.0)
         self.filtered: dict[int, dict[str, int]] = {}  # shard -> candidates, images none passed, copies dropped
+        self.mixture = None  # --prior gmm: the fitted mixture the plan names
+        if self.plan.prior == "gmm":
+            from .prior import Mixture
+
+            if hashlib.sha256(model_blob["prior"]).hexdigest() != self.plan.prior_sha256:
+                raise UserError("the mixture handed to the writer is not the one the plan names")
+            self.mixture = Mixture.from_bytes(model_blob["prior"], "the plan's mixture")
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
@@ -258,8 +270,16 @@ class ShardWriter:
         return np.concatenate(images)[cut], np.concatenate(labels)[cut], np.concatenate(tries)[cut]
 
     def _draw(self, keys: np.ndarray, y: torch.Tensor | None) -> np.ndarray:
-        z = torch.from_numpy(latent_normals(self.plan.seed, keys, self.model.latent_dim))
-        z = (z * self.plan.temperature).to(self.device)
+        eps = latent_normals(self.plan.seed, keys, self.model.latent_dim)
+        z = eps * np.float32(self.plan.temperature)
+        if self.mixture is not None:  # the first latent group from the mixture (of the image's class)
+            from .prior import component_uniforms
+
+            d = self.mixture.dims
+            classes = y.cpu().numpy() if y is not None else None
+            u = component_uniforms(self.plan.seed, keys)
+            z[:, :d] = self.mixture.sample(eps[:, :d], u, classes, self.plan.temperature)
+        z = torch.from_numpy(z).to(self.device)
         return to_uint8(self.model.mean_image(self.model.decode(z, y)))
 
     def _filter(
@@ -355,6 +375,7 @@ class ShardWriter:
 
 FILTER_KEYS = ("candidates", "unmet", "copies")  # a filtered set's per-shard counts (markers and manifest)
 FILTER_FIELDS = ("min_confidence", "judge_sha256", "max_copy_distance", "reference_sha256")  # Plan's, newer
+PRIOR_FIELDS = ("prior", "prior_sha256")  # Plan's, newer still
 
 
 def _filter_judge(model_blob: dict[str, Any], device: torch.device):
@@ -419,8 +440,10 @@ def make_plan(
     chunk: int = CHUNK,
     shard_size: int = SHARD,
     filters: dict[str, Any] | None = None,
+    prior: tuple[str, str] = ("normal", ""),
 ) -> Plan:
-    """The plan of a run; `filters` holds the Plan's FILTER_FIELDS (resolved by Generation)."""
+    """The plan of a run; `filters` holds the Plan's FILTER_FIELDS (resolved by
+    Generation), `prior` its prior and the fitted mixture's SHA-256."""
     filters = filters or {}
     check_options(
         num=num,
@@ -454,6 +477,8 @@ def make_plan(
         checkpoint_sha256=blob["sha256"],
         chunk=chunk,
         shard_size=shard_size,
+        prior=prior[0],
+        prior_sha256=prior[1],
         **filters,
     )
 
@@ -470,8 +495,13 @@ def check_options(
     actors: int | None = None,
     min_confidence: float = 0.0,
     max_copy_distance: float | str = 0.0,
+    prior: str = "normal",
 ) -> None:
     """Every check that needs no files: run before anything else, and before --submit."""
+    from .prior import PRIORS
+
+    if prior not in PRIORS:
+        raise UserError(f"--prior must be one of {', '.join(PRIORS)} (got {storage.printable(str(prior))[:40]!r})")
     if not (_is_number(min_confidence) and 0 <= min_confidence < 1):
         raise UserError(f"--min-confidence must be a probability in [0, 1) (got {min_confidence})")
     if max_copy_distance != "auto" and not (
@@ -613,14 +643,14 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
 
     raw = manifest.get("plan")
     names = {f.name for f in fields(Plan)}
-    optional = {"shard_size", "chunk", *FILTER_FIELDS}  # fields later versions added
+    optional = {"shard_size", "chunk", *FILTER_FIELDS, *PRIOR_FIELDS}  # fields later versions added
     if not isinstance(raw, dict) or not set(raw) <= names or not names - optional <= set(raw):
         raise bad("holds no valid plan")
     if not (
         all(_is_int(raw[k]) for k in ("num", "seed", "shard_size", "chunk") if k in raw)
         and all(
             isinstance(raw[k], str)
-            for k in ("format", "labels", "checkpoint_sha256", "judge_sha256", "reference_sha256")
+            for k in ("format", "labels", "checkpoint_sha256", "judge_sha256", "reference_sha256", *PRIOR_FIELDS)
             if k in raw
         )
         and all(_is_number(raw[k]) for k in ("temperature", "min_confidence", "max_copy_distance") if k in raw)
@@ -637,6 +667,7 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
             plan.shard_size,
             min_confidence=plan.min_confidence,
             max_copy_distance=plan.max_copy_distance,
+            prior=plan.prior,
         )
     except UserError as exc:
         raise bad(f"plans impossible values ({exc})") from None
@@ -1161,10 +1192,26 @@ class Generation(ShardedJob):
         max_copy_distance: float | str = 0.0,
         data: str | None = None,
         judge_seed: int = FILTER_JUDGE_SEED,
+        prior: str = "normal",
+        address: str | None = None,
+        fitting: Callable[[int, int], None] | None = None,
     ):
+        """`address`: the cluster that fits a --prior gmm mixture when the run
+        has none yet (`fitting` follows that job); `run` takes it again."""
         chunk = CHUNK if batch_size is None else batch_size
         check_options(
-            num, fmt, seed, temperature, chunk, shard_size, label, per_class, actors, min_confidence, max_copy_distance
+            num,
+            fmt,
+            seed,
+            temperature,
+            chunk,
+            shard_size,
+            label,
+            per_class,
+            actors,
+            min_confidence,
+            max_copy_distance,
+            prior,
         )
         self.out = storage.check_uri(out)
         self.blob = load_blob(checkpoint)
@@ -1175,7 +1222,16 @@ class Generation(ShardedJob):
             filters = self._load_filters(
                 data or self.blob["config"]["data"], min_confidence, max_copy_distance, judge_seed
             )
-        self.plan = make_plan(self.blob, num, fmt, seed, temperature, label, per_class, chunk, shard_size, filters)
+        mixture = ("normal", "")
+        if prior == "gmm":
+            from .prior import ensure
+
+            _, stored = ensure(self.blob, data, address, actors, gpu, fitting)
+            self.blob = self.blob | {"prior": stored}
+            mixture = ("gmm", hashlib.sha256(stored).hexdigest())
+        self.plan = make_plan(
+            self.blob, num, fmt, seed, temperature, label, per_class, chunk, shard_size, filters, mixture
+        )
         self.state = destination_state(self.out, self.plan, overwrite)
         self.actors, self.gpu, self.overwrite = actors, gpu, overwrite
         self.path_taken = ""
@@ -1185,6 +1241,10 @@ class Generation(ShardedJob):
 
     def _writer_options(self, root: str, device: str, threads: int) -> dict[str, Any]:
         return {"plan": asdict(self.plan), "root": root, "device": device, "threads": threads}
+
+    def decoder(self, threads: int = 1) -> ShardWriter:
+        """This run's images without writing them (`decoder().decode(start, end)`), on the CPU."""
+        return ShardWriter(self.blob, **self._writer_options("", "cpu", threads))
 
     def _load_filters(
         self, data: str, min_confidence: float, max_copy_distance: float | str, judge_seed: int
@@ -1477,7 +1537,7 @@ def generate(
     **options: Any,
 ) -> dict[str, Any]:
     """Write `num` generated images to `out` (see `Generation` for the options)."""
-    return Generation(checkpoint, num, out, **options).run(address, progress)
+    return Generation(checkpoint, num, out, address=address, **options).run(address, progress)
 
 
 def dataset_card(manifest: dict[str, Any]) -> str:
@@ -1529,7 +1589,7 @@ them is a real {dataset["name"]} image.
 | images | {manifest["count"]:,} ({dataset["shape"][0]}x{dataset["shape"][1]}, {dataset["shape"][2]} channel(s), PNG) |
 | labels | {"image i has label i mod " + str(len(dataset["classes"])) if plan["labels"] == "per-class" else ("class " + plan["labels"] if plan["labels"] != "none" else "none (an unconditional model)")} |
 | seed | {plan["seed"]} (image i depends only on the checkpoint, the seed, i and its label) |
-| temperature | {plan["temperature"]:g} (z ~ N(0, T^2 I)) |
+| temperature | {plan["temperature"]:g} ({_prior_text(plan)}) |
 {_filter_row(manifest)}| checkpoint | `{manifest["checkpoint"]}` |
 | checkpoint SHA-256 | `{manifest["checkpoint_sha256"]}` |
 | model | {manifest["config"]["arch"]} network, latent {manifest["config"]["latent_dim"]}, {manifest["config"]["loss"]} loss{", class-conditional" if manifest["config"]["conditional"] else ""} |
@@ -1551,6 +1611,15 @@ ds = load_dataset("parquet", data_files="data/*.parquet", split="train")
 `_manifest.json` lists every shard with its checksum; `vae-ray generate --verify DIR` checks them.
 """
     return "\n".join(lines) + body
+
+
+def _prior_text(plan: dict[str, Any]) -> str:
+    if plan.get("prior", "normal") == "gmm":
+        return (
+            "z's first latent group from a Gaussian mixture fitted to the training images' codes, each "
+            f"component's spread scaled by T; mixture SHA-256 `{plan['prior_sha256'][:12]}`"
+        )
+    return "z ~ N(0, T^2 I)"
 
 
 def _filter_row(manifest: dict[str, Any]) -> str:

@@ -41,6 +41,13 @@ def latent_normals(seed: int, indices: np.ndarray, dim: int) -> np.ndarray:
     return z[:, :dim].astype(np.float32)
 
 
+def keyed_uniforms(seed: int, indices: np.ndarray) -> np.ndarray:
+    """A uniform in (0, 1) per index (float64), depending only on (seed, index)."""
+    idx = np.asarray(indices).astype(np.uint64)
+    bits = _splitmix64((idx * np.uint64(2) + np.uint64(1)) ^ _key(seed + 1))
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
 def hashed_normals(seed: int, indices: np.ndarray, samples: int, dim: int) -> torch.Tensor:
     """(samples, len(indices), dim) standard normals keyed by (seed, image index, sample number)."""
     indices = np.asarray(indices, dtype=np.int64)

@@ -292,11 +292,27 @@ def _write(out: str, result: dict[str, Any], fake: np.ndarray, labels: np.ndarra
             rows = [np.flatnonzero(labels == k)[:8] for k in range(min(meta["num_classes"], 20))]
             picks = np.concatenate([r for r in rows if len(r)])
             save_grid(fake[picks], folder / "samples_per_class.png", cols=8)
+        if result.get("mixing"):
+            _mixing_curve(result, folder / "mixing.png")
         publish_folder(folder, target)
 
 
+def _mixing_curve(result: dict[str, Any], path) -> None:
+    """Test accuracy against the synthetic share of the training images (0: TRTR, 1: TSTR)."""
+    from .plots import metric_by_setting
+
+    curve = result["mixing"]
+    metric_by_setting(
+        [f"{m['synthetic_share']:.0%}" for m in curve],
+        {"accuracy on real test images": [m["accuracy"] for m in curve]},
+        path,
+        "synthetic share of the classifier's training images",
+        f"Real and synthetic mixed ({result['images']:,} training images)",
+    )
+
+
 WHAT = "a vae-ray set evaluation"
-OUT_FILES = frozenset({"quality.json", "samples.png", "samples_per_class.png"})
+OUT_FILES = frozenset({"quality.json", "samples.png", "samples_per_class.png", "mixing.png"})
 
 
 def _not_quality_files(uri: str) -> list[str]:

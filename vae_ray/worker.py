@@ -55,6 +55,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     keep_freed_memory()
     seed_everything(cfg.seed + rank)
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        # The batch shape is fixed for a whole run: let cuDNN time its
+        # convolution algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
 
     # 2. Model (DDP-wrapped when world > 1), optimizer and weight average.
     core = build(ModelSpec.from_config(cfg, dataset))
@@ -183,7 +187,10 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
     started = time.perf_counter()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_for(cfg.precision, device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # images, loss, recon, kl
+    # Loss sums stay on the device and images are counted on the host: a
+    # per-step count copied to a GPU would make every step wait for the host.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl
+    images_seen = 0
     window = torch.zeros((), device=device)
     binarize = cfg.binarize and LIKELIHOODS[cfg.loss].binarize
     for step, (images, labels, _) in enumerate(feed.batches(epoch, run.batch, run.steps), start=1):
@@ -211,30 +218,30 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
         if run.averaged is not None:
             update_average(run.averaged, run.core, cfg.ema, run.global_step)
         sums += torch.stack(
-            [
-                torch.tensor(float(len(x)), device=device, dtype=torch.float64),
-                terms.loss.detach().sum().double(),
-                terms.recon.detach().sum().double(),
-                terms.kl.detach().sum().double(),
-            ]
+            [terms.loss.detach().sum().double(), terms.recon.detach().sum().double(), terms.kl.detach().sum().double()]
         )
+        images_seen += len(x)
         window = window + loss.detach()
         if step % CHECK_EVERY == 0 or step == run.steps:
             if not all_finite(window, world):  # checked together, so every rank stops at the same step
-                return sums, f"non-finite loss at epoch {epoch}, step {step}"
+                return _with_count(images_seen, sums), f"non-finite loss at epoch {epoch}, step {step}"
             window = torch.zeros((), device=device)
             if run.board is not None:
-                seen = sums[0].item() * world
                 run.board.update.remote(
                     key=run.board_key,
                     epoch=epoch,
                     epochs=cfg.epochs,
                     step=step,
                     steps=run.steps,
-                    loss=sums[1].item() / max(sums[0].item(), 1),
-                    images_per_s=seen / (time.perf_counter() - started),
+                    loss=sums[0].item() / max(images_seen, 1),
+                    images_per_s=images_seen * world / (time.perf_counter() - started),
                 )
-    return sums, None
+    return _with_count(images_seen, sums), None
+
+
+def _with_count(images: int, sums: torch.Tensor) -> torch.Tensor:
+    """(images, loss, recon, kl) sums, one tensor for the ranks' all-reduce."""
+    return torch.cat([torch.tensor([float(images)], dtype=torch.float64, device=sums.device), sums])
 
 
 @torch.no_grad()

@@ -71,7 +71,20 @@ def generate(
             "--gpu/--no-gpu", help="GPU actors (default: when the cluster has GPUs).", metavar="", show_default="auto"
         ),
     ] = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="Scale T of z ~ N(0, T^2 I), in (0, 100].")] = 1.0,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature", help="Scale T of z ~ N(0, T^2 I) (gmm: of each component's spread), in (0, 100]."
+        ),
+    ] = 1.0,
+    prior: Annotated[
+        str,
+        typer.Option(
+            "--prior",
+            help="Where z comes from: normal, N(0, I); or gmm, a Gaussian mixture fitted to the codes of the "
+            "training split (of --data), by a Ray job the first time, then kept in the run folder.",
+        ),
+    ] = "normal",
     label: Annotated[int | None, typer.Option("--label", help="Class-conditional models: this class only.")] = None,
     per_class: Annotated[
         bool,
@@ -112,7 +125,7 @@ def generate(
             "--data",
             "-d",
             help="Prepared dataset the filters read: its judge (--min-confidence) and training split "
-            "(--max-copy-distance). Default: the one the model was trained on.",
+            "(--max-copy-distance, --prior gmm). Default: the one the model was trained on.",
         ),
     ] = None,
     judge_seed: Annotated[
@@ -168,6 +181,7 @@ def generate(
         max_copy_distance=copy_distance(max_copy_distance),
         data=data,
         judge_seed=judge_seed,
+        prior=prior,
     )
     spec = {"command": "generate", "kwargs": {"options": options}}
     if submit:

@@ -35,7 +35,88 @@ def register(app: typer.Typer) -> None:
         "stopping; every trial is a Ray Train run.",
         epilog=TUNE_EPILOG,
     )(handles_errors(_tune_command()))
+    app.command(
+        "tune-sampling",
+        epilog="Code: vae_ray/cli/tune.py -> vae_ray/sampling.py (search, trial). " + EXIT_CODES,
+    )(tune_sampling)
     app.add_typer(study_app, name="study")
+
+
+@handles_errors
+def tune_sampling(
+    checkpoint: Annotated[str, typer.Argument(help="A trained run (its latest checkpoint) or a checkpoint folder.")],
+    out_dir: Annotated[
+        str,
+        typer.Option("--out", "-o", help="Search folder: results.csv, best.json, search.png (new, or an earlier one)."),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option("--data", "-d", help="The real dataset, with its judge (default: the one the model trained on)."),
+    ] = None,
+    temperatures: Annotated[str, typer.Option("--temperatures", help="Grid of --temperature values.")] = "0.8,0.9,1.0",
+    priors: Annotated[str, typer.Option("--priors", help="Grid of --prior values (normal, gmm).")] = "normal,gmm",
+    min_confidences: Annotated[
+        str, typer.Option("--min-confidences", help="Grid of --min-confidence values (0 = unfiltered).")
+    ] = "0",
+    num: Annotated[int, typer.Option("--num", "-n", help="Images each trial draws and scores.")] = 2000,
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric",
+            help="fd: Frechet distance to real training images in the judge's features (lower is better); "
+            "tstr: accuracy on them of a classifier trained on the trial's images (labelled sets).",
+        ),
+    ] = "fd",
+    max_copy_distance: Annotated[
+        str, typer.Option("--max-copy-distance", help="As generate's, the same for every trial (0 = off).")
+    ] = "0",
+    judge_seed: Annotated[int, typer.Option("--judge-seed", help="As generate's: the filtering judge.", min=0)] = 1,
+    seed: opt.Seed = 0,
+    address: opt.Address = None,
+    as_json: opt.Json = False,
+) -> None:
+    """Search how to sample a trained model (temperature, prior, confidence filter), without retraining.
+
+    A Ray Tune grid: every trial draws a set as `generate` would and scores it against real training images."""
+    import json
+
+    from ..cluster import check_address
+    from ..progress import Stages
+    from ..sampling import search
+    from .generate import copy_distance
+
+    check_address(address)
+    with Stages(enabled=not as_json) as stages:
+        summary = search(
+            checkpoint,
+            out_dir,
+            data=data,
+            temperatures=temperatures,
+            priors=priors,
+            min_confidences=min_confidences,
+            num=num,
+            metric=metric,
+            max_copy_distance=copy_distance(max_copy_distance),
+            seed=seed,
+            judge_seed=judge_seed,
+            address=address,
+            progress=stages,
+        )
+    if as_json:
+        result(json.dumps(summary, default=str))
+        return
+    key = "tstr_accuracy" if summary["metric"] == "tstr" else "fd"
+    table = Table(title=f"{len(summary['trials'])} sampling settings, {summary['images_per_trial']:,} images each")
+    columns = ["temperature", "prior", "min_confidence", "fd", "precision", "recall", "acceptance_rate"]
+    columns += ["tstr_accuracy"] if key == "tstr_accuracy" else []
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in summary["trials"]:
+        table.add_row(*(cell(f"{row[c]:.4g}" if isinstance(row[c], float) else row[c]) for c in columns))
+    console.print(table)
+    labelled("best:", f"{summary['best']} ({key} {summary['best_value']:.4f})", "green")
+    say(f"use it: {summary['command']}")
+    result(summary["out"])
 
 
 def _tune_own(
