@@ -447,6 +447,9 @@ def test_a_gmm_prior_is_fitted_once_beside_the_run_and_resumes_to_the_same_bytes
     plain = generate(str(run), 60, str(tmp_path / "plain"), shard_size=20, per_class=True)
     kept = _by_index(tmp_path / "a")
     assert sorted(kept) == list(range(60)) and kept != _by_index(tmp_path / "plain")
+    # The Python API's sample(prior="gmm") is the set's images 0..n-1.
+    sampled = vae_ray.load(str(run)).sample(60, prior="gmm")
+    assert all(np.array_equal(sampled[i, :, :, 0], np.asarray(Image.open(io.BytesIO(kept[i])))) for i in range(60))
     assert first["count"] == plain["count"] == 60
     modified = stored[0].stat().st_mtime_ns
     generate(str(run), 60, str(tmp_path / "one"), shard_size=60, **options)

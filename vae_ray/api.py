@@ -81,14 +81,19 @@ class Model:
 
     # -- the four methods -----------------------------------------------------
     def sample(
-        self, n: int, label: int | str | Sequence | None = None, temperature: float = 1.0, seed: int = 0
+        self,
+        n: int,
+        label: int | str | Sequence | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
+        prior: str = "normal",
     ) -> np.ndarray:
         """n images as uint8 (n, H, W, C), decoded from the latent vectors that
-        `vae-ray generate --seed SEED` decodes for its images 0..n-1. A
-        class-conditional model without `label` draws classes in turn (image i
-        has class i mod C, as `generate --per-class`)."""
-        import torch
-
+        `vae-ray generate --seed SEED --prior PRIOR` decodes for its images
+        0..n-1. A class-conditional model without `label` draws classes in
+        turn (image i has class i mod C, as `generate --per-class`). `prior`
+        "gmm" uses the mixture a `generate --prior gmm` of this checkpoint
+        fitted and kept in its run."""
         from .keyed_random import latent_normals
 
         if not 1 <= int(n) <= 1_000_000:
@@ -96,10 +101,44 @@ class Model:
         if not (np.isfinite(temperature) and temperature > 0):
             raise UserError(f"temperature must be a positive finite number (got {temperature})")
         idx = np.arange(int(n))
-        z = torch.from_numpy(latent_normals(int(seed), idx, self.latent_dim)) * float(temperature)
         if label is None and self.spec.num_classes:
             label = list(idx % self.spec.num_classes)
-        return self.decode(z.numpy(), label=label)
+        eps = latent_normals(int(seed), idx, self.latent_dim)
+        z = eps * np.float32(temperature)
+        if prior != "normal":
+            mixture = self._mixture(prior)
+            labels = self._labels(label, len(idx))
+            classes = labels.cpu().numpy() if labels is not None else None
+            from .prior import component_uniforms
+
+            d = mixture.dims
+            uniforms = component_uniforms(int(seed), idx)
+            z[:, :d] = mixture.sample(eps[:, :d], uniforms, classes, float(temperature))
+        return self.decode(z, label=label)
+
+    def _mixture(self, prior: str):
+        """The fitted mixture of this checkpoint (vae_ray/prior.py)."""
+        import hashlib
+
+        from . import prior as priors
+        from .checkpoint import weights_file
+
+        if prior not in priors.PRIORS:
+            raise UserError(f"prior must be one of {', '.join(priors.PRIORS)} (got {prior!r})")
+        loaded = self._loaded
+        blob = {
+            "path": loaded.path,
+            "sha256": hashlib.sha256(weights_file(loaded.local).read_bytes()).hexdigest(),
+            "config": loaded.config.to_dict(),
+            "dataset": loaded.dataset,
+        }
+        found = priors.stored(blob)
+        if found is None:
+            raise UserError(
+                f"{loaded.path}: no mixture fitted yet; `vae-ray generate RUN --prior gmm ...` fits it "
+                f"(or vae_ray.generate(..., prior='gmm'))"
+            )
+        return found[0]
 
     def encode(self, images: ImageArray, label: int | str | Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The posterior's mean and log-variance, float32 (N, K) each."""
