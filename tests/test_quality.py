@@ -90,6 +90,28 @@ def test_a_set_is_judged_against_real_data(judged, tmp_path):
     assert_one_error_line(refused, "mine.txt")
 
 
+def test_the_figures_go_into_the_sets_own_card(judged, tmp_path):
+    """--card: the figures in the hf set's README.md, in place of earlier ones;
+    the set still verifies; a set with no card is refused before any work."""
+    from vae_ray.generate import verify
+
+    data, sets = judged
+    hf = tmp_path / "hf"
+    shutil.copytree(sets["hf"], hf)
+    before = (hf / "README.md").read_text()
+    args = ["evaluate-set", str(hf), "--data", str(data), "--no-tstr", "--card", "--json"]
+    for _ in range(2):  # the second run replaces the first run's section
+        done = runner.invoke(app, args)
+        assert done.exit_code == 0, done.output
+    summary = json.loads(done.output)
+    card = (hf / "README.md").read_text()
+    assert card.startswith(before.rstrip("\n")) and card.count("## Quality against real data") == 1
+    assert f"{summary['fd']:.3f}" in card and f"{summary['precision']:.3f}" in card
+    verify(str(hf))
+    refused = runner.invoke(app, ["evaluate-set", str(sets["png"]), "--data", str(data), "--card"])
+    assert_one_error_line(refused, "a png set, which has none")
+
+
 def test_near_copies_are_counted_against_real_test_images():
     rng = np.random.default_rng(0)
     train, test = rng.random((500, 32)), rng.random((200, 32))

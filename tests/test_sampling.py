@@ -89,14 +89,34 @@ def test_a_sampling_search_scores_what_generate_writes(ray_cluster, tiny_data, t
     written = sorted(out.rglob("*.png"), key=lambda p: int(p.stem))
     assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in written])[..., None], images)
 
-    # Run again into the same folder: replaced whole. A folder holding other files is refused.
-    again = runner.invoke(
-        app, ["tune-sampling", str(run), *options, "--temperatures", "1", "--out", str(tmp_path / "s")]
-    )
-    assert again.exit_code == 0, again.output
+    # Again into the same folder, as a submitted job's driver runs it: replaced whole.
+    from vae_ray import commands
+
+    spec = {
+        "command": "sampling",
+        "kwargs": {
+            "options": {"checkpoint": str(run), "out": str(tmp_path / "s"), "data": str(data), "temperatures": "1"}
+            | {"priors": "normal,gmm", "num": 100}
+        },
+    }
+    commands.validate(spec)
+    assert commands.run(spec)["best"]["temperature"] == 1.0
     assert len(list(csv.DictReader(io.StringIO((tmp_path / "s" / "results.csv").read_text())))) == 2
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "notes.txt").write_text("mine")
     refused = runner.invoke(app, ["tune-sampling", str(run), *options, "--out", str(tmp_path / "theirs")])
+    # A mistake in a submitted search is found here, before any cluster is asked.
+    bad = [
+        "tune-sampling",
+        str(run),
+        "--out",
+        "x",
+        "--metric",
+        "likelihood",
+        "--submit",
+        "--address",
+        "http://127.0.0.1:9",
+    ]
+    assert_one_error_line(runner.invoke(app, bad), "--metric must be one of")
     assert_one_error_line(refused, "notes.txt")
     assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["notes.txt"]

@@ -135,12 +135,22 @@ def evaluate(options: dict[str, Any], *, show: bool = False, address: str | None
     return result | {"saved": saved, "checkpoint": describe_checkpoint(options["checkpoint"], result["checkpoint"])}
 
 
+def sampling(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
+    """`vae-ray tune-sampling` (vae_ray/sampling.py)."""
+    from .sampling import search
+
+    check_address(address)
+    with Stages(enabled=show) as stages:
+        return search(**options, address=address, progress=stages if show else None)
+
+
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
     "train": train,
     "tune": tune,
     "generate": generate,
     "encode": encode,
     "evaluate": evaluate,
+    "sampling": sampling,
 }
 
 
@@ -196,6 +206,10 @@ def validate(spec: dict[str, Any]) -> None:
         encoding.check_options(**kwargs["options"])
     elif command == "evaluate":
         evaluation.check_options(**kwargs["options"])
+    elif command == "sampling":
+        from .sampling import check_grid
+
+        check_grid(**kwargs["options"])
 
 
 def check_settings(settings: dict[str, Any]) -> None:

@@ -156,12 +156,15 @@ def evaluate_set(
     mixing: bool = True,
     steps: int = STEPS,
     out: str | None = None,
+    card: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     from .data import dataset_read_lock, read_arrays, read_meta
     from .metrics import frechet_distance, inception_score, precision_recall
 
     check_options(limit, seed, copy_percentile, steps)
+    if card:  # refused before the work, like --out
+        _check_card(gen)
     if out:  # refused before an hour of work, and again under its lock before the write
         from .generate import check_destination
 
@@ -238,7 +241,90 @@ def evaluate_set(
     if out:
         _write(out, result, fake, fake_labels, meta)
         result["out"] = storage.check_uri(out)
+    if card:
+        result["card"] = _into_card(gen, result)
     return result
+
+
+# ---------------------------------------------------------------------------
+# --card: the figures in the set's own dataset card
+# ---------------------------------------------------------------------------
+CARD_START, CARD_END = "<!-- vae-ray evaluate-set -->", "<!-- /vae-ray evaluate-set -->"
+
+
+def _check_card(gen: str) -> None:
+    from .generate import read_set
+
+    found = read_set(storage.check_uri(gen))
+    fmt = found[0]["plan"]["format"] if found else None
+    if fmt != "hf":
+        raise UserError(
+            f"{gen}: --card writes into a Hugging Face set's dataset card (README.md); "
+            f"this is {'not a generated set' if fmt is None else f'a {fmt} set, which has none'}"
+        )
+
+
+def _into_card(gen: str, result: dict[str, Any]) -> str:
+    """Put the figures into the set's README.md, in place of earlier ones,
+    under the set's lock (the card is the set's own file, outside its checksums)."""
+    from .generate import CARD, read_set
+
+    root = storage.check_uri(gen)
+    with storage.Lock(root, "vae-ray evaluate-set --card"):
+        found = read_set(root)
+        if found is None or found[0]["status"] != "complete" or found[0]["plan"]["format"] != "hf":
+            raise UserError(f"{gen}: changed while it was evaluated; run evaluate-set again")
+        path = storage.join(root, CARD)
+        text = storage.read_bytes(path).decode() if storage.is_file(path) else ""
+        if CARD_START in text and CARD_END in text.split(CARD_START, 1)[1]:
+            before, rest = text.split(CARD_START, 1)
+            text = before.rstrip("\n") + "\n" + rest.split(CARD_END, 1)[1].lstrip("\n")
+        storage.write_text(path, text.rstrip("\n") + "\n\n" + card_section(result) + "\n")
+    return path
+
+
+def card_section(result: dict[str, Any]) -> str:
+    """The figures of `vae-ray evaluate-set` as a dataset-card section."""
+
+    def f(value: Any, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    pixels, features = result["near_copies_pixels"], result["near_copies_features"]
+    tstr = result.get("tstr_ratio")
+    rows = [
+        (
+            "TSTR / TRTR (a classifier trained on the set, on real test images)",
+            f"{f(tstr, 3)} ({f(result.get('tstr_accuracy'))} / {f(result.get('trtr_accuracy'))})"
+            if tstr is not None
+            else "-",
+            "1",
+        ),
+        ("precision (judge features)", f(result["precision"], 3), f(result["precision_real"], 3)),
+        ("recall (judge features)", f(result["recall"], 3), f(result["recall_real"], 3)),
+        (
+            "Frechet distance to real test images",
+            f"{f(result['fd'], 3)} ({f(result['fd_ratio'], 1)}x real train's)",
+            f(result["fd_real"], 3),
+        ),
+        ("Inception Score", f(result["inception_score"], 3), f(result["inception_score_real"], 3)),
+        (
+            f"near-copies: closer to a training image than {result['copy_percentile']:g}% of real test images, "
+            "pixels / features",
+            f"{pixels['fraction']:.2%} / {features['fraction']:.2%}",
+            f"{pixels['fraction_real']:.2%} / {features['fraction_real']:.2%}",
+        ),
+    ]
+    table = "\n".join(f"| {name} | {value} | {real} |" for name, value, real in rows)
+    return f"""{CARD_START}
+## Quality against real data
+
+Measured by `vae-ray evaluate-set` on {result["images"]:,} images of this set
+against `{result["data"]}` ({result["judge"]}), {time.strftime("%Y-%m-%d")}.
+
+| figure | this set | real images |
+|---|---|---|
+{table}
+{CARD_END}"""
 
 
 def _train_on_synthetic(

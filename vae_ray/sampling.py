@@ -80,6 +80,24 @@ def check_options(temperatures: list[float], priors: list[str], confidences: lis
         raise UserError(f"the grid has {trials} trials; at most {MAX_GRID}")
 
 
+def check_grid(
+    temperatures: str = "0.8,0.9,1.0",
+    priors: str = "normal,gmm",
+    min_confidences: str = "0",
+    num: int = 2000,
+    metric: str = "fd",
+    **_: Any,
+) -> dict[str, list]:
+    """The grid, once every check that needs no files has passed (before a job is sent)."""
+    grid = {
+        "temperature": parse_grid(temperatures, "temperatures", float),
+        "prior": parse_grid(priors, "priors", str),
+        "min_confidence": parse_grid(min_confidences, "min-confidences", float),
+    }
+    check_options(grid["temperature"], grid["prior"], grid["min_confidence"], num, metric)
+    return grid
+
+
 def _not_search_files(uri: str) -> list[str]:
     from .hub import unproven
 
@@ -109,12 +127,7 @@ def search(
     from .data import dataset_read_lock, read_arrays, read_meta
     from .generate import check_destination
 
-    grid = {
-        "temperature": parse_grid(temperatures, "temperatures", float),
-        "prior": parse_grid(priors, "priors", str),
-        "min_confidence": parse_grid(min_confidences, "min-confidences", float),
-    }
-    check_options(grid["temperature"], grid["prior"], grid["min_confidence"], num, metric)
+    grid = check_grid(temperatures, priors, min_confidences, num, metric)
     target = storage.check_uri(out)
     check_destination(target, _not_search_files, WHAT)
     say = progress or (lambda *_: None)

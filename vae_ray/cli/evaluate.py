@@ -184,6 +184,14 @@ def evaluate_set(
         int, typer.Option("--steps", help="Batches of 128 each TSTR/TRTR classifier trains on (the judge's: 450).")
     ] = 450,
     seed: opt.Seed = 0,
+    card: Annotated[
+        bool,
+        typer.Option(
+            "--card",
+            help="Also write the figures into the set's dataset card (README.md of a --format hf set), "
+            "in place of earlier ones.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
     """Quality of a generated set against real data: Frechet distance, precision/recall, Inception
@@ -202,6 +210,7 @@ def evaluate_set(
             mixing=mixing,
             steps=steps,
             out=out,
+            card=card,
             progress=stages,
         )
     if as_json:
@@ -244,5 +253,7 @@ def evaluate_set(
         say(f"the set was filtered: {summary['filter']['acceptance_rate']:.1%} of candidates kept")
     if summary.get("warning"):
         say(f"warning: {summary['warning']}", "yellow")
+    if summary.get("card"):
+        say(f"card: the figures are in {summary['card']}")
     if summary.get("out"):
         result(summary["out"])

@@ -73,6 +73,11 @@ def tune_sampling(
     judge_seed: Annotated[int, typer.Option("--judge-seed", help="As generate's: the filtering judge.", min=0)] = 1,
     seed: opt.Seed = 0,
     address: opt.Address = None,
+    submit: opt.Submit = False,
+    wait: opt.Wait = True,
+    install_requirements: opt.InstallRequirements = False,
+    driver_cpus: opt.DriverCpus = 0.0,
+    driver_gpus: opt.DriverGpus = 0.0,
     as_json: opt.Json = False,
 ) -> None:
     """Search how to sample a trained model (temperature, prior, confidence filter), without retraining.
@@ -80,28 +85,27 @@ def tune_sampling(
     A Ray Tune grid: every trial draws a set as `generate` would and scores it against real training images."""
     import json
 
-    from ..cluster import check_address
-    from ..progress import Stages
-    from ..sampling import search
+    from .. import commands
     from .generate import copy_distance
 
-    check_address(address)
-    with Stages(enabled=not as_json) as stages:
-        summary = search(
-            checkpoint,
-            out_dir,
-            data=data,
-            temperatures=temperatures,
-            priors=priors,
-            min_confidences=min_confidences,
-            num=num,
-            metric=metric,
-            max_copy_distance=copy_distance(max_copy_distance),
-            seed=seed,
-            judge_seed=judge_seed,
-            address=address,
-            progress=stages,
-        )
+    options = dict(
+        checkpoint=checkpoint,
+        out=out_dir,
+        data=data,
+        temperatures=temperatures,
+        priors=priors,
+        min_confidences=min_confidences,
+        num=num,
+        metric=metric,
+        max_copy_distance=copy_distance(max_copy_distance),
+        seed=seed,
+        judge_seed=judge_seed,
+    )
+    spec = {"command": "sampling", "kwargs": {"options": options}}
+    if submit:
+        submit_spec(spec, address, wait, install_requirements, [checkpoint, out_dir, data], driver_cpus, driver_gpus)
+        return
+    summary = commands.sampling(options, show=not as_json, address=address)
     if as_json:
         result(json.dumps(summary, default=str))
         return
