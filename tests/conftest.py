@@ -19,6 +19,7 @@ the end-to-end test `make test-fast` keeps.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import secrets
@@ -40,6 +41,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+REHEARSAL_GPU = "rehearsal_gpu"  # the shared cluster's stand-in for a GPU (see ray_cluster)
 
 
 def _free_port() -> int:
@@ -85,10 +87,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A private local Ray cluster shared by every test that needs one. Four
-    logical CPUs: two training workers plus Ray Data."""
+    logical CPUs: two training workers plus Ray Data. It also declares one
+    `rehearsal_gpu`, a custom resource that searches schedule by as by a GPU
+    when VAE_RAY_GPU_RESOURCE names it (Ray's own RAY_OVERRIDE_RESOURCES, as
+    the cluster launcher sets a node's resources)."""
     from vae_ray.cluster import connect, shutdown
 
-    cluster = connect(cpus_needed=4)
+    os.environ["RAY_OVERRIDE_RESOURCES"] = json.dumps({REHEARSAL_GPU: 1})
+    try:
+        cluster = connect(cpus_needed=4)
+    finally:
+        os.environ.pop("RAY_OVERRIDE_RESOURCES", None)
     yield cluster.resources
     shutdown()
 

@@ -4,8 +4,9 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from vae_ray.data import load_split, prepare, read_arrays, read_meta, verify
+from vae_ray.data import load_split, prepare, read_arrays, read_meta, summary, verify
 from vae_ray.errors import UserError
 from vae_ray.sources.idx import read_idx
 
@@ -135,3 +136,26 @@ def test_ray_data_loader_first_rows_are_always_the_same(ray_cluster, tiny_data, 
     # The train split has several shards; the first N must not depend on which read finishes first.
     ds = load_split(tiny_data, "train", first=first)
     assert sorted(r["index"] for r in ds.select_columns(["index"]).take_all()) == list(range(first))
+
+
+def test_a_ranks_test_split_is_read_once_and_kept(tiny_data, monkeypatch):
+    from vae_ray import ingest
+
+    dataset = summary(read_meta(tiny_data))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ingest, "_EVAL_CACHE", {})
+    first = list(ingest.eval_batches(dataset, 1, 2, 100, cpu))
+    assert sum(len(b[0]) for b in first) == 256 and first[0][2][0] == 256  # rank 1 of 2: rows 256..511
+    reads, real = [], ingest.iter_rows
+    monkeypatch.setattr(ingest, "iter_rows", lambda *a, **k: reads.append(a) or real(*a, **k))
+    again = list(ingest.eval_batches(dataset, 1, 2, 100, cpu))
+    assert not reads and all(a[0] is b[0] for a, b in zip(first, again, strict=True))
+    # Another world size (an elastic restart) is another part of the split: read, not reused.
+    whole = list(ingest.eval_batches(dataset, 0, 1, 100, cpu))
+    assert len(reads) == 1 and sum(len(b[0]) for b in whole) == 512
+    # A part larger than the limit is read every time.
+    monkeypatch.setattr(ingest, "_EVAL_CACHE", {})
+    monkeypatch.setattr(ingest, "EVAL_CACHE_BYTES", 0)
+    for _ in range(2):
+        list(ingest.eval_batches(dataset, 0, 1, 100, cpu))
+    assert len(reads) == 3 and ingest._EVAL_CACHE == {}

@@ -17,9 +17,10 @@ from vae_ray import checkpoint as ckpt
 from vae_ray.cli import app
 from vae_ray.config import TrainConfig
 from vae_ray.errors import UserError
+from vae_ray.trials import GPU_RESOURCE_ENV
 from vae_ray.tune import SearchSpec, search
 
-from conftest import vae_ray_exe
+from conftest import REHEARSAL_GPU, vae_ray_exe
 
 pytestmark = pytest.mark.ray
 
@@ -28,13 +29,18 @@ pytestmark = pytest.mark.ray
 def finished_search(ray_cluster, tiny_data, tmp_path_factory, mlflow_server):
     """Four trials, two at a time: two good learning rates first, then two
     hopeless ones that ASHA should stop after the grace period. Logged to a
-    real MLflow server: one parent run, a child run per trial."""
+    real MLflow server: one parent run, a child run per trial. Scheduled as on
+    a GPU box: each trial asks for half of the cluster's one rehearsal GPU."""
     out = tmp_path_factory.mktemp("search") / "s"
     base = TrainConfig(
         data=str(tiny_data), out=str(out), epochs=2, batch_size=64, seed=0, mlflow=mlflow_server
     ).validate()
     spec = SearchSpec(latent_dims=[2, 4], lrs=[3e-3, 1e-7])
-    rows = search(base, spec, out, grace_period=1, max_concurrent=2, show=False)
+    os.environ[GPU_RESOURCE_ENV] = REHEARSAL_GPU
+    try:
+        rows = search(base, spec, out, grace_period=1, gpus_per_trial=0.5, show=False)
+    finally:
+        os.environ.pop(GPU_RESOURCE_ENV, None)
     return out, rows
 
 
@@ -58,11 +64,18 @@ def test_grid_runs_to_completion_with_early_stopping(ray_cluster, finished_searc
     assert (out / "curves.png").stat().st_size > 5000
     for row in rows:  # each trial is a full run folder, as `vae-ray train` leaves
         assert os.path.isdir(row["checkpoint"]) and (Path(ckpt.resolve(row["checkpoint"])) / "config.json").is_file()
-    # Stopped trials gave their workers back.
+    # Each trial's worker asked for half a GPU (here the rehearsal resource) and trained on its CPU.
+    shares = [
+        b for pg in ray.util.placement_group_table().values() for b in pg["bundles"].values() if REHEARSAL_GPU in b
+    ]
+    assert len(shares) >= 4 and all(b == {"CPU": 1.0, REHEARSAL_GPU: 0.5} for b in shares), shares
+    assert all(ckpt.load(r["checkpoint"]).config.gpu is False for r in rows)
+    # Stopped trials gave their workers and GPU shares back.
     deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+    total = {k: ray.cluster_resources()[k] for k in ("CPU", REHEARSAL_GPU)}
+    while {k: ray.available_resources().get(k, 0) for k in total} != total and time.time() < deadline:
         time.sleep(0.5)
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert {k: ray.available_resources().get(k, 0) for k in total} == total == {"CPU": 4, REHEARSAL_GPU: 1}
 
 
 def test_a_search_is_one_mlflow_parent_run_with_a_child_per_trial(finished_search, mlflow_server):
@@ -113,6 +126,8 @@ def test_random_search_space():
         (["--metric", "accuracy"], "--metric must be one of"),
         (["--grace-period", "9", "--epochs", "3"], "--grace-period must be between 1 and --epochs"),
         (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+        (["--gpus-per-trial", "-0.5"], "--gpus-per-trial must be >= 0"),
+        (["--gpus-per-trial", "0.5", "--no-gpu"], "contradict"),
     ],
 )
 def test_invalid_search_specs_exit_2(tiny_data, tmp_path, args, words):

@@ -238,7 +238,7 @@ def tune(
     grace_period: int = 1,
     metric: str = "test_matlab_elbo",
     max_concurrent: int | None = None,
-    gpus_per_trial: float = 0,
+    gpus_per_trial: float | None = None,
     resume: bool = False,
     address: str | None = None,
     **settings: Any,

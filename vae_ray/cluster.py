@@ -431,8 +431,9 @@ def start_board(name: str):
     return board, lambda: ray.get(board.get.remote(), timeout=2)
 
 
-def diagnose_stall(cfg, use_gpu: bool) -> str:
-    """What a run that made no progress was most likely waiting for, in words."""
+def diagnose_stall(cfg, use_gpu: bool, want: dict | None = None) -> str:
+    """What a run that made no progress was most likely waiting for, in words.
+    `want`: each worker's resources, when not its CPUs and one GPU."""
     import ray
 
     try:
@@ -442,8 +443,8 @@ def diagnose_stall(cfg, use_gpu: bool) -> str:
         return f"the Ray cluster stopped answering ({type(exc).__name__})"
     pending = [pg for pg in table.values() if pg.get("state") in ("PENDING", "RESCHEDULING")]
     if pending:
-        want = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        free = ", ".join(f"{k} {v:g}" for k, v in sorted(available.items()) if k in ("CPU", "GPU")) or "none"
+        want = want or {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        free = ", ".join(f"{k} {v:g}" for k, v in sorted(available.items()) if k in ("CPU", "GPU", *want)) or "none"
         return (
             f"waiting for resources: {cfg.min_workers or cfg.workers} worker(s) x {want} "
             f"are not free on the cluster (free now: {free})"

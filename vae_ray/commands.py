@@ -180,9 +180,9 @@ def validate(spec: dict[str, Any]) -> None:
         tuning.check_options(
             options.get("metric", "test_matlab_elbo"),
             options.get("grace_period", 1),
-            base.epochs,
+            base,
             options.get("max_concurrent"),
-            options.get("gpus_per_trial", 0),
+            options.get("gpus_per_trial"),
         )
     elif command == "generate":
         o = kwargs["options"]

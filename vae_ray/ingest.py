@@ -36,6 +36,8 @@ from .data import decode_images, open_shard, read_shard
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 (N, H, W, C), int64 labels, int64 indices
 MEMORY_SHARE = 0.25  # ingest "auto": the split may use at most this share of the smallest node's memory
+EVAL_CACHE_BYTES = 256 * 2**20  # a rank keeps its part of the test split up to this size
+_EVAL_CACHE: dict[tuple, list[Batch]] = {}
 
 
 # ---------------------------------------------------------------------------
@@ -179,9 +181,31 @@ class StreamFeed:
 def eval_batches(
     dataset: dict[str, Any], rank: int, world: int, batch_size: int, device: torch.device
 ) -> Iterator[Batch]:
-    """This rank's contiguous part of the test split, in order, in batches."""
+    """This rank's contiguous part of the test split, in order, in batches.
+    Read once per process: the batches stay where they were put (on the GPU
+    when training there) for every later epoch, unless the part exceeds
+    EVAL_CACHE_BYTES. The dataset cannot change meanwhile: a run holds its read lock."""
     start, stop = row_range(dataset["counts"]["test"], world, rank, equal=False)
+    key = (
+        dataset["root"],
+        tuple(s["file"] for s in dataset["shards"]["test"]),
+        start,
+        stop,
+        batch_size,
+        str(device),
+    )
+    if key in _EVAL_CACHE:
+        yield from _EVAL_CACHE[key]
+        return
+    keep = (stop - start) * math.prod(dataset["shape"]) <= EVAL_CACHE_BYTES
+    kept: list[Batch] = []
     for table in iter_rows(dataset, "test", start, stop):
         for first in range(0, table.num_rows, batch_size):
             images, labels, indices = to_batch(table.slice(first, batch_size), dataset["shape"])
-            yield images.to(device), labels.to(device), indices.to(device)
+            batch = (images.to(device), labels.to(device), indices.to(device))
+            if keep:
+                kept.append(batch)
+            yield batch
+    if keep:  # read to the end: one split per process (an elastic restart changes the key)
+        _EVAL_CACHE.clear()
+        _EVAL_CACHE[key] = kept

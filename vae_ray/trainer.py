@@ -199,10 +199,13 @@ def build_trainer(
     board_key: str = "",
     tracking: dict | None = None,
     lock_token: str = "",
+    resources: dict[str, float] | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for one run: `vae-ray train` and every Tune trial use
     this. `lock_token` is the run lock's (storage.Lock.token): the Train
-    controller checks it before each write into the run."""
+    controller checks it before each write into the run. `resources` are
+    each worker's (default: its CPUs and, with `use_gpu`, one GPU); a trial
+    sharing a GPU asks for a fraction of one."""
     datasets = {}
     if ingest == "stream":
         # A new block order every epoch (every execution), reproducible from the seed.
@@ -225,7 +228,7 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker=resources or {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=run.name,

@@ -50,6 +50,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from . import cluster as clusters
 from . import seal, storage
+from . import trials as trial_plan
 from .api import callable_module
 from .config import TrainConfig
 from .data import dataset_read_lock, read_meta, summary
@@ -59,7 +60,7 @@ from .plots import trial_curves
 from .progress import SearchDisplay
 from .rundir import RunDir, check_ray_state
 from .tracking import Tracking, mlflow_uri, search_group, wandb_target
-from .trainer import auto_cpus_per_worker, build_trainer, private_cluster_cpus, resolve
+from .trainer import build_trainer, private_cluster_cpus, resolve
 
 METRICS = ("test_matlab_elbo", "test_neg_elbo_nats")
 SEARCHED = ("latent_dim", "lr", "beta", "recon_weight")
@@ -234,12 +235,20 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
             job_type="trial",
         )
         info = tracking.start(cfg, run)
+    # The share of a GPU the search planned (one whole GPU in searches saved before shares existed).
+    placing = trial_plan.TrialPlan(
+        setup.get("gpus_per_worker", 1.0) if setup["use_gpu"] else 0.0,
+        cfg.cpus_per_worker,
+        1,
+        setup.get("gpu_resource", "GPU"),
+    )
     trainer = build_trainer(
         cfg,
         setup["dataset"],
         run,
         setup["ingest"],
-        setup["use_gpu"],
+        placing.on_device,
+        resources=placing.worker_resources(),
         callbacks=[TuneReportCallback()],
         board=setup["board"],
         board_key=trial_id,
@@ -263,14 +272,14 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
 # The search (driver)
 # ---------------------------------------------------------------------------
 def check_options(
-    metric: str, grace_period: int, epochs: int, max_concurrent: int | None, gpus_per_trial: float
+    metric: str, grace_period: int, base: TrainConfig, max_concurrent: int | None, gpus_per_trial: float | None
 ) -> None:
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)} (got {metric!r})")
-    if grace_period < 1 or grace_period > epochs:
-        raise UserError(f"--grace-period must be between 1 and --epochs ({epochs}); got {grace_period}")
-    if gpus_per_trial < 0:
-        raise UserError(f"--gpus-per-trial must be >= 0 (got {gpus_per_trial})")
+    if grace_period < 1 or grace_period > base.epochs:
+        raise UserError(f"--grace-period must be between 1 and --epochs ({base.epochs}); got {grace_period}")
+    if gpus_per_trial is not None:  # what no cluster can change: before one is asked
+        trial_plan.gpus_per_worker(base.workers, math.inf, float(gpus_per_trial), base.gpu)
     if max_concurrent is not None and not 1 <= max_concurrent <= 10_000:
         raise UserError(f"--max-concurrent must be at least 1 (got {max_concurrent})")
 
@@ -283,15 +292,15 @@ def search(
     grace_period: int = 1,
     metric: str = "test_matlab_elbo",
     max_concurrent: int | None = None,
-    gpus_per_trial: float = 0,
+    gpus_per_trial: float | None = None,
     resume: bool = False,
     show: bool = True,
     address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) a search; return the trial rows sorted by the metric."""
-    check_options(metric, grace_period, base.epochs, max_concurrent, gpus_per_trial)
+    check_options(metric, grace_period, base, max_concurrent, gpus_per_trial)
     meta = read_meta(base.data)
-    base = resolve(base.replace(gpu=gpus_per_trial > 0), meta)
+    base = resolve(base, meta)
     spec.validate(base)
     wandb_target(base.wandb)  # wandb missing: one line before anything is written
     out = storage.check_uri(str(out))
@@ -361,30 +370,24 @@ def _run(
     grace_period: int,
     metric: str,
     max_concurrent: int | None,
-    gpus_per_trial: float,
+    gpus_per_trial: float | None,
     resume: bool,
     show: bool,
     address: str | None,
 ) -> list[dict[str, Any]]:
     cluster = clusters.connect(address, cpus_needed=private_cluster_cpus(base))
-    use_gpu = gpus_per_trial > 0
-    if use_gpu and cluster.resources.get("GPU", 0) < base.workers:
-        raise UserError(
-            f"--gpus-per-trial {gpus_per_trial} needs GPUs; the cluster has {int(cluster.resources.get('GPU', 0))}"
-        )
-    cpus_per_worker = base.cpus_per_worker or _trial_cpus(base, cluster, max_concurrent, use_gpu)
-    base = base.replace(cpus_per_worker=cpus_per_worker)
-    per_trial_cpus = base.workers * cpus_per_worker
-    available = (os.cpu_count() or 1) if cluster.private else int(cluster.resources.get("CPU", 0))
-    concurrency = max_concurrent or derive_concurrency(
-        available, per_trial_cpus, cluster.resources, base.workers if use_gpu else 0
+    placing = trial_plan.plan(
+        [n["resources"] for n in cluster.nodes] or [cluster.resources],
+        workers=base.workers,
+        gpus_per_trial=gpus_per_trial,
+        gpu=base.gpu,
+        cpus_per_worker=base.cpus_per_worker,
+        max_concurrent=max_concurrent,
+        local_cpus=(os.cpu_count() or 1) if cluster.private else None,
+        resource=trial_plan.gpu_resource(),
     )
-    if concurrency * per_trial_cpus > available:
-        raise UserError(
-            f"{concurrency} concurrent trials x {per_trial_cpus} CPUs need "
-            f"{concurrency * per_trial_cpus} CPUs; {'this machine' if cluster.private else 'the cluster'} "
-            f"has {available}; lower --max-concurrent"
-        )
+    base = base.replace(cpus_per_worker=placing.cpus_per_worker, gpu=placing.on_device)
+    use_gpu = placing.use_gpu
     train_bytes = meta["splits"]["train"]["count"] * int(math.prod(meta["shape"]))
     board_name = f"vae-ray-search-{uuid.uuid4().hex[:8]}"
     board, _ = clusters.start_board(board_name)
@@ -395,6 +398,8 @@ def _run(
         "dataset": summary(meta),
         "trials_dir": storage.join(out, "trials"),
         "use_gpu": use_gpu,
+        "gpus_per_worker": placing.gpus_per_worker,
+        "gpu_resource": placing.resource,
         "ingest": choose_ingest(base.cache, train_bytes, cluster.node_memory),
         "board": board_name,
     }
@@ -430,7 +435,7 @@ def _run(
                 scheduler=scheduler,
                 search_alg=spec.searcher(base.seed),
                 num_samples=spec.num_samples,
-                max_concurrent_trials=concurrency,
+                max_concurrent_trials=placing.concurrency,
             ),
             run_config=tune.RunConfig(
                 name="tune",
@@ -473,30 +478,13 @@ def _run(
         )
     if stop.stalled is not None:
         raise RunFailed(
-            f"no progress for {base.stall_timeout} s: {clusters.diagnose_stall(base, use_gpu)}; "
+            f"no progress for {base.stall_timeout} s: {clusters.diagnose_stall(base, use_gpu, placing.worker_resources())}; "
             f"the search's state is kept: continue it with --resume"
         )
     storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "complete"})
     if rows and all(r["status"] == "error" for r in rows):
         raise RunFailed(f"search failed: all {len(rows)} trials errored; first error: {rows[0]['error']}")
     return SearchRows(rows)
-
-
-def _trial_cpus(base: TrainConfig, cluster: clusters.Cluster, max_concurrent: int | None, use_gpu: bool) -> int:
-    """CPUs per worker when left at auto: trials share the machine (or a node)."""
-    if use_gpu:
-        return auto_cpus_per_worker(base.workers, cluster, use_gpu)
-    total = (os.cpu_count() or 1) if cluster.private else cluster.largest_node_cpus()
-    trials = max_concurrent or max(1, total // base.workers)
-    return max(1, total // (trials * base.workers))
-
-
-def derive_concurrency(cpus: int, cpus_per_trial: int, resources: dict, gpus_per_trial: int) -> int:
-    """Trials that fit at once."""
-    by_cpu = max(1, cpus // max(cpus_per_trial, 1))
-    if gpus_per_trial:
-        return max(1, min(by_cpu, int(resources.get("GPU", 0)) // gpus_per_trial))
-    return by_cpu
 
 
 class DisplayCallback(tune.Callback):

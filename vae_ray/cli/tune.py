@@ -171,8 +171,15 @@ def _tune_own(
         int, typer.Option("--grace-period", help="Epochs before ASHA may stop a trial.", rich_help_panel=SEARCH)
     ] = 1,
     gpus_per_trial: Annotated[
-        int, typer.Option("--gpus-per-trial", help="GPUs per trial (one per worker).", rich_help_panel=SEARCH)
-    ] = 0,
+        float | None,
+        typer.Option(
+            "--gpus-per-trial",
+            help="GPUs per trial; a fraction shares a GPU between one-worker trials. Default: on a cluster "
+            "with GPUs, a quarter GPU per one-worker trial (four trials per GPU), a whole GPU per worker "
+            "otherwise; 0 trains on CPUs.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
     max_concurrent: Annotated[
         int | None,
         typer.Option("--max-concurrent", help="Trials at once (default: what fits).", rich_help_panel=SEARCH),
@@ -242,7 +249,7 @@ def run_tune(
     strategy: str | None,
     betas: str,
     grace_period: int,
-    gpus_per_trial: int,
+    gpus_per_trial: float | None,
     max_concurrent: int | None,
     metric: str,
     resume: bool,
@@ -270,8 +277,6 @@ def run_tune(
         lrs = "1e-3"
     if (lr_min is None) != (lr_max is None):
         raise UserError("random search needs both --lr-min and --lr-max")
-    if gpus_per_trial and gpus_per_trial != flags.get("workers", 1):
-        raise UserError("--gpus-per-trial must equal --workers-per-trial (one GPU per worker)")
     base = {**(read_settings(config_file) if config_file else {}), **flags, "out": out_dir}
     base.setdefault("mlflow", mlflow_uri())
     base.setdefault("wandb", wandb_project())
