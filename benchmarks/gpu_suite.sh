@@ -6,21 +6,22 @@
 #   (copy BUNDLE to the GPU machine)
 #   BUNDLE/gpu_suite.sh                      # there: installs from BUNDLE/wheels offline, runs, writes BUNDLE/report
 #
-#   benchmarks/gpu_suite.sh --dry-run        # anywhere: the same steps on the CPU at a tiny size
+#   BUNDLE/gpu_suite.sh --cifar              # there: the CIFAR-10 quality run instead (another call)
+#   benchmarks/gpu_suite.sh --dry-run [--cifar]   # anywhere: the same steps on the CPU at a tiny size
 #
 # The venv sees the machine's own torch (--system-site-packages), so its CUDA
 # build is kept; everything else comes from the wheels carried beside it.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 DRY=""
-if [ "${1:-}" = "--dry-run" ]; then DRY="--dry-run"; fi
+if [ "${1:-}" = "--dry-run" ]; then DRY="--dry-run"; shift; fi
 
 if [ -n "$DRY" ]; then
     # Checked where the project is installed (the test suite runs this).
     PY="${PYTHON:-python3}"
     DATA="${VAE_RAY_GPU_SUITE_DATA:-$HERE/../../shared/data}"
     OUT="${VAE_RAY_GPU_SUITE_OUT:-$(mktemp -d)}"
-    exec "$PY" "$HERE/gpu_suite.py" --data "$DATA" --out "$OUT" --dry-run
+    exec "$PY" "$HERE/gpu_suite.py" --data "$DATA" --out "$OUT" --dry-run "$@"
 fi
 
 PY="${PYTHON:-python3}"
@@ -38,4 +39,4 @@ if [ ! -x "$VENV/bin/vae-ray" ]; then
     fi
     "$VENV/bin/python" -m pip install -q --no-index --find-links "$HERE/wheels" vae-ray
 fi
-PATH="$VENV/bin:$PATH" "$VENV/bin/python" "$HERE/gpu_suite.py" --data "$HERE/data" --out "$HERE/report"
+PATH="$VENV/bin:$PATH" "$VENV/bin/python" "$HERE/gpu_suite.py" --data "$HERE/data" --out "$HERE/report" "$@"

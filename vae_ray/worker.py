@@ -194,33 +194,11 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
     window = torch.zeros((), device=device)
     binarize = cfg.binarize and LIKELIHOODS[cfg.loss].binarize
     for step, (images, labels, _) in enumerate(feed.batches(epoch, run.batch, run.steps), start=1):
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr_at(cfg, run.global_step, run.total_steps)
-        x = to_float(images)
-        target = torch.bernoulli(x) if binarize else x
-        with autocast:
-            logits, mu, logvar = run.model(x, labels if cfg.conditional else None, samples=cfg.z_samples)
-        terms = batch_terms(
-            run.core, x, target, logits, mu, logvar, beta_at(cfg, epoch, step, run.steps), cfg.recon_weight
-        )
-        # DDP averages gradients over ranks: scaling each rank's sum by world /
-        # batch_size makes the step the mean over the global batch, even when
-        # ranks hold batches one image apart.
-        loss = terms.loss.sum() * (world / cfg.batch_size)
-        run.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        scaler.step(run.optimizer)
-        scaler.update()
-        run.global_step += 1
-        if run.averaged is not None:
-            update_average(run.averaged, run.core, cfg.ema, run.global_step)
+        terms, loss = train_step(run, images, labels, beta_at(cfg, epoch, step, run.steps), scaler, autocast, binarize)
         sums += torch.stack(
             [terms.loss.detach().sum().double(), terms.recon.detach().sum().double(), terms.kl.detach().sum().double()]
         )
-        images_seen += len(x)
+        images_seen += len(images)
         window = window + loss.detach()
         if step % CHECK_EVERY == 0 or step == run.steps:
             if not all_finite(window, world):  # checked together, so every rank stops at the same step
@@ -237,6 +215,35 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
                     images_per_s=images_seen * world / (time.perf_counter() - started),
                 )
     return _with_count(images_seen, sums), None
+
+
+def train_step(run: Run, images, labels, beta: float, scaler, autocast, binarize: bool):
+    """One optimiser step on one batch of uint8 images, with nothing that
+    waits for the device; returns the batch's terms and the step's loss.
+    benchmarks/step_profile.py times exactly this."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, run.global_step, run.total_steps)
+    x = to_float(images)
+    target = torch.bernoulli(x) if binarize else x
+    with autocast:
+        logits, mu, logvar = run.model(x, labels if cfg.conditional else None, samples=cfg.z_samples)
+    terms = batch_terms(run.core, x, target, logits, mu, logvar, beta, cfg.recon_weight)
+    # DDP averages gradients over ranks: scaling each rank's sum by world /
+    # batch_size makes the step the mean over the global batch, even when
+    # ranks hold batches one image apart.
+    loss = terms.loss.sum() * (run.world / cfg.batch_size)
+    run.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    scaler.step(run.optimizer)
+    scaler.update()
+    run.global_step += 1
+    if run.averaged is not None:
+        update_average(run.averaged, run.core, cfg.ema, run.global_step)
+    return terms, loss
 
 
 def _with_count(images: int, sums: torch.Tensor) -> torch.Tensor:
