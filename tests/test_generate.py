@@ -450,6 +450,15 @@ def test_a_gmm_prior_is_fitted_once_beside_the_run_and_resumes_to_the_same_bytes
     # The Python API's sample(prior="gmm") is the set's images 0..n-1.
     sampled = vae_ray.load(str(run)).sample(60, prior="gmm")
     assert all(np.array_equal(sampled[i, :, :, 0], np.asarray(Image.open(io.BytesIO(kept[i])))) for i in range(60))
+    # vae-ray export carries the mixture, bound to the exported weights: the folder alone draws the same set.
+    from vae_ray.hub import export
+
+    written = export(str(run), str(tmp_path / "model"))
+    assert "prior-gmm.safetensors" in written["files"]
+    assert "--prior gmm" in (tmp_path / "model" / "README.md").read_text()
+    assert np.array_equal(vae_ray.load(str(tmp_path / "model")).sample(60, prior="gmm"), sampled)
+    generate(str(tmp_path / "model"), 60, str(tmp_path / "shared"), shard_size=60, **options)
+    assert _by_index(tmp_path / "shared") == kept
     assert first["count"] == plain["count"] == 60
     modified = stored[0].stat().st_mtime_ns
     generate(str(run), 60, str(tmp_path / "one"), shard_size=60, **options)

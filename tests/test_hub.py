@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from vae_ray import checkpoint as ckpt
 from vae_ray.cli import app
+from vae_ray.errors import UserError
 from vae_ray.rundir import RunDir
 
 from conftest import REPO, assert_one_error_line, assert_process_error_line
@@ -127,6 +128,8 @@ def test_export_writes_a_folder_the_hub_reads(run, tmp_path):
     model = vae_ray.load(str(alone))
     assert torch.allclose(_mu(model.torch_module), torch.tensor(EXPECTED["mu"]), atol=1e-6)
     assert model.sample(6, seed=0, label=2).shape == (6, 12, 12, 1)
+    with pytest.raises(UserError, match="carries no Gaussian-mixture prior"):  # its run fitted none
+        model.sample(6, prior="gmm")
     made = runner.invoke(app, ["generate", str(alone), "--num", "6", "--out", str(tmp_path / "g"), "--json"])
     assert made.exit_code == 0, made.output
     manifest = json.loads((tmp_path / "g" / "_manifest.json").read_text())

@@ -118,26 +118,15 @@ class Model:
 
     def _mixture(self, prior: str):
         """The fitted mixture of this checkpoint (vae_ray/prior.py)."""
-        import hashlib
-
         from . import prior as priors
-        from .checkpoint import weights_file
+        from .checkpoint import describe
 
         if prior not in priors.PRIORS:
             raise UserError(f"prior must be one of {', '.join(priors.PRIORS)} (got {prior!r})")
-        loaded = self._loaded
-        blob = {
-            "path": loaded.path,
-            "sha256": hashlib.sha256(weights_file(loaded.local).read_bytes()).hexdigest(),
-            "config": loaded.config.to_dict(),
-            "dataset": loaded.dataset,
-        }
+        blob = describe(self._loaded)
         found = priors.stored(blob)
         if found is None:
-            raise UserError(
-                f"{loaded.path}: no mixture fitted yet; `vae-ray generate RUN --prior gmm ...` fits it "
-                f"(or vae_ray.generate(..., prior='gmm'))"
-            )
+            raise UserError(priors.not_fitted(blob))
         return found[0]
 
     def encode(self, images: ImageArray, label: int | str | Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:

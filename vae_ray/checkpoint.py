@@ -281,13 +281,20 @@ def load_blob(path: str | Path) -> dict[str, Any]:
     """A checkpoint as one picklable dict for Ray workers: weights (loaded
     safely), config, dataset description and the weights' digest."""
     loaded = load(path)
-    sha = hashlib.sha256(weights_file(loaded.local).read_bytes()).hexdigest()
+    return {"weights": loaded.model.state_dict(), **describe(loaded)}
+
+
+def describe(loaded: Loaded) -> dict[str, Any]:
+    """What a loaded checkpoint is, without its weights: config, dataset
+    description, the weights file's digest, where it came from and where its
+    files are on this machine (an exported model's folder also holds its mixture prior)."""
     return {
-        "weights": loaded.model.state_dict(),
         "config": loaded.config.to_dict(),
         "dataset": loaded.dataset,
-        "sha256": sha,
+        "sha256": hashlib.sha256(weights_file(loaded.local).read_bytes()).hexdigest(),
         "path": loaded.path,
+        "local": str(loaded.local),
+        "exported": loaded.exported is not None,
         "evaluation": (loaded.exported or {}).get("evaluation") if loaded.exported else None,
     }
 

@@ -4,14 +4,15 @@
                                       DIR/config.json         {"config", "dataset", "state", "format", "vae_ray"}
                                       DIR/README.md           a model card with the Hub's YAML header
                                       DIR/samples.png         64 samples, the card's picture
+                                      DIR/prior-gmm.safetensors  the mixture prior, when the run fitted one
 
 The folder is what the Hugging Face Hub expects of a model repository: upload
 it as it is (`hf upload ORG/NAME DIR`). Every command that takes a checkpoint
 (generate, evaluate, encode, report, `vae_ray.load`) takes the folder, or
 `hf://ORG/NAME[@REVISION]`, fetched through huggingface_hub's cache when it is
 installed (`pip install 'vae-ray[hub]'`) and the Hub is reachable. Only these
-four files are fetched and nothing in them is executed: weights are
-safetensors, the rest is JSON, Markdown and a PNG.
+files are fetched and nothing in them is executed: weights and the mixture
+are safetensors, the rest is JSON, Markdown and a PNG.
 
 An export is a whole-folder output like a report: written in a temporary
 folder and swapped in under the destination's lock; an existing folder is
@@ -32,7 +33,8 @@ from .errors import UserError, first_line
 
 SCHEME = "hf://"
 FORMAT = "vae-ray-model"
-FILES = frozenset({"model.safetensors", "config.json", "README.md", "samples.png"})
+# prior-gmm.safetensors: the Gaussian-mixture prior the run fitted (prior.EXPORTED), when it has one.
+FILES = frozenset({"model.safetensors", "config.json", "README.md", "samples.png", "prior-gmm.safetensors"})
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,199}$")
 
@@ -136,14 +138,32 @@ def export(source: str, out: str, samples_seed: int = 0, repo: str | None = None
         raise UserError(f"{out}: is inside the run; export into a folder of its own")
     check_destination(out, _not_export_files, "an exported vae-ray model")
     evaluation = _evaluation(run) if run is not None else {}
+    mixture = _mixture_of(loaded)
     with storage.Lock(out, "vae-ray export"), tempfile.TemporaryDirectory() as tmp:
         settle_swap(out, _not_export_files)
         check_destination(out, _not_export_files, "an exported vae-ray model")
         folder = Path(tmp) / "model"
         folder.mkdir()
-        _write(folder, loaded, evaluation, used, samples_seed, repo)
+        _write(folder, loaded, evaluation, used, samples_seed, repo, mixture)
+        files = sorted(p.name for p in folder.iterdir())
         publish_folder(folder, out)
-    return {"out": out, "checkpoint": used, "files": sorted(FILES), "metrics": sorted(_metrics(evaluation))}
+    return {"out": out, "checkpoint": used, "files": files, "metrics": sorted(_metrics(evaluation))}
+
+
+def _mixture_of(loaded):
+    """The Gaussian-mixture prior fitted for this checkpoint (in its run, or
+    carried by the export it was loaded from), or None."""
+    from . import prior
+    from .checkpoint import describe
+
+    blob = describe(loaded)
+    if not blob["exported"]:
+        try:
+            prior.run_folder_of(blob)
+        except UserError:  # a checkpoint outside any run has none
+            return None
+    found = prior.stored(blob)  # a damaged or foreign one: one line, nothing exported
+    return found[0] if found is not None else None
 
 
 def _evaluation(run) -> dict[str, Any]:
@@ -162,12 +182,21 @@ def _metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _write(folder: Path, loaded, evaluation: dict[str, Any], used: str, seed: int, repo: str | None) -> None:
+def _write(
+    folder: Path, loaded, evaluation: dict[str, Any], used: str, seed: int, repo: str | None, mixture=None
+) -> None:
+    import dataclasses
+    import hashlib
+
     from . import checkpoint as ckpt
     from .pictures import samples
     from .plots import save_grid
+    from .prior import EXPORTED
 
     ckpt.save_weights(loaded.model, folder / "model.safetensors")
+    if mixture is not None:  # bound to these weights, as a run's mixture is to its checkpoint's
+        digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        (folder / EXPORTED).write_bytes(dataclasses.replace(mixture, checkpoint_sha256=digest).to_bytes())
     config = {
         "format": FORMAT,
         "vae_ray": __version__,
@@ -178,10 +207,10 @@ def _write(folder: Path, loaded, evaluation: dict[str, Any], used: str, seed: in
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_grid(samples(loaded.model, 64, seed=seed), folder / "samples.png", cols=8)
-    (folder / "README.md").write_text(card(loaded, evaluation, used, repo))
+    (folder / "README.md").write_text(card(loaded, evaluation, used, repo, mixture is not None))
 
 
-def card(loaded, evaluation: dict[str, Any], used: str, repo: str | None = None) -> str:
+def card(loaded, evaluation: dict[str, Any], used: str, repo: str | None = None, mixture: bool = False) -> str:
     """The model card: the Hub's YAML header (library, tags, datasets,
     model-index with evaluation.json's figures), then how to use the model."""
     import yaml
@@ -226,6 +255,17 @@ def card(loaded, evaluation: dict[str, Any], used: str, repo: str | None = None)
     )
     label = ", label=3" if conditional else ""
     where = repo or "ORG/NAME"
+    gmm_line = (
+        f"\nvae-ray generate hf://{where} --num 10000 --out synthetic-gmm/ --prior gmm   # from the mixture prior"
+        if mixture
+        else ""
+    )
+    gmm_file = (
+        "\n- `prior-gmm.safetensors`: a Gaussian mixture fitted to the training images' codes"
+        f"{' (one per class)' if conditional else ''}, sampled by `--prior gmm` (sharper, more varied sets than N(0, I))."
+        if mixture
+        else ""
+    )
     body = f"""
 # vae-ray {spec.arch} VAE on {name}
 
@@ -240,7 +280,7 @@ Trained for {state.get("epoch", "?")} epochs; exported from `{storage.printable(
 
 ```bash
 pip install 'vae-ray[hub]'
-vae-ray generate hf://{where} --num 10000 --out synthetic/ --format png   # or a local copy of this folder
+vae-ray generate hf://{where} --num 10000 --out synthetic/ --format png   # or a local copy of this folder{gmm_line}
 ```
 
 ```python
@@ -258,6 +298,6 @@ mu, logvar = model.encode(images)
 
 - `model.safetensors`: the weights{" (the weight average)" if loaded.config.ema else ""}.
 - `config.json`: the training settings, the image shape and classes, the checkpoint's epoch and metrics.
-- `samples.png`: 64 samples drawn from N(0, I).
+- `samples.png`: 64 samples drawn from N(0, I).{gmm_file}
 """
     return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n" + body

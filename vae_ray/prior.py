@@ -53,6 +53,9 @@ EM_TOLERANCE = 1e-6  # relative change of the mean log-likelihood that ends EM
 _COMPONENT_SALT = 0x5EED  # keys the component draws apart from the latent normals
 
 
+EXPORTED = "prior-gmm.safetensors"  # the mixture inside an exported model's folder (vae-ray export)
+
+
 def file_name(checkpoint_sha256: str) -> str:
     return f"prior-gmm-{checkpoint_sha256[:12]}.safetensors"
 
@@ -277,13 +280,33 @@ def run_folder_of(blob: dict[str, Any]) -> str:
     )
 
 
+def location(blob: dict[str, Any]) -> str:
+    """Where the checkpoint's mixture is kept: in its run folder, or in the
+    folder of an exported model (which carries the one its run fitted)."""
+    if blob.get("exported"):  # a Hub model's files are in huggingface_hub's cache
+        return storage.join(blob["local"] if str(blob["path"]).startswith("hf://") else blob["path"], EXPORTED)
+    return storage.join(run_folder_of(blob), file_name(blob["sha256"]))
+
+
+def not_fitted(blob: dict[str, Any]) -> str:
+    if blob.get("exported"):
+        return (
+            f"{blob['path']}: this exported model carries no Gaussian-mixture prior; run `vae-ray generate "
+            f"--prior gmm` on its training run, then export it again (or use --prior normal)"
+        )
+    return (
+        f"{blob['path']}: no mixture fitted yet; `vae-ray generate RUN --prior gmm ...` fits it "
+        f"(or vae_ray.generate(..., prior='gmm'))"
+    )
+
+
 def stored(blob: dict[str, Any]) -> tuple[Mixture, bytes] | None:
     """The mixture fitted for this checkpoint and its file's bytes, or None when none was."""
     import os
 
     import pyarrow.fs as pafs
 
-    path = storage.join(run_folder_of(blob), file_name(blob["sha256"]))
+    path = location(blob)
     fs, where = storage.filesystem(path)
     if not storage.is_remote(path) and os.path.islink(path):  # never written as one: not followed
         raise UserError(f"{path}: is a link, not the mixture vae-ray writes there; remove it to refit")
@@ -319,6 +342,8 @@ def ensure(
     found = stored(blob)
     if found is not None:
         return found
+    if blob.get("exported"):  # a downloaded or shared folder is not written into
+        raise UserError(not_fitted(blob))
     dims = first_group_dims(blob)
     data = data or blob["config"].get("data")
     if not data:
