@@ -263,3 +263,51 @@ def test_freed_step_buffers_stay_in_the_worker_process():
     assert flag == "True"
     assert float(default_faults) > 500, default_faults  # glibc's default: fresh pages every step
     assert float(kept_faults) < 20, kept_faults  # the same steps after keep_freed_memory()
+
+
+@pytest.mark.subprocess
+def test_one_worker_trains_in_the_commands_own_process_and_resumes_across_engines(ray_cluster, tiny_data, tmp_path):
+    """No cluster named: `train` runs the workers' loop in its own process (no
+    Ray started), with the figures a Ray Train worker gets, the same files,
+    and runs of either kind resume the other."""
+    import subprocess
+
+    from conftest import vae_ray_exe
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    local = tmp_path / "local"
+    settings = ["--data", str(tiny_data), "--latent-dim", "4", "--batch-size", "64", "--lr", "2e-3", "--seed", "1"]
+    settings += ["--keep-checkpoints", "1"]  # as tiny(..., keep_checkpoints=1)
+
+    def command(*extra: str) -> dict:
+        done = subprocess.run(
+            [vae_ray_exe(), "train", "--out", str(local), "--json", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    first = command(*settings, "--epochs", "2")
+    assert first["engine"] == "process" and first["complete"]
+    on_ray = fit(tiny(tiny_data, tmp_path / "ray", epochs=2, keep_checkpoints=1), show=False)
+    assert on_ray["engine"] == "ray"
+    for mine, ray_s in zip(read_history(local), read_history(tmp_path / "ray"), strict=True):
+        for key in ("train_loss", "test_matlab_elbo", "test_neg_elbo_nats", "global_step"):
+            assert mine[key] == pytest.approx(ray_s[key], rel=1e-6), key
+    ray_own = {".validate_storage_marker", "checkpoint_manager_snapshot.json"}
+    pictures = {"plots", "samples"}  # the command's, after training (fit() alone draws none)
+    assert set(os.listdir(local)) - pictures == set(os.listdir(tmp_path / "ray")) - ray_own
+    assert RunDir(str(local)).latest().endswith("checkpoint_epoch_0002")
+    # Ray Train continues the one-process run from its latest checkpoint ...
+    fit(tiny(tiny_data, local, epochs=3, keep_checkpoints=1), resume=True, show=False)
+    assert [h["started_at_epoch"] for h in read_history(local)] == [1, 1, 3]
+    assert (local / "checkpoint_manager_snapshot.json").is_file()
+    # ... and the one-process command continues Ray's, keeping the newest checkpoint only.
+    last = command("--resume", "--epochs", "4")
+    assert last["engine"] == "process" and [h["started_at_epoch"] for h in read_history(local)] == [1, 1, 3, 4]
+    assert sorted(p.name for p in local.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0004"]
+    assert not (local / "checkpoint_manager_snapshot.json").exists()  # Ray's record, stale now
+    assert ckpt.load(local).state["epoch"] == 4

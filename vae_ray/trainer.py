@@ -200,6 +200,7 @@ def build_trainer(
     tracking: dict | None = None,
     lock_token: str = "",
     resources: dict[str, float] | None = None,
+    resume_from: str | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for one run: `vae-ray train` and every Tune trial use
     this. `lock_token` is the run lock's (storage.Lock.token): the Train
@@ -216,15 +217,7 @@ def build_trainer(
     workers = (cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers
     return TorchTrainer(
         train_loop,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "dataset": dataset,
-            "ingest": ingest,
-            "progress_board": board,
-            "progress_key": board_key,
-            "tracking": tracking or {},
-            "run": run.uri,
-        },
+        train_loop_config=loop_config(cfg, dataset, run, ingest, board, board_key, tracking, resume_from),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,
@@ -242,6 +235,30 @@ def build_trainer(
     )
 
 
+def loop_config(
+    cfg: TrainConfig,
+    dataset: dict,
+    run: RunDir,
+    ingest: str,
+    board: str | None = None,
+    board_key: str = "",
+    tracking: dict | None = None,
+    resume_from: str | None = None,
+) -> dict[str, Any]:
+    """What `train_loop` is given. `resume_from`: the run's latest checkpoint,
+    for a worker to which Ray Train hands none (one written in one process)."""
+    return {
+        "config": cfg.to_dict(),
+        "dataset": dataset,
+        "ingest": ingest,
+        "progress_board": board,
+        "progress_key": board_key,
+        "tracking": tracking or {},
+        "run": run.uri,
+        "resume_from": resume_from,
+    }
+
+
 def fit(
     cfg: TrainConfig,
     resume: bool = False,
@@ -251,9 +268,10 @@ def fit(
     tracking=None,
     finish: Callable[[RunDir], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train with Ray Train; return a summary. `tracking` (tracking.Tracking)
-    is started once every check has passed; `finish(run)` (the run's
-    pictures) runs while the run is still locked, and its result joins the summary."""
+    """Train with Ray Train, or in this process when one_process() says so;
+    return a summary. `tracking` (tracking.Tracking) is started once every
+    check has passed; `finish(run)` (the run's pictures) runs while the run
+    is still locked, and its result joins the summary."""
     meta = read_meta(cfg.data)
     cfg = resolve(cfg, meta)
     run = RunDir(cfg.out)
@@ -262,11 +280,16 @@ def fit(
         status = check_run(run, cfg, resume)
         if status == "complete":
             return run_summary(run, already_complete=True, complete=True)
-        cluster = clusters.connect(address, cpus_needed=private_cluster_cpus(cfg), verbose=verbose)
-        cfg, use_gpu = plan_scale(cfg, cluster)
         train_bytes = meta["splits"]["train"]["count"] * int(math.prod(meta["shape"]))
-        ingest = choose_ingest(cfg.cache, train_bytes, cluster.node_memory)
-        if not cluster.private and not run.remote and len(cluster.nodes) > 1:
+        local = one_process(cfg, address) and choose_ingest(cfg.cache, train_bytes, [machine_memory()]) == "memory"
+        if local:
+            cfg, device = plan_local(cfg)
+            ingest, cluster = "memory", None
+        else:
+            cluster = clusters.connect(address, cpus_needed=private_cluster_cpus(cfg), verbose=verbose)
+            cfg, use_gpu = plan_scale(cfg, cluster)
+            ingest = choose_ingest(cfg.cache, train_bytes, cluster.node_memory)
+        if cluster is not None and not cluster.private and not run.remote and len(cluster.nodes) > 1:
             storage.warn_user(
                 f"the cluster has {len(cluster.nodes)} nodes but {run.uri} is a local path: every "
                 f"node must see it (use s3:// or a shared filesystem)"
@@ -275,7 +298,9 @@ def fit(
         run.write_config(cfg.to_dict(), dataset)  # only now: every check has passed
         run.clear_stopped()
         info = tracking.start(cfg, run) if tracking is not None else {}
-        if run.last_epoch() < cfg.epochs:
+        if run.last_epoch() < cfg.epochs and local:
+            _run_local(cfg, dataset, run, device, show, info, lock.token)
+        elif run.last_epoch() < cfg.epochs:
             _run_trainer(cfg, dataset, run, cluster, use_gpu, ingest, show, info, lock.token)
         lock.ensure_held()
         stopped = run.stopped()
@@ -287,8 +312,97 @@ def fit(
             ingest=ingest,
             workers=cfg.workers,
             cpus_per_worker=cfg.cpus_per_worker,
+            engine="process" if local else "ray",  # trained in this process, or by Ray Train workers
         )
         return done | (finish(run) if finish is not None else {})
+
+
+# ---------------------------------------------------------------------------
+# One process: a run of one worker with no cluster named
+# ---------------------------------------------------------------------------
+def one_process(cfg: TrainConfig, address: str | None) -> bool:
+    """Whether this run trains in this process, without Ray: one worker, not
+    elastic, and no cluster named (--address, RAY_ADDRESS) or already joined
+    by this process (ray.init in a notebook: the user chose that cluster).
+    fit() also asks that the split fits in memory (a streamed split needs Ray Data)."""
+    return (
+        cfg.workers == 1
+        and not cfg.min_workers
+        and clusters.given_address(address) is None
+        and not ray.is_initialized()
+    )
+
+
+def machine_memory() -> float:
+    """What Ray would call this machine's memory: about 70% of it."""
+    try:
+        return 0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def plan_local(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
+    """The device and threads of a one-process run; the same refusals as plan_scale."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    use_gpu = cfg.gpu if cfg.gpu is not None else cuda
+    if use_gpu and not cuda:
+        raise UserError("--gpu asks for 1 GPU worker(s) but this machine has no GPU torch can use")
+    if cfg.precision == "fp16" and not use_gpu:
+        raise UserError("precision fp16 needs GPUs; use bf16 on CPUs")
+    cores = os.cpu_count() or 1
+    cpus = cfg.cpus_per_worker or cores
+    if cpus > cores:
+        raise UserError(f"1 workers x {cpus} CPUs need {cpus} CPUs; this machine has {cores}")
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    return cfg.replace(cpus_per_worker=cpus, gpu=use_gpu), device
+
+
+def _run_local(cfg: TrainConfig, dataset: dict, run: RunDir, device, show: bool, tracking: dict, lock_token: str):
+    """train_loop in a thread of this process, followed like a TorchTrainer."""
+    from .session import LocalBoard, LocalSession, Stopped
+
+    board = LocalBoard()
+    recorder = RunDirCallback(run.uri, lock_token, cfg.keep_best)
+    session = LocalSession(run, device, board, recorder, cfg.keep_checkpoints)
+    config = loop_config(cfg, dataset, run, "memory", tracking=tracking)
+    outcome: dict[str, BaseException] = {}
+    # Its own end signal: a Thread.join() that a signal handler's exception
+    # interrupts can leave the thread marked stopped while it still runs.
+    ended = threading.Event()
+
+    def target() -> None:
+        try:
+            train_loop(config, session)
+        except Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+        finally:
+            ended.set()
+
+    thread = threading.Thread(target=target, name="vae-ray-train", daemon=True)
+    display = TrainingDisplay(board.get, enabled=show, history=run.history, stall_timeout=cfg.stall_timeout)
+    thread.start()
+    try:
+        stalled = display.follow(thread)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        session.stop(ended)
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(
+            signum,
+            f"training stopped by {signal.Signals(signum).name} after {run.last_epoch()} "
+            f"epoch(s); the run keeps its last checkpoint: continue it with --resume",
+        ) from None
+    if stalled:
+        session.stop(ended)
+        raise RunFailed(
+            f"no progress for {cfg.stall_timeout} s: the training step made none; the run keeps its last "
+            f"checkpoint (continue it with --resume)"
+        )
+    if "error" in outcome:
+        raise RunFailed(f"training failed: {root_cause(outcome['error'])}")
 
 
 def _run_trainer(
@@ -308,7 +422,15 @@ def _run_trainer(
     # nodes may be taken away, which is what elastic runs are for.
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1" if cfg.min_workers else "0"
     trainer = build_trainer(
-        cfg, dataset, run, ingest, use_gpu, board=board_name, tracking=tracking, lock_token=lock_token
+        cfg,
+        dataset,
+        run,
+        ingest,
+        use_gpu,
+        board=board_name,
+        tracking=tracking,
+        lock_token=lock_token,
+        resume_from=run.latest(),
     )
     outcome: dict[str, Any] = {}
 

@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -32,6 +29,7 @@ from .ingest import MemoryFeed, StreamFeed, eval_batches, rank_batch, steps_per_
 from .keyed_random import binarize as keyed_binarize
 from .model import VAE, batch_terms, build
 from .rundir import checkpoint_name
+from .session import RaySession
 from .spec import LIKELIHOODS, ModelSpec
 from .tracking import EpochLogger
 
@@ -43,18 +41,19 @@ MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit
 TRIM_THRESHOLD = 256 * 2**20
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """The per-worker training function handed to TorchTrainer."""
+def train_loop(loop_config: dict[str, Any], session=None) -> None:
+    """The per-worker training function handed to TorchTrainer; called
+    directly, with a session.LocalSession, for a run in one process."""
+    session = session or RaySession()
     cfg = TrainConfig.from_dict(loop_config["config"])
     dataset = loop_config["dataset"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank_world()
 
     # 1. Threads, memory, seeds and device for this rank.
     torch.set_num_threads(cfg.cpus_per_worker)
     keep_freed_memory()
     seed_everything(cfg.seed + rank)
-    device = ray.train.torch.get_device()
+    device = session.device()
     if device.type == "cuda":
         # The batch shape is fixed for a whole run: let cuDNN time its
         # convolution algorithms once and keep the fastest.
@@ -67,24 +66,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # 20% faster and scoring about 40% faster on 2 cores (as generate and
         # evaluate already run). The images arrive channels-last from to_float.
         core = core.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(core)
+    model = session.prepare_model(core)
     optimizer = make_optimizer(cfg, model)
     averaged = copy.deepcopy(core).requires_grad_(False) if cfg.ema else None
     served = averaged if averaged is not None else core  # what is evaluated, saved and sampled
 
     # 3. Resume from the latest checkpoint (after --resume, or a restart after a failure).
     start_epoch, global_step = 1, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
+    with session.checkpoint() as directory:
+        if directory is None and loop_config.get("resume_from"):
+            # Ray Train keeps no record of checkpoints written in one process: the run's own `latest`.
+            directory = str(ckpt.local_copy(loop_config["resume_from"]))
+        if directory is not None:
             state = ckpt.restore(directory, core, optimizer, averaged, device)
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+            start_epoch, global_step = state["epoch"] + 1, state["global_step"]
 
     # 4. This rank's share of the data: in memory, or streamed by Ray Data.
     if loop_config["ingest"] == "memory":
         feed = MemoryFeed(dataset, rank, world, device, cfg.seed)
     else:
-        feed = StreamFeed(ray.train.get_dataset_shard("train"), dataset["shape"], device, cfg.seed, rank)
+        feed = StreamFeed(session.dataset_shard("train"), dataset["shape"], device, cfg.seed, rank)
     batch = rank_batch(cfg.batch_size, world, rank)
     steps = steps_per_epoch(dataset["counts"]["train"], cfg.batch_size, world)
     # The schedule is defined per global step of the configured geometry, whatever the world size.
@@ -101,7 +102,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         steps,
         total_steps,
         global_step,
-        _progress_board(loop_config.get("progress_board")) if rank == 0 else None,
+        session.board(loop_config.get("progress_board")) if rank == 0 else None,
         loop_config.get("progress_key", ""),
     )
     logger = EpochLogger(loop_config["run"], loop_config.get("tracking", {}), cfg, dataset) if rank == 0 else None
@@ -113,7 +114,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if stopped:
             if logger is not None:  # W&B would show its run as running until this worker exits
                 logger.close()
-            ray.train.report({"epoch": epoch, "stopped": stopped})
+            session.report({"epoch": epoch, "stopped": stopped}, None, checkpoint_name(epoch))
             return
         sync(device)
         train_seconds = time.perf_counter() - started
@@ -147,6 +148,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         # 8. Report (a barrier on every rank); rank 0 alone writes the checkpoint.
         report(
+            session,
             metrics,
             epoch,
             rank,
@@ -281,6 +283,7 @@ def evaluate(
 
 
 def report(
+    session,
     metrics: dict,
     epoch: int,
     rank: int,
@@ -293,7 +296,7 @@ def report(
 ) -> None:
     name = checkpoint_name(epoch)
     if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        session.report(metrics, None, name)
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save(
@@ -305,7 +308,7 @@ def report(
             dataset,
             training_weights=training_weights,
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        session.report(metrics, tmp, name)
 
 
 # ---------------------------------------------------------------------------
@@ -369,9 +372,11 @@ def all_sum(values: torch.Tensor, world: int) -> torch.Tensor:
 
 def count_nodes(world: int) -> int:
     """Distinct Ray nodes the ranks run on (gathered over the process group)."""
-    node = ray.get_runtime_context().get_node_id()
     if world == 1:
         return 1
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
     everyone: list = [None] * world
     dist.all_gather_object(everyone, node)
     return len(set(everyone))
@@ -413,12 +418,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _progress_board(name: str | None):
-    if not name:
-        return None
-    try:
-        return ray.get_actor(name)
-    except ValueError:
-        return None

@@ -1,0 +1,185 @@
+"""What a training worker asks of whatever runs it: Ray Train, or this process.
+
+`train_loop` (worker.py) asks its session for its rank, device, checkpoint to
+resume from and data shard, and reports each epoch to it. Two sessions:
+
+- `RaySession`: a Ray Train worker. Ray Train persists the checkpoints into
+  the run folder and calls `RunDirCallback` on its controller.
+- `LocalSession`: one process, no Ray. A run of one worker with no cluster
+  named (no --address, no RAY_ADDRESS, no Ray in the process) trains in the
+  command's own process: no local cluster, Train controller or worker actor
+  to start, each importing torch. The session does what Ray Train and the
+  callback do: writes each checkpoint into the run, appends the epoch to
+  metrics.jsonl, points `latest` (and `best`) at it, and keeps the newest
+  --keep-checkpoints. The same files, so either kind of run resumes the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from . import storage
+from .errors import UserError
+from .rundir import CHECKPOINT_PREFIX, RAY_SNAPSHOT, RunDir
+
+
+class RaySession:
+    """A Ray Train worker's view (ray.train's functions)."""
+
+    def rank_world(self) -> tuple[int, int]:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[str | None]:
+        """The folder of the checkpoint Ray Train resumes from (after a
+        restart, or from the run's record of its checkpoints), or None."""
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        if not found:
+            yield None
+            return
+        with found.as_directory() as directory:
+            yield directory
+
+    def dataset_shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def board(self, name: str | None):
+        """The driver's progress board (a named actor), or None."""
+        import ray
+
+        if not name:
+            return None
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            return None
+
+    def report(self, metrics: dict, folder: str | None, name: str) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+class Stopped(Exception):
+    """Raised in the training thread of a one-process run the command is ending (Ctrl-C, a stall)."""
+
+
+class LocalBoard:
+    """The progress board in this process, called as the worker calls the
+    actor's. The worker updates it every few steps, which is where a run
+    being stopped ends its training thread."""
+
+    def __init__(self) -> None:
+        from .progress import ProgressBoard
+
+        self._board, self._lock = ProgressBoard(), threading.Lock()
+        self.stopping = threading.Event()
+        self.update = SimpleNamespace(remote=self._update)
+
+    def _update(self, **values: Any) -> None:
+        if self.stopping.is_set():
+            raise Stopped
+        with self._lock:
+            self._board.update(**values)
+
+    def get(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return self._board.get()
+
+
+class LocalSession:
+    """Rank 0 of 1 in this process, writing the run folder itself."""
+
+    def __init__(self, run: RunDir, device: torch.device, board: LocalBoard, callback, keep: int):
+        self.run, self._device, self._board, self.callback, self.keep = run, device, board, callback, keep
+        self.reported = 0
+
+    def rank_world(self) -> tuple[int, int]:
+        return 0, 1
+
+    def device(self) -> torch.device:
+        return self._device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self._device)
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[str | None]:
+        """The run's latest checkpoint (this session writes no other record)."""
+        from .checkpoint import local_copy
+
+        latest = self.run.latest()
+        yield str(local_copy(latest)) if latest else None
+
+    def dataset_shard(self, name: str):
+        raise RuntimeError("one-process training reads its split into memory; a streamed split needs Ray")
+
+    def board(self, name: str | None) -> LocalBoard:
+        return self._board
+
+    def stop(self, ended: threading.Event, patience: float = 60) -> None:
+        """End the training thread at its next progress update or report, and
+        wait until it says it has ended: a thread still inside torch when the
+        interpreter exits aborts the process."""
+        self._board.stopping.set()
+        ended.wait(patience)
+
+    def report(self, metrics: dict, folder: str | None, name: str) -> None:
+        if self._board.stopping.is_set():
+            raise Stopped
+        if self.reported == 0:
+            # Ray Train's record of the run's checkpoints no longer lists the
+            # newest: a later Ray run resumes from `latest` instead (worker.py, step 3).
+            self._remove(self.run.path(RAY_SNAPSHOT))
+        self.reported += 1
+        target = None
+        if folder:
+            target = self.run.path(name)
+            self._remove(target)  # this epoch's checkpoint from a run that ended before pointing at it
+            storage.upload(folder, target)
+        # `latest` moves only once the checkpoint is whole, as after Ray Train's upload.
+        self.callback.after_report(None, [metrics], SimpleNamespace(path=target) if target else None)
+        if target:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` checkpoints, as Ray Train's num_to_keep does
+        (the best one has its own copy: RunDir.keep_best)."""
+        names = sorted(
+            (int(n[len(CHECKPOINT_PREFIX) :]), n)
+            for n in storage.list_dir(self.run.uri)
+            if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
+        )
+        for _, old in names[: max(len(names) - self.keep, 0)]:
+            self._remove(self.run.path(old))
+
+    def _remove(self, uri: str) -> None:
+        """Delete what this run wrote; a link planted under its name is refused, not followed."""
+        if not self.run.remote and os.path.islink(uri):
+            raise UserError(f"{uri}: is a link; vae-ray writes checkpoints and their record there, not links")
+        storage.delete(uri)
