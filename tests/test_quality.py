@@ -79,6 +79,17 @@ def test_a_set_is_judged_against_real_data(judged, tmp_path):
     assert json.loads((out / "quality.json").read_text()) == {k: v for k, v in summary.items() if k != "out"}
     assert Image.open(out / "samples_per_class.png").size[1] >= 10 * 28
     assert Image.open(out / "mixing.png").size[0] > 100  # the mixing curve, to look at
+    # The model's report page shows the set: its figures, its grid per class and its mixing curve.
+    page = tmp_path / "page"
+    report = ["report", str(data.parent / "run"), "--data", str(data), "--out", str(page), "--quality", str(out)]
+    for _ in range(2):  # the second replaces the first, set pictures and all
+        shown = runner.invoke(app, report)
+        assert shown.exit_code == 0, shown.output
+    text = (page / "index.html").read_text()
+    assert "Generated set 1" in text and "TSTR / TRTR" in text and f"{summary['tstr_ratio']:.4g}" in text
+    assert (page / "set1_samples_per_class.png").read_bytes() == (out / "samples_per_class.png").read_bytes()
+    assert (page / "set1_mixing.png").is_file() and not (page / "set1_samples.png").exists()
+    assert_one_error_line(runner.invoke(app, [*report[:-1], str(tmp_path)]), "not an `evaluate-set --out` folder")
     # The same command again replaces its own folder; a folder of anything else is refused.
     again = runner.invoke(
         app, ["evaluate-set", str(sets["hf"]), "--data", str(data), "--out", str(out), "--no-tstr", "--json"]

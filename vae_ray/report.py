@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,6 +63,22 @@ PICTURES = (
     "recon_error.png",
 )
 FILES = frozenset({MARKER, "index.html", *PICTURES})
+# A generated set's pictures, copied from its `evaluate-set --out` folder as setN_<name>.
+SET_PICTURES = ("samples_per_class.png", "samples.png", "mixing.png")
+_SET_PICTURE = re.compile(r"^set\d{1,3}_(" + "|".join(re.escape(n) for n in SET_PICTURES) + r")$")
+# The figures of a set shown in its table: quality.json key -> row name.
+SET_FIGURES = {
+    "images": "images",
+    "tstr_ratio": "TSTR / TRTR",
+    "tstr_accuracy": "TSTR accuracy",
+    "trtr_accuracy": "TRTR accuracy",
+    "fd_ratio": "Frechet distance / real's",
+    "precision": "precision",
+    "recall": "recall",
+    "recall_real": "recall of real images",
+    "inception_score": "Inception Score",
+    "inception_score_real": "Inception Score of real images",
+}
 
 
 class Report:
@@ -69,8 +86,9 @@ class Report:
     temporary folder and swaps it in whole (an old report is replaced only then;
     any other folder is refused)."""
 
-    def __init__(self, run: str, out: str | None = None, data: str | None = None, seed: int = 0):
+    def __init__(self, run: str, out: str | None = None, data: str | None = None, seed: int = 0, quality: tuple = ()):
         self.loaded = ckpt.load(run)  # a clear error for a missing or broken run
+        self.sets = [_read_quality(q) for q in quality]  # evaluate-set --out folders, shown as sections
         on_hub = str(run).startswith(hub.SCHEME)
         if on_hub and not out:
             raise UserError(f"{run}: a model on the Hub has no folder here to hold its report; pass --out")
@@ -147,6 +165,9 @@ class Report:
                 + (", classes in turn (class-conditional model)." if self.model.num_classes else "."),
             )
         )
+        for number, (where, figures) in enumerate(self.sets, start=1):
+            say(f"generated set {number}")
+            sections.extend(self._generated_set(number, where, figures))
         say("latent maps")
         sections.extend(self._latent_maps(mu, labels, rng))
         if self.model.latent_dim == 2:
@@ -160,6 +181,29 @@ class Report:
         self._write_html(sections)
 
     # -- pictures -------------------------------------------------------
+    def _generated_set(self, number: int, where: str, figures: dict) -> list[tuple[str, str, str]]:
+        """A set judged by `evaluate-set --out`: its pictures, captioned with its figures."""
+        shown = _set_summary(figures)
+        sections = []
+        for name, caption in (
+            ("samples_per_class.png", "its first images of each class, a row per class"),
+            ("samples.png", "its first 64 images"),
+            ("mixing.png", "real test accuracy of classifiers trained on real and synthetic images mixed"),
+        ):
+            source = storage.join(where, name)
+            if name == "samples.png" and any(s[1] == f"set{number}_samples_per_class.png" for s in sections):
+                continue  # one grid per set: by class when it has labels
+            if storage.is_file(source):
+                (self.out_dir / f"set{number}_{name}").write_bytes(storage.read_bytes(source))
+                sections.append(
+                    (
+                        f"Generated set {number}: {Path(str(figures.get('set', where))).name}",
+                        f"set{number}_{name}",
+                        f"{storage.printable(str(figures.get('set', where)))}: {caption}. {shown}",
+                    )
+                )
+        return sections
+
     def _scale(self) -> int:
         return max(1, min(4, 96 // self.meta["shape"][0]))
 
@@ -298,6 +342,13 @@ class Report:
         ]
         if evaluation:
             body.append(_table("Evaluation", evaluation))
+        for number, (_, figures) in enumerate(self.sets, start=1):
+            body.append(
+                _table(
+                    f"Generated set {number} (evaluate-set)",
+                    {name: figures[key] for key, name in SET_FIGURES.items() if figures.get(key) is not None},
+                )
+            )
         body.append("</div>")
         for title, png, caption in sections:
             body.append(
@@ -309,7 +360,31 @@ class Report:
 
 
 def _not_report_files(uri: str) -> list[str]:
-    return storage.foreign_leaves(uri, FILES.__contains__)
+    return storage.foreign_leaves(uri, lambda name: name in FILES or bool(_SET_PICTURE.match(name)))
+
+
+def _read_quality(where: str) -> tuple[str, dict]:
+    """An `evaluate-set --out` folder and its figures, or one line saying what it is not."""
+    uri = storage.check_uri(where)
+    try:
+        figures = storage.read_json(storage.join(uri, "quality.json"))
+    except (FileNotFoundError, ValueError, OSError):
+        figures = None
+    if not isinstance(figures, dict) or "fd_ratio" not in figures:
+        raise UserError(f"{where}: not an `evaluate-set --out` folder (no quality.json of its figures)")
+    return uri, figures
+
+
+def _set_summary(figures: dict) -> str:
+    def num(key: str, digits: int = 3) -> str:
+        value = figures.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+    return (
+        f"{figures.get('images', '?')} images; TSTR/TRTR {num('tstr_ratio')}, Frechet distance "
+        f"{num('fd_ratio', 1)}x real's, precision {num('precision')}, recall {num('recall')} "
+        f"(real {num('recall_real')})."
+    )
 
 
 def _check_destination(out: str) -> None:

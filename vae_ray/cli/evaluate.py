@@ -145,11 +145,19 @@ def report(
     ] = None,
     data: DataOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the images picked and sampled.", min=0)] = 0,
+    quality: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--quality",
+            help="An `evaluate-set --out` folder to show: the set's figures, grids per class and mixing curve "
+            "(repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """A self-contained HTML report: curves, reconstructions, samples, latent maps, interpolations."""
     from ..report import Report
 
-    page_report = Report(run, out_dir, data, seed)
+    page_report = Report(run, out_dir, data, seed, tuple(quality or ()))
     with console.status("report") as status:
         page = page_report.build(lambda stage: status.update(f"report: {stage}"))
     labelled("wrote", page, "green")
