@@ -76,3 +76,26 @@ def test_the_session_writes_prunes_and_never_follows_a_planted_link(tmp_path):
     with pytest.raises(Stopped):
         session.report({"epoch": 5}, str(made), "checkpoint_epoch_0005")
     assert not (run / "checkpoint_epoch_0005").exists()
+
+
+@pytest.mark.subprocess
+def test_a_one_process_run_on_s3_writes_prunes_and_resumes_there(tiny_data, s3_bucket, tmp_path):
+    """A fresh process with no cluster named (so no Ray): the run lives on S3."""
+    import subprocess
+
+    from vae_ray import storage
+
+    from conftest import vae_ray_exe
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = f"s3://{s3_bucket}/one-process/run"
+    base = [vae_ray_exe(), "train", "--out", run, "--json"]
+    settings = ["--data", str(tiny_data), "--latent-dim", "4", "--batch-size", "128", "--keep-checkpoints", "1"]
+    for extra in ([*settings, "--epochs", "1"], ["--resume", "--epochs", "2"]):
+        done = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)["engine"] == "process"
+    history = RunDir(run).history()
+    assert [h["started_at_epoch"] for h in history] == [1, 2]
+    assert [n for n in storage.list_dir(run) if n.startswith("checkpoint_epoch_")] == ["checkpoint_epoch_0002"]
+    assert RunDir(run).latest() == f"{run}/checkpoint_epoch_0002" and ckpt.load(run).state["epoch"] == 2

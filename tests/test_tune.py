@@ -126,7 +126,8 @@ def test_random_search_space():
         (["--metric", "accuracy"], "--metric must be one of"),
         (["--grace-period", "9", "--epochs", "3"], "--grace-period must be between 1 and --epochs"),
         (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
-        (["--gpus-per-trial", "-0.5"], "--gpus-per-trial must be >= 0"),
+        (["--gpus-per-trial", "-0.5"], "--gpus-per-trial must be a number >= 0"),
+        (["--gpus-per-trial", "inf"], "--gpus-per-trial must be a number >= 0"),
         (["--gpus-per-trial", "0.5", "--no-gpu"], "contradict"),
     ],
 )

@@ -59,7 +59,7 @@ def gpus_per_worker(workers: int, total_gpus: float, gpus_per_trial: float | Non
             return 0.0
         share = _share(workers)
     elif gpus_per_trial < 0 or not math.isfinite(gpus_per_trial):
-        raise UserError(f"--gpus-per-trial must be >= 0 (got {gpus_per_trial})")
+        raise UserError(f"--gpus-per-trial must be a number >= 0 (got {gpus_per_trial})")
     elif gpus_per_trial == 0:
         if gpu:
             raise UserError("--gpu and --gpus-per-trial 0 contradict each other")
