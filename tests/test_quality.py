@@ -147,3 +147,32 @@ def test_mistakes_are_one_line(judged, tmp_path):
     for args, words in cases:
         assert_one_error_line(runner.invoke(app, args), words)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.ray
+def test_with_a_cluster_named_the_classifiers_train_there_as_ray_tasks(ray_cluster, judged):
+    import time
+
+    import ray
+    from ray.util.state import list_tasks
+
+    data, sets = judged
+    args = ["evaluate-set", str(sets["hf"]), "--data", str(data), "--steps", "30", "--no-mixing", "--json"]
+    here = runner.invoke(app, args)
+    assert here.exit_code == 0, here.output
+    there = runner.invoke(app, [*args, "--address", ray.get_runtime_context().gcs_address])
+    assert there.exit_code == 0, there.output
+    mine, theirs = json.loads(here.output), json.loads(there.output)
+    # The same classifiers (seeds, steps, images); a task's one CPU only reorders float sums.
+    for key in ("trtr_accuracy", "tstr_accuracy"):
+        assert theirs[key] == pytest.approx(mine[key], abs=0.01), key
+    assert theirs["fd"] == mine["fd"] and theirs["recall"] == mine["recall"]
+    deadline, ran = time.time() + 30, []
+    while len(ran) < 2 and time.time() < deadline:  # task events reach the state API within seconds
+        ran = [
+            t
+            for t in list_tasks(filters=[("state", "=", "FINISHED")], limit=10_000)
+            if t.name.endswith("tstr_classifier")
+        ]
+        time.sleep(0.5)
+    assert len(ran) >= 2  # TRTR and TSTR, one task each

@@ -158,11 +158,18 @@ def evaluate_set(
     out: str | None = None,
     card: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
+    """The set's figures. With a cluster named (`address` or RAY_ADDRESS),
+    the TSTR, TRTR and mixing classifiers train there at once, one Ray task
+    each; otherwise one after another in this process."""
+    from .cluster import check_address, given_address
     from .data import dataset_read_lock, read_arrays, read_meta
     from .metrics import frechet_distance, inception_score, precision_recall
 
     check_options(limit, seed, copy_percentile, steps)
+    check_address(address)
+    address = given_address(address)
     if card:  # refused before the work, like --out
         _check_card(gen)
     if out:  # refused before an hour of work, and again under its lock before the write
@@ -232,7 +239,19 @@ def evaluate_set(
     if tstr and labelled:
         result.update(
             _train_on_synthetic(
-                fake, fake_labels, train, train_labels, train_pick, test, test_labels, meta, seed, steps, mixing, say
+                fake,
+                fake_labels,
+                train,
+                train_labels,
+                train_pick,
+                test,
+                test_labels,
+                meta,
+                seed,
+                steps,
+                mixing,
+                say,
+                address,
             )
         )
     elif tstr:
@@ -328,7 +347,7 @@ against `{result["data"]}` ({result["judge"]}), {time.strftime("%Y-%m-%d")}.
 
 
 def _train_on_synthetic(
-    fake, fake_labels, train, train_labels, train_pick, test, test_labels, meta, seed, steps, mixing, say
+    fake, fake_labels, train, train_labels, train_pick, test, test_labels, meta, seed, steps, mixing, say, address
 ) -> dict[str, Any]:
     """TSTR, TRTR at the same size, and the mixing curve. Classifiers get the
     seed `seed + 1`: never the judge's own (0 by default)."""
@@ -338,15 +357,23 @@ def _train_on_synthetic(
     # A number of steps, not epochs: a small set's classifiers see it more
     # often, or TRTR itself would be an undertrained figure.
     epochs = math.ceil(steps * judge.BATCH / n)
-    curve = []
-    for step, share in enumerate(shares):
-        say("train on mixes" if mixing else "train on synthetic", step, len(shares))
+    mixes = []
+    for share in shares:
         k = int(round(share * n))
-        images = np.concatenate([fake[:k], real[: n - k]])
-        labels = np.concatenate([fake_labels[:k], real_labels[: n - k]])
-        model = judge.fit(images, labels, classes, epochs=epochs, seed=seed + 1)
-        curve.append({"synthetic_share": share, "accuracy": judge.accuracy(model, test, test_labels)})
-    say("train on synthetic", len(shares), len(shares))
+        mixes.append(
+            (np.concatenate([fake[:k], real[: n - k]]), np.concatenate([fake_labels[:k], real_labels[: n - k]]))
+        )
+    title = "train on mixes" if mixing else "train on synthetic"
+    fit = (classes, epochs, seed + 1)
+    if address is None:
+        accuracies = []
+        for step, (images, labels) in enumerate(mixes):
+            say(title, step, len(mixes))
+            accuracies.append(fit_and_score(images, labels, *fit, test, test_labels))
+    else:
+        accuracies = _fit_on_ray(mixes, fit, test, test_labels, address, lambda done: say(title, done, len(mixes)))
+    say(title, len(mixes), len(mixes))
+    curve = [{"synthetic_share": share, "accuracy": acc} for share, acc in zip(shares, accuracies, strict=True)]
     trtr, tstr = curve[0]["accuracy"], curve[-1]["accuracy"]
     return {
         "tstr_accuracy": tstr,
@@ -355,6 +382,34 @@ def _train_on_synthetic(
         "mixing": curve if mixing else None,
         "classifier_epochs": epochs,
     }
+
+
+def fit_and_score(images, labels, classes: int, epochs: int, seed: int, test, test_labels) -> float:
+    """A classifier of the judge's architecture trained on (images, labels): its real test accuracy."""
+    return judge.accuracy(judge.fit(images, labels, classes, epochs=epochs, seed=seed), test, test_labels)
+
+
+def _fit_on_ray(mixes, fit, test, test_labels, address: str, say: Callable[[int], None]) -> list[float]:
+    """One Ray task per classifier, one CPU each, all at once on the cluster."""
+    import ray
+
+    from . import cluster as clusters
+
+    clusters.connect(address, dashboard=False)
+    test_ref = ray.put((test, test_labels))
+    task = ray.remote(num_cpus=1)(tstr_classifier)
+    refs = [task.remote(images, labels, *fit, test_ref) for images, labels in mixes]
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=1)
+        say(len(refs) - len(pending))
+    return [float(v) for v in ray.get(refs)]
+
+
+def tstr_classifier(images, labels, classes, epochs, seed, test_and_labels) -> float:
+    """The Ray task: one classifier trained and scored."""
+    test, test_labels = test_and_labels
+    return fit_and_score(images, labels, classes, epochs, seed, test, test_labels)
 
 
 def _write(out: str, result: dict[str, Any], fake: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:

@@ -201,6 +201,14 @@ def evaluate_set(
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="A Ray cluster (host:port, auto): the TSTR, TRTR and mixing classifiers train there at once, "
+            "one Ray task each. Default: RAY_ADDRESS, else one after another here.",
+        ),
+    ] = None,
 ) -> None:
     """Quality of a generated set against real data: Frechet distance, precision/recall, Inception
     Score in the judge's features, near-copies of training images, TSTR against TRTR."""
@@ -220,6 +228,7 @@ def evaluate_set(
             out=out,
             card=card,
             progress=stages,
+            address=address,
         )
     if as_json:
         result(json.dumps(summary))
