@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from . import checkpoint as ckpt
@@ -66,6 +67,7 @@ FILES = frozenset({MARKER, "index.html", *PICTURES})
 # A generated set's pictures, copied from its `evaluate-set --out` folder as setN_<name>.
 SET_PICTURES = ("samples_per_class.png", "samples.png", "mixing.png")
 _SET_PICTURE = re.compile(r"^set\d{1,3}_(" + "|".join(re.escape(n) for n in SET_PICTURES) + r")$")
+MAX_SET_PICTURE = 64 * 2**20  # larger is not a picture evaluate-set drew: not copied
 # The figures of a set shown in its table: quality.json key -> row name.
 SET_FIGURES = {
     "images": "images",
@@ -193,7 +195,9 @@ class Report:
             source = storage.join(where, name)
             if name == "samples.png" and any(s[1] == f"set{number}_samples_per_class.png" for s in sections):
                 continue  # one grid per set: by class when it has labels
-            if storage.is_file(source):
+            fs, path = storage.filesystem(source)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File and info.size <= MAX_SET_PICTURE:
                 (self.out_dir / f"set{number}_{name}").write_bytes(storage.read_bytes(source))
                 sections.append(
                     (
