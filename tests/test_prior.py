@@ -108,3 +108,29 @@ def test_an_unknown_prior_or_a_checkpoint_outside_a_run_is_one_clear_line(tmp_pa
     planted = runner.invoke(app, ["generate", str(run), "--out", str(tmp_path / "o"), "--prior", "gmm"])
     assert_one_error_line(planted, "is a link")
     assert theirs.read_bytes() == b"not ours" and not (tmp_path / "o").exists()
+
+
+def test_a_hub_models_mixture_is_read_through_the_hub_caches_links(tmp_path):
+    """huggingface_hub's cache keeps every file as a link to its blob: an hf:// model's
+    mixture is read there, while a link planted in a run is still refused (above)."""
+    rng = np.random.default_rng(0)
+    codes = _blobs(rng, [-2.0, 2.0], d=3)
+    mixture = prior.fit(codes, None, 0, "ab" * 32)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    (blobs / "0123").write_bytes(mixture.to_bytes())
+    (snapshot / prior.EXPORTED).symlink_to(blobs / "0123")
+    blob = {
+        "path": "hf://acme/digits",
+        "local": str(snapshot),
+        "exported": True,
+        "sha256": "ab" * 32,
+        "config": {"conditional": False, "arch": "mnist", "latent_dim": 3, "loss": "bernoulli"},
+        "dataset": {"classes": [], "shape": [28, 28, 1], "num_classes": 0},
+    }
+    found = prior.stored(blob)
+    assert found is not None and found[1] == mixture.to_bytes()
+    outside = dict(blob, path=str(snapshot))  # the same links in a plain exported folder: refused
+    with pytest.raises(UserError, match="is a link"):
+        prior.stored(outside)

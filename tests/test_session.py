@@ -51,12 +51,15 @@ def test_the_session_writes_prunes_and_never_follows_a_planted_link(tmp_path):
     (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's record: stale once this session writes
     recorder = _Recorder()
     session = LocalSession(RunDir(str(run)), torch.device("cpu"), LocalBoard(), recorder, keep=2)
+    (run / "checkpoint_epoch_5").write_text("a user's note")  # names like a checkpoint's, but no folder of ours
+    (run / "checkpoint_epoch_\u00b2").mkdir()  # a superscript two: not an epoch number
     for epoch in (1, 2, 3):
         made = tmp_path / f"made{epoch}"
         made.mkdir()
         (made / "state.json").write_text(json.dumps({"epoch": epoch}))
         session.report({"epoch": epoch}, str(made), f"checkpoint_epoch_{epoch:04d}")
-    assert sorted(p.name for p in run.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+    kept = ["checkpoint_epoch_0002", "checkpoint_epoch_0003", "checkpoint_epoch_5", "checkpoint_epoch_\u00b2"]
+    assert sorted(p.name for p in run.glob("checkpoint_epoch_*")) == sorted(kept)  # not ours: never pruned
     assert recorder.calls[-1] == ({"epoch": 3}, str(run / "checkpoint_epoch_0003"))
     assert not (run / "checkpoint_manager_snapshot.json").exists()
     # Someone's folder linked in under a checkpoint's name: refused, left as it was.

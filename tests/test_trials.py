@@ -39,6 +39,17 @@ def test_multi_worker_trials_take_a_whole_gpu_per_worker():
         trials.plan([GPU_BOX], workers=1, gpus_per_trial=2, gpu=None)
 
 
+def test_auto_trains_on_cpus_when_a_trial_would_not_fit_the_gpus_and_cpus_must_fit_a_gpu_node():
+    assert trials.plan([{"CPU": 16, "GPU": 1}], workers=2, gpus_per_trial=None, gpu=None).gpus_per_worker == 0
+    nodes = [{"CPU": 64}, {"CPU": 4, "GPU": 1}]  # the CPUs are on a node without the GPU
+    with pytest.raises(UserError, match="no node with GPUs has that many CPUs"):
+        trials.plan(nodes, workers=1, gpus_per_trial=None, gpu=None, cpus_per_worker=8)
+    # Concurrency counts what the GPU node can hold beside its GPUs: 2 CPUs each, 4 CPUs there.
+    assert trials.plan(nodes, workers=1, gpus_per_trial=None, gpu=None, cpus_per_worker=2).concurrency == 2
+    with pytest.raises(UserError, match="no node has that many CPUs"):
+        trials.plan([{"CPU": 4}, {"CPU": 4}], workers=1, gpus_per_trial=0, gpu=None, cpus_per_worker=6)
+
+
 def test_gpus_spread_over_nodes_and_the_tightest_node_sets_the_cpus():
     nodes = [{"CPU": 16, "GPU": 1}, {"CPU": 8, "GPU": 2}, {"CPU": 32}]
     plan = trials.plan(nodes, workers=1, gpus_per_trial=None, gpu=None)

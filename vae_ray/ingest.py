@@ -178,6 +178,11 @@ class StreamFeed:
                 )
 
 
+def forget_eval_cache() -> None:
+    """Free the kept test split: a process that trained in-process goes on to other work."""
+    _EVAL_CACHE.clear()
+
+
 def eval_batches(
     dataset: dict[str, Any], rank: int, world: int, batch_size: int, device: torch.device
 ) -> Iterator[Batch]:

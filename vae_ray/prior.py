@@ -308,7 +308,8 @@ def stored(blob: dict[str, Any]) -> tuple[Mixture, bytes] | None:
 
     path = location(blob)
     fs, where = storage.filesystem(path)
-    if not storage.is_remote(path) and os.path.islink(path):  # never written as one: not followed
+    in_hub_cache = str(blob["path"]).startswith("hf://")  # huggingface_hub's cache links every file to its blob
+    if not storage.is_remote(path) and os.path.islink(path) and not in_hub_cache:  # never written as one
         raise UserError(f"{path}: is a link, not the mixture vae-ray writes there; remove it to refit")
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.NotFound:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
 import tempfile
 import time
@@ -66,7 +67,7 @@ PICTURES = (
 FILES = frozenset({MARKER, "index.html", *PICTURES})
 # A generated set's pictures, copied from its `evaluate-set --out` folder as setN_<name>.
 SET_PICTURES = ("samples_per_class.png", "samples.png", "mixing.png")
-_SET_PICTURE = re.compile(r"^set\d{1,3}_(" + "|".join(re.escape(n) for n in SET_PICTURES) + r")$")
+_SET_PICTURE = re.compile(r"^set[0-9]{1,3}_(" + "|".join(re.escape(n) for n in SET_PICTURES) + r")$")
 MAX_SET_PICTURE = 64 * 2**20  # larger is not a picture evaluate-set drew: not copied
 # The figures of a set shown in its table: quality.json key -> row name.
 SET_FIGURES = {
@@ -195,6 +196,8 @@ class Report:
             source = storage.join(where, name)
             if name == "samples.png" and any(s[1] == f"set{number}_samples_per_class.png" for s in sections):
                 continue  # one grid per set: by class when it has labels
+            if not storage.is_remote(source) and os.path.islink(source):
+                continue  # evaluate-set writes files, not links: not followed
             fs, path = storage.filesystem(source)
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.File and info.size <= MAX_SET_PICTURE:
@@ -370,8 +373,11 @@ def _not_report_files(uri: str) -> list[str]:
 def _read_quality(where: str) -> tuple[str, dict]:
     """An `evaluate-set --out` folder and its figures, or one line saying what it is not."""
     uri = storage.check_uri(where)
+    marker = storage.join(uri, "quality.json")
     try:
-        figures = storage.read_json(storage.join(uri, "quality.json"))
+        fs, path = storage.filesystem(marker)
+        small = fs.get_file_info(path).size or 0
+        figures = storage.read_json(marker) if small <= MAX_SET_PICTURE else None
     except (FileNotFoundError, ValueError, OSError):
         figures = None
     if not isinstance(figures, dict) or "fd_ratio" not in figures:

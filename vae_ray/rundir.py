@@ -61,7 +61,8 @@ OPERATIONAL = (
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 RAY_MARKER = ".validate_storage_marker"  # Ray Train's probe that the storage is writable
 MAX_RAY_SNAPSHOT_BYTES = 16 * 2**20
-_CHECKPOINT_DIR = re.compile(r"^checkpoint_epoch_\d{4,9}$")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint_epoch_[0-9]{4,9}$")
+CHECKPOINT_DIR = _CHECKPOINT_DIR  # the names of the checkpoint folders vae-ray writes
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

@@ -27,7 +27,7 @@ import torch
 
 from . import storage
 from .errors import UserError
-from .rundir import CHECKPOINT_PREFIX, RAY_SNAPSHOT, RunDir
+from .rundir import CHECKPOINT_DIR, CHECKPOINT_PREFIX, RAY_SNAPSHOT, RunDir
 
 
 class RaySession:
@@ -115,8 +115,9 @@ class LocalBoard:
 class LocalSession:
     """Rank 0 of 1 in this process, writing the run folder itself."""
 
-    def __init__(self, run: RunDir, device: torch.device, board: LocalBoard, callback, keep: int):
+    def __init__(self, run: RunDir, device: torch.device, board: LocalBoard, callback, keep: int, lock_token: str = ""):
         self.run, self._device, self._board, self.callback, self.keep = run, device, board, callback, keep
+        self.lock_token = lock_token
         self.reported = 0
 
     def rank_world(self) -> tuple[int, int]:
@@ -152,7 +153,9 @@ class LocalSession:
     def report(self, metrics: dict, folder: str | None, name: str) -> None:
         if self._board.stopping.is_set():
             raise Stopped
-        if self.reported == 0:
+        if self.lock_token:  # before anything is removed: the run is still this command's
+            storage.ensure_lock_held(self.run.uri, self.lock_token)
+        if self.reported == 0 and storage.is_file(self.run.path(RAY_SNAPSHOT)):
             # Ray Train's record of the run's checkpoints no longer lists the
             # newest: a later Ray run resumes from `latest` instead (worker.py, step 3).
             self._remove(self.run.path(RAY_SNAPSHOT))
@@ -173,7 +176,7 @@ class LocalSession:
         names = sorted(
             (int(n[len(CHECKPOINT_PREFIX) :]), n)
             for n in storage.list_dir(self.run.uri)
-            if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
+            if CHECKPOINT_DIR.match(n) and storage.is_dir(self.run.path(n))
         )
         for _, old in names[: max(len(names) - self.keep, 0)]:
             self._remove(self.run.path(old))

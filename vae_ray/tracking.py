@@ -437,6 +437,7 @@ class EpochLogger:
         z_dim = ModelSpec.from_config(cfg, dataset).z_dim
         self._fixed_z = torch.from_numpy(latent_normals(cfg.seed + 99, np.arange(64), z_dim))
         self._originals: np.ndarray | None = None
+        self.closed = False
 
     def epoch(self, metrics: dict[str, Any], model, device: torch.device) -> None:
         step = metrics["epoch"]
@@ -500,6 +501,9 @@ class EpochLogger:
         return _rgb(grid), _rgb(pairs)
 
     def close(self) -> None:
+        if self.closed:  # once: a stopped run closes before its last report, then again on the way out
+            return
+        self.closed = True
         self.writer.close()
         if self.wandb is not None:
             try:

@@ -26,7 +26,7 @@ from . import compat, storage
 from .config import TrainConfig
 from .data import dataset_read_lock, load_split, read_meta, summary
 from .errors import Interrupted, RunFailed, UserError, root_cause
-from .ingest import choose_ingest
+from .ingest import choose_ingest, forget_eval_cache
 from .progress import TrainingDisplay
 from .rundir import RunDir, check_run
 from .spec import ARCHITECTURES, LIKELIHOODS, choose_arch, choose_loss
@@ -365,7 +365,7 @@ def _run_local(cfg: TrainConfig, dataset: dict, run: RunDir, device, show: bool,
 
     board = LocalBoard()
     recorder = RunDirCallback(run.uri, lock_token, cfg.keep_best)
-    session = LocalSession(run, device, board, recorder, cfg.keep_checkpoints)
+    session = LocalSession(run, device, board, recorder, cfg.keep_checkpoints, lock_token)
     config = loop_config(cfg, dataset, run, "memory", tracking=tracking)
     outcome: dict[str, BaseException] = {}
     # Its own end signal: a Thread.join() that a signal handler's exception
@@ -380,6 +380,7 @@ def _run_local(cfg: TrainConfig, dataset: dict, run: RunDir, device, show: bool,
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = exc
         finally:
+            forget_eval_cache()  # the next run in this process (a notebook) reads its own test split
             ended.set()
 
     thread = threading.Thread(target=target, name="vae-ray-train", daemon=True)

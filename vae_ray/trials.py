@@ -55,7 +55,7 @@ class TrialPlan:
 def gpus_per_worker(workers: int, total_gpus: float, gpus_per_trial: float | None, gpu: bool | None) -> float:
     """The GPU share of each worker; 0 for CPU trials. `gpus_per_trial` None is auto."""
     if gpus_per_trial is None:
-        if gpu is False or (gpu is None and total_gpus < _share(workers) - _EPS):
+        if gpu is False or (gpu is None and total_gpus < _share(workers) * workers - _EPS):
             return 0.0
         share = _share(workers)
     elif gpus_per_trial < 0 or not math.isfinite(gpus_per_trial):
@@ -115,11 +115,20 @@ def plan(
         per_worker = cpus_per_worker or _split_cpus(
             [(c, min(s, wanted * workers)) for c, s in zip(cpus, slots, strict=True) if s > 0]
         )
+        # Workers that fit a node by its GPUs and its CPUs both: what Ray can place.
+        fits = [min(s, int(c) // per_worker) for c, s in zip(cpus, slots, strict=True) if s > 0]
+        if not any(fits):
+            raise UserError(
+                f"--cpus-per-worker {per_worker}: no node with GPUs has that many CPUs beside its GPU share"
+            )
+        by_gpu = max(1, sum(fits) // workers)
     else:
         by_gpu = None
         total = max(cpus, default=1)
         trials = max_concurrent or max(1, int(total) // workers)
         per_worker = cpus_per_worker or max(1, int(total) // (trials * workers))
+        if per_worker > total:
+            raise UserError(f"--cpus-per-worker {per_worker}: no node has that many CPUs (the largest: {total:g})")
     available = int(sum(cpus))
     per_trial = per_worker * workers
     concurrency = max_concurrent or max(1, min(available // per_trial, by_gpu or available))

@@ -107,60 +107,62 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
     )
     logger = EpochLogger(loop_config["run"], loop_config.get("tracking", {}), cfg, dataset) if rank == 0 else None
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        # 5. One epoch of training: the same number of steps on every rank.
-        started = time.perf_counter()
-        sums, stopped = train_epoch(run, feed, epoch)
-        if stopped:
-            if logger is not None:  # W&B would show its run as running until this worker exits
-                logger.close()
-            session.report({"epoch": epoch, "stopped": stopped}, None, checkpoint_name(epoch))
-            return
-        sync(device)
-        train_seconds = time.perf_counter() - started
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            # 5. One epoch of training: the same number of steps on every rank.
+            started = time.perf_counter()
+            sums, stopped = train_epoch(run, feed, epoch)
+            if stopped:
+                if logger is not None:  # W&B would show its run as running until this worker exits
+                    logger.close()
+                session.report({"epoch": epoch, "stopped": stopped}, None, checkpoint_name(epoch))
+                return
+            sync(device)
+            train_seconds = time.perf_counter() - started
 
-        # 6. The test split, every epoch, every row exactly once across the ranks.
-        test = evaluate(served, dataset, cfg, rank, world, device)
-        totals = all_sum(sums, world)
-        seen = totals[0].item()
-        metrics = {
-            "epoch": epoch,
-            "train_loss": totals[1].item() / seen,
-            "train_recon": totals[2].item() / seen,
-            "train_kl": totals[3].item() / seen,
-            **{f"test_{k}": v for k, v in test.items()},
-            "beta": beta_at(cfg, epoch, steps, steps),
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_images_per_s": seen / train_seconds,
-            "epoch_seconds": time.perf_counter() - started,
-            "train_seconds": train_seconds,
-            "global_step": run.global_step,
-            "workers": world,
-            "nodes": count_nodes(world),
-            "ingest": feed.kind,
-            "started_at_epoch": start_epoch,  # > 1 after a resume or a restart from a checkpoint
-        }
+            # 6. The test split, every epoch, every row exactly once across the ranks.
+            test = evaluate(served, dataset, cfg, rank, world, device)
+            totals = all_sum(sums, world)
+            seen = totals[0].item()
+            metrics = {
+                "epoch": epoch,
+                "train_loss": totals[1].item() / seen,
+                "train_recon": totals[2].item() / seen,
+                "train_kl": totals[3].item() / seen,
+                **{f"test_{k}": v for k, v in test.items()},
+                "beta": beta_at(cfg, epoch, steps, steps),
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_images_per_s": seen / train_seconds,
+                "epoch_seconds": time.perf_counter() - started,
+                "train_seconds": train_seconds,
+                "global_step": run.global_step,
+                "workers": world,
+                "nodes": count_nodes(world),
+                "ingest": feed.kind,
+                "started_at_epoch": start_epoch,  # > 1 after a resume or a restart from a checkpoint
+            }
 
-        # 7. Experiment tracking: rank 0 logs scalars and pictures (before the
-        #    report, after which a search may stop this run at once).
+            # 7. Experiment tracking: rank 0 logs scalars and pictures (before the
+            #    report, after which a search may stop this run at once).
+            if logger is not None:
+                logger.epoch(metrics, served, device)
+
+            # 8. Report (a barrier on every rank); rank 0 alone writes the checkpoint.
+            report(
+                session,
+                metrics,
+                epoch,
+                rank,
+                served,
+                core if averaged is not None else None,
+                optimizer,
+                dataset,
+                run.global_step,
+                loop_config,
+            )
+    finally:  # however the loop ends (done, stopped, an error): TensorBoard and W&B closed
         if logger is not None:
-            logger.epoch(metrics, served, device)
-
-        # 8. Report (a barrier on every rank); rank 0 alone writes the checkpoint.
-        report(
-            session,
-            metrics,
-            epoch,
-            rank,
-            served,
-            core if averaged is not None else None,
-            optimizer,
-            dataset,
-            run.global_step,
-            loop_config,
-        )
-    if logger is not None:
-        logger.close()
+            logger.close()
 
 
 @dataclass
