@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -406,6 +407,16 @@ def _run_local(cfg: TrainConfig, dataset: dict, run: RunDir, device, show: bool,
         raise RunFailed(f"training failed: {root_cause(outcome['error'])}")
 
 
+def _wait_until_ended(outcome: dict, patience: float = 15) -> None:
+    """Give the thread running trainer.fit() a moment to return once Ray is
+    shut down: a thread still inside Ray's core when the interpreter exits
+    can crash it. Polled, not joined: a join that a signal interrupted can
+    report a live thread as ended."""
+    deadline = time.monotonic() + patience
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _run_trainer(
     cfg: TrainConfig,
     dataset: dict,
@@ -448,6 +459,7 @@ def _run_trainer(
         stalled = display.follow(thread)
     except (KeyboardInterrupt, Interrupted) as exc:
         clusters.shutdown()  # ends this driver's trainer, its workers and a private cluster
+        _wait_until_ended(outcome)
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         raise Interrupted(
             signum,
@@ -457,6 +469,7 @@ def _run_trainer(
     if stalled:
         reason = clusters.diagnose_stall(cfg, use_gpu)
         clusters.shutdown()
+        _wait_until_ended(outcome)
         raise RunFailed(
             f"no progress for {cfg.stall_timeout} s: {reason}; the run keeps its last checkpoint "
             f"(continue it with --resume)"
