@@ -2,8 +2,8 @@
 
 Picks the best dataset it can find (real MNIST if present or downloadable,
 else Fashion-MNIST from the Debian package path, else synthetic digits),
-prepares it, trains the MATLAB example's VAE on a local Ray cluster and
-returns the folder of generated images. Run again, it finds its dataset and
+prepares it, trains the MATLAB example's VAE (one worker: in this process,
+or on the cluster RAY_ADDRESS names) and returns the folder of generated images. Run again, it finds its dataset and
 run complete and only says where they are; an interrupted demo continues.
 """
 
@@ -54,5 +54,5 @@ def run_demo(out: Path, say: Callable[[str], None], epochs: int = DEMO_EPOCHS, i
         "workers": 1,
     }
     resume = run.read_config() is not None and run.last_epoch() < epochs
-    say(f"{'continuing' if resume else 'training'} the MATLAB example's VAE for {epochs} epochs on a local Ray cluster")
+    say(f"{'continuing' if resume else 'training'} the MATLAB example's VAE for {epochs} epochs")
     return commands.train(settings, resume=resume, show=True)

@@ -164,7 +164,7 @@ def demo(
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.", min=1, max=1000)] = 5,
     images: Annotated[int, typer.Option("--images", help="Training images to use.", min=256, max=100_000_000)] = 15000,
 ) -> None:
-    """Prepare the best dataset available, train on a local Ray cluster, print the samples folder."""
+    """Prepare the best dataset available, train a VAE on it, print the samples folder."""
     from ..demo import run_demo
 
     summary = run_demo(out_dir, say, epochs=epochs, images=images)
