@@ -143,12 +143,9 @@ class LocalSession:
     def board(self, name: str | None) -> LocalBoard:
         return self._board
 
-    def stop(self, ended: threading.Event, patience: float = 60) -> None:
-        """End the training thread at its next progress update or report, and
-        wait until it says it has ended: a thread still inside torch when the
-        interpreter exits aborts the process."""
+    def stop(self) -> None:
+        """End the training thread at its next progress update or report."""
         self._board.stopping.set()
-        ended.wait(patience)
 
     def report(self, metrics: dict, folder: str | None, name: str) -> None:
         if self._board.stopping.is_set():

@@ -368,29 +368,45 @@ def _run_local(cfg: TrainConfig, dataset: dict, run: RunDir, device, show: bool,
     recorder = RunDirCallback(run.uri, lock_token, cfg.keep_best)
     session = LocalSession(run, device, board, recorder, cfg.keep_checkpoints, lock_token)
     config = loop_config(cfg, dataset, run, "memory", tracking=tracking)
-    outcome: dict[str, BaseException] = {}
-    # Its own end signal: a Thread.join() that a signal handler's exception
-    # interrupts can leave the thread marked stopped while it still runs.
-    ended = threading.Event()
 
-    def target() -> None:
+    def work() -> None:
         try:
             train_loop(config, session)
         except Stopped:
             pass
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            outcome["error"] = exc
         finally:
             forget_eval_cache()  # the next run in this process (a notebook) reads its own test split
-            ended.set()
+
+    def stop(outcome: dict) -> None:
+        # The thread ends at its next progress update or report; one still
+        # inside torch when the interpreter exits would abort the process.
+        session.stop()
+        _wait_until_ended(outcome, 60)
+
+    outcome = _follow(work, board.get, run, cfg, show, stop, lambda: "the training step made none")
+    if "error" in outcome:
+        raise RunFailed(f"training failed: {root_cause(outcome['error'])}")
+
+
+def _follow(work, poll, run: RunDir, cfg: TrainConfig, show: bool, stop, stall_reason) -> dict[str, Any]:
+    """`work()` in a thread, followed by the progress display. Ctrl-C, SIGTERM
+    or a stall call `stop(outcome)` and end the command in one line; else the
+    outcome: {"result": ...} or {"error": exception}."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
 
     thread = threading.Thread(target=target, name="vae-ray-train", daemon=True)
-    display = TrainingDisplay(board.get, enabled=show, history=run.history, stall_timeout=cfg.stall_timeout)
+    display = TrainingDisplay(poll, enabled=show, history=run.history, stall_timeout=cfg.stall_timeout)
     thread.start()
     try:
         stalled = display.follow(thread)
     except (KeyboardInterrupt, Interrupted) as exc:
-        session.stop(ended)
+        stop(outcome)
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         raise Interrupted(
             signum,
@@ -398,20 +414,20 @@ def _run_local(cfg: TrainConfig, dataset: dict, run: RunDir, device, show: bool,
             f"epoch(s); the run keeps its last checkpoint: continue it with --resume",
         ) from None
     if stalled:
-        session.stop(ended)
+        reason = stall_reason()  # asked before stop(): a shut-down cluster says nothing
+        stop(outcome)
         raise RunFailed(
-            f"no progress for {cfg.stall_timeout} s: the training step made none; the run keeps its last "
-            f"checkpoint (continue it with --resume)"
+            f"no progress for {cfg.stall_timeout} s: {reason}; the run keeps its last checkpoint "
+            f"(continue it with --resume)"
         )
-    if "error" in outcome:
-        raise RunFailed(f"training failed: {root_cause(outcome['error'])}")
+    return outcome
 
 
 def _wait_until_ended(outcome: dict, patience: float = 15) -> None:
-    """Give the thread running trainer.fit() a moment to return once Ray is
-    shut down: a thread still inside Ray's core when the interpreter exits
-    can crash it. Polled, not joined: a join that a signal interrupted can
-    report a live thread as ended."""
+    """Give the training thread a moment to end once told to: a thread still
+    inside Ray's core or torch when the interpreter exits can crash it.
+    Polled, not joined: a Thread.join() that a signal handler's exception
+    interrupted can report a live thread as ended."""
     deadline = time.monotonic() + patience
     while not outcome and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -444,36 +460,12 @@ def _run_trainer(
         lock_token=lock_token,
         resume_from=run.latest(),
     )
-    outcome: dict[str, Any] = {}
 
-    def target() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="vae-ray-fit", daemon=True)
-    display = TrainingDisplay(poll, enabled=show, history=run.history, stall_timeout=cfg.stall_timeout)
-    thread.start()
-    try:
-        stalled = display.follow(thread)
-    except (KeyboardInterrupt, Interrupted) as exc:
+    def stop(outcome: dict) -> None:
         clusters.shutdown()  # ends this driver's trainer, its workers and a private cluster
         _wait_until_ended(outcome)
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        raise Interrupted(
-            signum,
-            f"training stopped by {signal.Signals(signum).name} after {run.last_epoch()} "
-            f"epoch(s); the run keeps its last checkpoint: continue it with --resume",
-        ) from None
-    if stalled:
-        reason = clusters.diagnose_stall(cfg, use_gpu)
-        clusters.shutdown()
-        _wait_until_ended(outcome)
-        raise RunFailed(
-            f"no progress for {cfg.stall_timeout} s: {reason}; the run keeps its last checkpoint "
-            f"(continue it with --resume)"
-        )
+
+    outcome = _follow(trainer.fit, poll, run, cfg, show, stop, lambda: clusters.diagnose_stall(cfg, use_gpu))
     try:
         ray.kill(board)
     except Exception:  # noqa: BLE001 - already gone with a failed run
