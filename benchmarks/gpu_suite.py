@@ -33,11 +33,20 @@ EXE = shutil.which("vae-ray") or str(Path(sys.executable).parent / "vae-ray")
 HERE = Path(__file__).resolve().parent
 
 
+DEADLINE = [float("inf")]  # perf_counter time by which every command must have ended (--budget-s)
+
+
+def time_left(now: float) -> float | None:
+    return None if DEADLINE[0] == float("inf") else max(5.0, DEADLINE[0] - now)
+
+
 def run_cli(args: list[str], log) -> float:
+    """A whole command's seconds. One that would outrun the budget is stopped
+    (and named in the report) so that the figures before it still come back."""
     started = time.perf_counter()
     log.write(f"$ vae-ray {' '.join(args)}\n")
     log.flush()
-    subprocess.run([EXE, *args], check=True, stdout=log, stderr=log)
+    subprocess.run([EXE, *args], check=True, stdout=log, stderr=log, timeout=time_left(started))
     return time.perf_counter() - started
 
 
@@ -61,7 +70,8 @@ GOALS = {
 }
 # Seconds a step is given at most on a GPU: a step is skipped (and said so) when
 # less than this is left of the budget.
-RESERVE_S = {"profile": 60, "generate": 90, "tune": 200, "batch32": 240}
+RESERVE_S = {"profile": 60, "generate": 90, "tune": 200, "batch32": 240, "eager512": 60, "generate_ray": 60}
+STEPS = ("train512", "profile", "generate", "tune", "batch32", "eager512", "generate_ray")
 
 
 def steps_left(started: float, budget: float, step: str, figures: dict, dry: bool) -> bool:
@@ -98,7 +108,8 @@ def train_mnist(mnist: Path, run: Path, epochs: int, batch: int, gpu: list[str],
 
 
 def generate(run: Path, out: Path, num: int, fmt: str, gpu: list[str], log) -> dict:
-    seconds = run_cli(["generate", str(run), "--num", str(num), "--format", fmt, "--out", str(out), *gpu], log)
+    shards = ["--shard-size", "500"] if num <= 2000 else []  # the dry run: several shards, as a real run has
+    seconds = run_cli(["generate", str(run), "--num", str(num), "--format", fmt, "--out", str(out), *shards, *gpu], log)
     manifest = json.loads((out / "_manifest.json").read_text())
     return {"command": round(num / seconds), "job": round(num / manifest["seconds"]), "path": manifest.get("path", "")}
 
@@ -197,10 +208,19 @@ def main() -> None:
     parser.add_argument("--cifar-epochs", type=int, default=12, help="about 8 minutes on an H100 (bf16)")
     parser.add_argument("--budget-s", type=float, default=540, help="skip steps that would not finish within this")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the suite, measures nothing")
+    parser.add_argument(
+        "--only",
+        default=",".join(STEPS[:5]),
+        help=f"the steps to run, in order, from {', '.join(STEPS)} (generate and eager512 need train512's run)",
+    )
     args = parser.parse_args()
+    if set(args.only.split(",")) - set(STEPS):
+        parser.error(f"--only: steps are {', '.join(STEPS)}")
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dry, started = args.dry_run, time.perf_counter()
+    if not dry:
+        DEADLINE[0] = started + args.budget_s
     gpu = [] if dry else ["--gpu"]
     limit = ["--limit", "600"] if dry else []
     figures: dict = {"device": device(), "date": time.strftime("%Y-%m-%d"), "dry_run": dry}
@@ -209,7 +229,7 @@ def main() -> None:
         if args.cifar:
             figures |= cifar(data, out, 1 if dry else args.cifar_epochs, dry, gpu, limit, log)
         else:
-            speed_table(data, work, figures, dry, gpu, limit, started, args.budget_s, log)
+            speed_table(data, work, figures, dry, gpu, limit, started, args.budget_s, log, args.only.split(","))
     figures["goals"] = GOALS
     figures["suite_seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu_report.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -226,18 +246,73 @@ def main() -> None:
             lines.append(f"| {key} | {value} | {GOALS.get(key, '')} |")
     (out / "gpu_report.md").write_text("\n".join(lines) + "\n")
     print((out / "gpu_report.md").read_text())
+    if figures.get("failed"):
+        sys.exit(1)
+
+
+def attempt(name: str, figures: dict, step, log) -> None:
+    """Run one step of the table; a step that fails is named in the report
+    (and fails the suite at the end) without losing the figures of the others."""
+    try:
+        step()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as exc:
+        figures.setdefault("failed", []).append(f"{name}: {exc}")
+        log.write(f"!! {name} failed: {exc}\n")
+        log.flush()
 
 
 def speed_table(
-    data: Path, work: Path, figures: dict, dry: bool, gpu: list[str], limit: list[str], started, budget, log
+    data: Path, work: Path, figures: dict, dry: bool, gpu: list[str], limit: list[str], started, budget, log, only
 ):
     mnist = work / "mnist"
     run_cli(["data", "prepare", "mnist", "--source", str(data / "mnist"), "--out", str(mnist), *limit], log)
-    # 1. MNIST training, start-up included. Large batches are what a GPU needs.
-    seconds, history = train_mnist(mnist, work / "mnist-run", 1 if dry else 30, 512, gpu, log)
-    figures["mnist_30_epochs_seconds"] = round(seconds, 1)
-    figures["mnist_test_matlab_elbo"] = round(history[-1]["test_matlab_elbo"], 3)
-    figures["mnist_images_per_s"] = round(max(h["train_images_per_s"] for h in history))
+
+    def train512():
+        # 1. MNIST training, start-up included. Large batches are what a GPU needs.
+        seconds, history = train_mnist(mnist, work / "mnist-run", 1 if dry else 30, 512, gpu, log)
+        figures["mnist_30_epochs_seconds"] = round(seconds, 1)
+        figures["mnist_test_matlab_elbo"] = round(history[-1]["test_matlab_elbo"], 3)
+        figures["mnist_images_per_s"] = round(max(h["train_images_per_s"] for h in history))
+        figures["mnist_train_seconds"] = round(sum(h["train_seconds"] for h in history), 1)
+        figures["mnist_cuda_graph"] = history[-1].get("cuda_graph")
+        figures["mnist_first_epoch_train_seconds"] = round(history[0]["train_seconds"], 2)
+        figures["mnist_cuda_graph_setup_s"] = history[-1].get("cuda_graph_setup_s")
+
+    def eager512():
+        # The same run with its steps launched one by one (--cuda-graph off): what the graph is worth.
+        if steps_left(started, budget, "eager512", figures, dry):
+            seconds, history = train_mnist(
+                mnist, work / "mnist-run-eager", 1 if dry else 30, 512, [*gpu, "--cuda-graph", "off"], log
+            )
+            figures["mnist_eager_30_epochs_seconds"] = round(seconds, 1)
+            figures["mnist_eager_train_seconds"] = round(sum(h["train_seconds"] for h in history), 1)
+            figures["mnist_eager_first_epoch_train_seconds"] = round(history[0]["train_seconds"], 2)
+
+    def generate_ray():
+        # The Ray Data actor pool (as on a cluster) for the same Parquet set.
+        if steps_left(started, budget, "generate_ray", figures, dry):
+            num = 2000 if dry else 1_000_000
+            rates = generate(
+                work / "mnist-run", work / "generated-ray", num, "parquet", [*gpu, "--actors", "2" if dry else "8"], log
+            )
+            figures["generate_parquet_ray_command_images_per_s"] = rates["command"]
+            figures["generate_parquet_ray_job_images_per_s"] = rates["job"]
+            figures["generate_ray_path"] = rates["path"]
+
+    chosen = {
+        "train512": train512,
+        "profile": lambda: profile(work, figures, dry, started, budget, log),
+        "generate": lambda: generation(work, figures, dry, gpu, started, budget, log),
+        "tune": lambda: search(mnist, work, figures, dry, gpu, started, budget, log),
+        "batch32": lambda: train32(mnist, work, figures, dry, gpu, started, budget, log),
+        "eager512": eager512,
+        "generate_ray": generate_ray,
+    }
+    for name in only:
+        attempt(name, figures, chosen[name], log)
+
+
+def profile(work: Path, figures: dict, dry: bool, started, budget, log) -> None:
     # 2. Where a step's time goes.
     if steps_left(started, budget, "profile", figures, dry):
         subprocess.run(
@@ -251,12 +326,18 @@ def speed_table(
             check=True,
             stdout=log,
             stderr=log,
+            timeout=time_left(time.perf_counter()),
         )
         report = json.loads((work / "profile" / "step_profile.json").read_text())
         for row in report["variants"]:
             figures[f"step_ms_{row['variant']}"] = row.get("ms_per_step", row.get("error"))
             if "bound" in row:
                 figures[f"step_{row['variant']}_bound"] = row["bound"]
+            if "captured" in row:
+                figures[f"step_{row['variant']}_captured"] = row["captured"]
+
+
+def generation(work: Path, figures: dict, dry: bool, gpu: list[str], started, budget, log) -> None:
     # 3. Generation, whole commands (Ray's start-up included) and the job's own rate.
     num = 2000 if dry else 1_000_000
     for fmt in ("parquet", "png"):
@@ -265,6 +346,9 @@ def speed_table(
             figures[f"generate_{fmt}_command_images_per_s"] = rates["command"]
             figures[f"generate_{fmt}_job_images_per_s"] = rates["job"]
             figures["generate_path"] = rates["path"]
+
+
+def search(mnist: Path, work: Path, figures: dict, dry: bool, gpu: list[str], started, budget, log) -> None:
     # 4. A search sharing the GPU, against one of its trials alone.
     if steps_left(started, budget, "tune", figures, dry):
         epochs = 1 if dry else 5
@@ -275,11 +359,16 @@ def speed_table(
         figures["tune_seconds"] = round(whole, 1)
         figures["tune_max_trials_at_once"] = most
         figures["tune_over_one_trial"] = round(whole / alone, 2)
+
+
+def train32(mnist: Path, work: Path, figures: dict, dry: bool, gpu: list[str], started, budget, log) -> None:
     # 5. The default batch: launch-bound, the step's fixed costs show.
     if steps_left(started, budget, "batch32", figures, dry):
         seconds, history = train_mnist(mnist, work / "mnist-run-32", 1 if dry else 30, 32, gpu, log)
         figures["mnist_batch32_30_epochs_seconds"] = round(seconds, 1)
         figures["mnist_batch32_test_matlab_elbo"] = round(history[-1]["test_matlab_elbo"], 3)
+        figures["mnist_batch32_train_seconds"] = round(sum(h["train_seconds"] for h in history), 1)
+        figures["mnist_batch32_cuda_graph"] = history[-1].get("cuda_graph")
 
 
 if __name__ == "__main__":

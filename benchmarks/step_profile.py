@@ -12,8 +12,10 @@ larger batch help). Variants:
 
 - eager: the step `vae-ray train` runs (fp32, fused Adam on GPUs);
 - bf16: the same under bf16 autocast (`--precision bf16`);
-- graph (CUDA only): the whole step (forward, backward, capturable Adam)
-  captured once as a CUDA graph and replayed, the input copied into it.
+- graph: the step `vae-ray train --gpu` runs by default for one worker
+  (vae_ray/graphed.py): forward, backward and capturable Adam captured once
+  as a CUDA graph and replayed, the batch copied into it (uncaptured on a
+  CPU); graph_bf16 (CUDA only) the same under bf16 autocast.
 
 With --out DIR the traces are written as Chrome traces (open them in
 chrome://tracing or Perfetto) and the figures as step_profile.json.
@@ -35,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vae_ray.config import TrainConfig  # noqa: E402
+from vae_ray.graphed import StaticStep  # noqa: E402
 from vae_ray.model import build  # noqa: E402
 from vae_ray.spec import LIKELIHOODS, ModelSpec  # noqa: E402
 from vae_ray.trainer import resolve  # noqa: E402
@@ -57,10 +60,7 @@ def make_run(arch: str, batch: int, device: torch.device, precision: str, captur
     core = build(ModelSpec.from_config(cfg, dataset)).to(device)
     if device.type == "cpu":
         core = core.to(memory_format=torch.channels_last)  # as the worker does
-    if capturable:
-        optimizer = torch.optim.Adam(core.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), capturable=True)
-    else:
-        optimizer = make_optimizer(cfg, core)
+    optimizer = make_optimizer(cfg, core, capturable=capturable)
     return Run(cfg, core, core, None, optimizer, 1, device, batch, 10**6, 10**6)
 
 
@@ -88,29 +88,16 @@ def eager_steps(run: Run, images, labels):
 
 
 def graph_steps(run: Run, images, labels):
-    """The whole step as one CUDA graph (the recipe of torch.cuda.graphs'
-    documentation): static input buffers, warm-up on a side stream, capture
-    with gradients unset so backward allocates them in the graph's pool. The
-    learning rate is fixed at capture: a schedule would need it as a tensor."""
-    static_x, static_y = images[0].clone(), labels[0].clone()
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    autocast = autocast_for(run.cfg.precision, run.device)
+    """The worker's own graphed step (vae_ray/graphed.py): three warm-up steps,
+    then the whole step (forward, backward, capturable Adam) captured once and
+    replayed. On a CPU the same step runs uncaptured (the dry run checks it)."""
     binarize = bool(run.cfg.binarize and LIKELIHOODS[run.cfg.loss].binarize)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            train_step(run, static_x, static_y, 1.0, scaler, autocast, binarize)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    run.optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        train_step(run, static_x, static_y, 1.0, scaler, autocast, binarize)
+    static = StaticStep(run, binarize, capture=run.device.type == "cuda")
 
     def step(i: int) -> None:
-        static_x.copy_(images[i % len(images)], non_blocking=True)
-        graph.replay()
+        static(images[i % len(images)], labels[i % len(labels)], run.cfg.lr, 1.0)
 
+    step.static = static  # measure() reports whether it was captured
     return step
 
 
@@ -129,6 +116,8 @@ def measure(name: str, step, device: torch.device, steps: int, warmup: int, out:
             step(i)
         sync(device)
     row = {"variant": name, "ms_per_step": round(ms, 3)}
+    if hasattr(step, "static"):
+        row["captured"] = step.static.graph is not None
     if device.type == "cuda":
         kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
         row["kernel_ms_per_step"] = round(kernel_us / 1000 / steps, 3)
@@ -156,11 +145,13 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[args.arch]
     rows = []
-    variants = [("eager", "fp32", eager_steps), ("bf16", "bf16", eager_steps)]
+    variants = [("eager", "fp32", eager_steps), ("bf16", "bf16", eager_steps), ("graph", "fp32", graph_steps)]
     if device.type == "cuda":
-        variants.append(("graph", "fp32", graph_steps))
+        variants.append(("graph_bf16", "bf16", graph_steps))
     for name, precision, make in variants:
-        run = make_run(args.arch, args.batch, device, precision, capturable=name == "graph")
+        run = make_run(
+            args.arch, args.batch, device, precision, capturable=name.startswith("graph") and device.type == "cuda"
+        )
         images, labels = batches(shape, args.batch, device, 4)
         try:
             rows.append(measure(name, make(run, images, labels), device, args.steps, warmup, args.out))

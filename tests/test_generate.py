@@ -21,7 +21,7 @@ from vae_ray.errors import UserError
 from vae_ray.generate import MANIFEST, actor_plan, generate, verify, write_folder
 from vae_ray.keyed_random import latent_normals
 
-from conftest import assert_one_error_line, make_checkpoint
+from conftest import assert_one_error_line, make_checkpoint, vae_ray_exe
 
 
 @pytest.mark.parametrize(
@@ -237,6 +237,24 @@ def test_a_one_shard_job_runs_in_this_process_with_the_same_bytes(ray_cluster, m
     assert small.exit_code == 0 and "in this process" in small.output, small.output
     generate(str(model_run), 300, str(tmp_path / "pool"), seed=2, actors=1)  # the Ray Data actor pool
     assert _files(tmp_path / "here") == _files(tmp_path / "pool") and len(_files(tmp_path / "here")) == 300
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("fmt", ["png", "parquet"])
+def test_a_job_on_one_machine_decodes_here_while_a_pool_of_processes_encodes(ray_cluster, model_run, tmp_path, fmt):
+    # A command with no cluster named: no Ray at all, the same bytes as the Ray Data actors write.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    here = tmp_path / "here"
+    args = ["generate", str(model_run), "--num", "250", "--shard-size", "100", "--seed", "3", "--format", fmt]
+    done = subprocess.run([vae_ray_exe(), *args, "--out", str(here), "--json"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert "encoder process" in summary["path"] and "in this process" in summary["path"], summary
+    assert not list(here.glob("**/.tmp-*"))
+    generate(str(model_run), 250, str(tmp_path / "pool"), fmt=fmt, shard_size=100, seed=3, actors=2)
+    ours, theirs = _files(here), _files(tmp_path / "pool")
+    assert ours == theirs and len([n for n in ours if not n.startswith(".progress")]) == (250 if fmt == "png" else 3)
+    assert len(verify(str(here))["shards"]) == 3
 
 
 def test_generated_parquet_reads_with_pandas_pyarrow_and_duckdb(ray_cluster, model_run, tmp_path):

@@ -41,6 +41,7 @@ ARCHS = ("auto", *ARCHITECTURES)
 LOSSES = ("auto", *LIKELIHOODS)
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CUDA_GRAPH_MODES = ("auto", "off")
 CACHE_MODES = ("auto", "memory", "none")
 PANELS = ("Data", "Model", "Loss", "Optimisation", "Scale", "Tracking")
 MAX_SEED = 2**32 - 1
@@ -239,6 +240,13 @@ class TrainConfig:
         "Autocast precision; KL and likelihood stay in fp32 (fp16 needs GPUs).",
         "Optimisation",
         choices=PRECISIONS,
+    )
+    cuda_graph: str = setting(
+        "auto",
+        "Capture each training step once as a CUDA graph and replay it: auto (on a GPU, for one "
+        "worker on in-memory batches, fp32 or bf16; other runs step as usual) or off.",
+        "Optimisation",
+        choices=CUDA_GRAPH_MODES,
     )
     seed: int = setting(0, "Seed for weights, shuffling and sampling.", "Optimisation", low=0, high=MAX_SEED)
     # --- Scale ---------------------------------------------------------------

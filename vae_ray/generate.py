@@ -45,8 +45,8 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -60,9 +60,10 @@ from . import storage
 from .api import callable_module
 from .checkpoint import load_blob, model_from_blob
 from .errors import UserError
-from .formats import encode_pngs, hf_features, hf_parquet_bytes, npz_bytes, parquet_bytes
-from .images import to_float, to_uint8
+from .formats import hf_features
+from .images import to_float, to_uint8, to_uint8_tensor
 from .keyed_random import latent_normals
+from .shardstore import MARKERS, EncoderPool, digest, store_shard, write_folder  # noqa: F401 - write_folder: the tests'
 
 SHARD = 10_000  # images per shard (PNG folder, Parquet/NPZ file)
 CHUNK = 256  # decode batch, aligned to global indices
@@ -85,7 +86,6 @@ FORMATS = ("png", "parquet", "npz", "hf")
 FORMAT_ID = "vae-ray-generated/1"
 MANIFEST = "_manifest.json"
 OLD_MANIFEST = "manifest.json"  # sets written before the manifest was renamed
-MARKERS = ".progress"
 CARD = "README.md"
 # In an S3 staging folder only: the manifest of the set an --overwrite is
 # replacing, written before that manifest is removed, so a rerun after a crash
@@ -186,14 +186,6 @@ def shard_files(plan: Plan, shard: int, folders: list[str]) -> list[str]:
     return names
 
 
-def digest(chunks: list[bytes]) -> str:
-    """A shard's checksum: SHA-256 over the SHA-256 of each of its files, in order."""
-    outer = hashlib.sha256()
-    for data in chunks:
-        outer.update(hashlib.sha256(data).digest())
-    return outer.hexdigest()
-
-
 class ShardWriter:
     """Loads the model once, then writes whole shards (a Ray Data actor, or
     called directly for a one-shard job)."""
@@ -254,6 +246,11 @@ class ShardWriter:
         """uint8 images, labels and candidates drawn for indices [start, end), in aligned chunks."""
         size = self.plan.chunk
         first, last = (start // size) * size, -(-end // size) * size
+        if not self.plan.filtered:
+            images, labels = self._decode_chunks(first, last)
+            tries = np.stack([np.ones(len(labels), dtype=np.int64), np.zeros(len(labels), dtype=np.int64)], 1)
+            cut = slice(start - first, end - first)
+            return images[cut], labels[cut], tries[cut]
         images, labels, tries = [], [], []
         for chunk in range(first, last, size):
             idx = np.arange(chunk, chunk + size)
@@ -269,16 +266,39 @@ class ShardWriter:
         cut = slice(start - first, end - first)
         return np.concatenate(images)[cut], np.concatenate(labels)[cut], np.concatenate(tries)[cut]
 
-    def _draw(self, keys: np.ndarray, y: torch.Tensor | None) -> np.ndarray:
+    def _decode_chunks(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images [first, last) (whole chunks), unfiltered: the latents of every
+        chunk made on the host and copied over once, each chunk decoded as its
+        own batch (the same arithmetic as one call per chunk), and the pixels
+        copied back once, so a GPU is not waited for at every chunk."""
+        size = self.plan.chunk
+        keys = [np.arange(c, min(c + size, last)) for c in range(first, last, size)]
+        labels = [labels_for(self.plan, idx, len(self.classes)) for idx in keys]
+        conditional = bool(self.model.num_classes)
+        z = np.concatenate(
+            [self._latents(idx, lab if conditional else None) for idx, lab in zip(keys, labels, strict=True)]
+        )
+        z = torch.from_numpy(z).to(self.device)
+        y = torch.from_numpy(np.concatenate(labels)).to(self.device) if conditional else None
+        pixels = []
+        for c in range(0, last - first, size):
+            part = y[c : c + size] if y is not None else None
+            pixels.append(to_uint8_tensor(self.model.mean_image(self.model.decode(z[c : c + size], part))))
+        return torch.cat(pixels).cpu().numpy(), np.concatenate(labels)
+
+    def _latents(self, keys: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
         eps = latent_normals(self.plan.seed, keys, self.model.latent_dim)
         z = eps * np.float32(self.plan.temperature)
         if self.mixture is not None:  # the first latent group from the mixture (of the image's class)
             from .prior import component_uniforms
 
             d = self.mixture.dims
-            classes = y.cpu().numpy() if y is not None else None
             u = component_uniforms(self.plan.seed, keys)
             z[:, :d] = self.mixture.sample(eps[:, :d], u, classes, self.plan.temperature)
+        return z
+
+    def _draw(self, keys: np.ndarray, y: torch.Tensor | None) -> np.ndarray:
+        z = self._latents(keys, y.cpu().numpy() if y is not None else None)
         z = torch.from_numpy(z).to(self.device)
         return to_uint8(self.model.mean_image(self.model.decode(z, y)))
 
@@ -337,6 +357,11 @@ class ShardWriter:
         return probs.max(1) if labels[0] < 0 else probs[np.arange(len(labels)), labels]
 
     def write_shard(self, shard: int) -> tuple[int, str]:
+        args = self.decode_shard(shard)
+        return args[-1]["images"], store_shard(*args)
+
+    def decode_shard(self, shard: int) -> tuple:
+        """A shard decoded: shardstore.store_shard's arguments (the last is its marker without the checksum)."""
         start, end = self.plan.shard_range(shard)
         images, labels, tries = self.decode(start, end)
         # tries[:, 0] < 0: an image none of its candidates passed (see _filter)
@@ -345,32 +370,10 @@ class ShardWriter:
             "unmet": int((tries[:, 0] < 0).sum()),
             "copies": int(tries[:, 1].sum()),
         }
-        indices = np.arange(start, end)
+        marker = {"shard": shard, "images": end - start} | (self.filtered[shard] if self.plan.filtered else {})
+        classes = self.classes if self.plan.format == "hf" and self.plan.labels != "none" else None
         names = shard_files(self.plan, shard, self.folders)
-        if self.plan.format == "png":
-            blobs = encode_pngs(images)
-            folders: dict[str, dict[str, bytes]] = {}
-            for name, data in zip(names, blobs, strict=True):
-                folder, file = name.rsplit("/", 1)
-                folders.setdefault(folder, {})[file] = data
-            for folder, files in folders.items():
-                write_folder(self.root, folder, files)
-        else:
-            if self.plan.format == "parquet":
-                blobs = [parquet_bytes(images, labels, indices)]
-            elif self.plan.format == "hf":
-                blobs = [
-                    hf_parquet_bytes(images, labels, indices, self.classes if self.plan.labels != "none" else None)
-                ]
-            else:
-                blobs = [npz_bytes(images=images, labels=labels, index=indices)]
-            storage.write_bytes(storage.join(self.root, names[0]), blobs[0])
-        checksum = digest(blobs)
-        marker = {"shard": shard, "images": end - start, "sha256": checksum}
-        if self.plan.filtered:
-            marker |= self.filtered[shard]
-        storage.write_bytes(storage.join(self.root, MARKERS, f"{shard:05d}.json"), json.dumps(marker).encode())
-        return end - start, checksum
+        return self.root, self.plan.format, names, images, labels, np.arange(start, end), classes, marker
 
 
 FILTER_KEYS = ("candidates", "unmet", "copies")  # a filtered set's per-shard counts (markers and manifest)
@@ -385,28 +388,6 @@ def _filter_judge(model_blob: dict[str, Any], device: torch.device):
     judge = Judge(held["channels"], held["num_classes"])
     judge.load_state_dict(held["state"])
     return judge.to(device).eval()
-
-
-def write_folder(root: str, rel: str, files: dict[str, bytes]) -> None:
-    """Write a whole folder of files. Locally they go into a temporary sibling
-    folder renamed when complete: one rename per folder instead of one per
-    file (file creation and renames are most of the kernel time of a PNG
-    shard on ext4). On S3 each file is one PUT."""
-    target_uri = storage.join(root, rel)
-    if storage.is_remote(root):
-        for name, data in files.items():
-            storage.write_bytes(storage.join(target_uri, name), data)
-        return
-    target = Path(storage.filesystem(target_uri)[1])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{target.name}")
-    tmp.mkdir()
-    for name, data in files.items():
-        with open(tmp / name, "xb") as fh:
-            fh.write(data)
-    if target.exists():  # an earlier attempt at this shard (a restarted actor) got this far
-        shutil.rmtree(target)
-    tmp.rename(target)
 
 
 def _keep_freed_memory() -> None:
@@ -1032,6 +1013,7 @@ class ShardedJob:
 
     command = ""
     writer: type = object
+    pipelined = False  # the writer decodes (decode_shard) apart from encoding and writing (shardstore)
     last: tuple[str, ...] = (MANIFEST,)
     _destination: Callable[..., str]
     _read_set: Callable[[str], tuple[dict[str, Any], Any] | None]
@@ -1039,7 +1021,6 @@ class ShardedJob:
 
     def run(self, address: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Write the shards; return the manifest (with `already_complete` when there was nothing to do)."""
-        from .cluster import given_address
 
         with storage.Lock(self.out, self.command) as lock:
 
@@ -1062,10 +1043,8 @@ class ShardedJob:
             done = completed_shards(root, self.plan)
             todo = [s for s in range(self.plan.num_shards) if s not in done]
             self._check_space(root, done)  # before the first write
-            in_process = (
-                given_address(address) is None and self.actors is None and not self.gpu and self.plan.num_shards == 1
-            )
-            writer = None if in_process else self._connect(address)  # checks the cluster (GPUs) first
+            here = self._here(address)
+            writer = None if here else self._connect(address)  # checks the cluster (GPUs) first
             started = time.time()
             identity = self._identity(root)
             if existing is None:
@@ -1075,15 +1054,8 @@ class ShardedJob:
                 self._remove_partial(root, shard)
             written = sum(m["images"] for m in done.values())
             tick(written, self.plan.num)
-            if in_process:
-                self.path_taken = "in this process (one shard, no cluster named)"
-                shard_writer = self.writer(self.blob, **self._writer_options(root, "cpu", _threads()))
-                for shard in todo:
-                    n, checksum = shard_writer.write_shard(shard)
-                    done[shard] = {"shard": shard, "images": n, "sha256": checksum}
-                    done[shard] |= getattr(shard_writer, "filtered", {}).get(shard, {})
-                    written += n
-                    tick(written, self.plan.num)
+            if here:
+                self._write_here(here, root, todo, done, written, tick)
             else:
                 done = writer(root, todo, done, written, tick)
             manifest = {
@@ -1102,6 +1074,61 @@ class ShardedJob:
                 lock.ensure_held()
                 self._swap_in(root)
             return manifest
+
+    # -- in this process ----------------------------------------------------
+    def _here(self, address: str | None) -> str | None:
+        """The device to decode on in this process, or None for the Ray Data
+        path: a cluster is named (--address, RAY_ADDRESS), --actors asks for
+        actors, or --gpu finds no GPU here. A job of one shard on the CPU
+        always runs here; more (or a GPU) only for a pipelined writer, and not
+        in a process that has joined a Ray cluster already."""
+        from .cluster import given_address
+
+        if given_address(address) is not None or self.actors is not None:
+            return None
+        ray = sys.modules.get("ray")
+        if self.pipelined and not (ray and ray.is_initialized()):
+            cuda = torch.cuda.is_available()
+            if cuda or not self.gpu:
+                return "cuda" if cuda and self.gpu is not False else "cpu"
+        return "cpu" if not self.gpu and self.plan.num_shards == 1 else None
+
+    def _write_here(self, device: str, root: str, todo: list[int], done: dict, written: int, tick) -> None:
+        """Decode shard after shard here; with more than one, a pool of encoder
+        processes (shardstore.EncoderPool) encodes and writes them meanwhile."""
+        cpus = _threads()
+        encoders = (
+            0
+            if len(todo) < 2 or not self.pipelined
+            else min(len(todo), max(1, cpus - 1 if device == "cuda" else cpus // 2))
+        )
+        threads = max(1, cpus - encoders) if device == "cpu" else 1
+        shard_writer = self.writer(self.blob, **self._writer_options(root, device, threads))
+        where = "in this process" + (" on the GPU" if device == "cuda" else "")
+        if not encoders:
+            self.path_taken = f"{where} ({'one shard, ' if self.plan.num_shards == 1 else ''}no cluster named)"
+            for shard in todo:
+                n, checksum = shard_writer.write_shard(shard)
+                done[shard] = {"shard": shard, "images": n, "sha256": checksum}
+                done[shard] |= getattr(shard_writer, "filtered", {}).get(shard, {})
+                written += n
+                tick(written, self.plan.num)
+            return
+        self.path_taken = f"{where}, {encoders} encoder process(es) (no cluster named)"
+
+        def record(finished: list[tuple[int, int, str]]) -> None:
+            nonlocal written
+            for shard, n, checksum in finished:
+                done[shard] = {"shard": shard, "images": n, "sha256": checksum}
+                done[shard] |= getattr(shard_writer, "filtered", {}).get(shard, {})
+                written += n
+                tick(written, self.plan.num)
+
+        with EncoderPool(encoders) as pool:
+            for shard in todo:
+                args = shard_writer.decode_shard(shard)
+                record(pool.submit(shard, args[-1]["images"], *args))
+            record(pool.finish())
 
     # -- the Ray Data path --------------------------------------------------
     def _connect(self, address: str | None):
@@ -1168,6 +1195,7 @@ class Generation(ShardedJob):
 
     command = "vae-ray generate"
     writer = ShardWriter
+    pipelined = True
     last = (MANIFEST, OLD_MANIFEST)
     _destination = staticmethod(destination_state)
     _read_set = staticmethod(read_set)

@@ -16,4 +16,9 @@ def to_float(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C), rounded to the nearest level."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_tensor(images).cpu().numpy()
+
+
+def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
+    """to_uint8, left on the images' device."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import graphed
 from .config import TrainConfig
 from .images import to_float
 from .ingest import MemoryFeed, StreamFeed, eval_batches, rank_batch, steps_per_epoch
@@ -67,7 +68,10 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
         # evaluate already run). The images arrive channels-last from to_float.
         core = core.to(memory_format=torch.channels_last)
     model = session.prepare_model(core)
-    optimizer = make_optimizer(cfg, model)
+    # The step as one CUDA graph where it can be captured (graphed.py says when).
+    graph_blocker = graphed.blocker(cfg, device, world, loop_config["ingest"])
+    optimizer = make_optimizer(cfg, model, capturable=graph_blocker is None)
+    flags = graphed.implementation(optimizer)
     averaged = copy.deepcopy(core).requires_grad_(False) if cfg.ema else None
     served = averaged if averaged is not None else core  # what is evaluated, saved and sampled
 
@@ -80,6 +84,7 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
         if directory is not None:
             state = ckpt.restore(directory, core, optimizer, averaged, device)
             start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+            graphed.keep_implementation(optimizer, flags)  # a checkpoint from another device or mode
 
     # 4. This rank's share of the data: in memory, or streamed by Ray Data.
     if loop_config["ingest"] == "memory":
@@ -105,6 +110,9 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
         session.board(loop_config.get("progress_board")) if rank == 0 else None,
         loop_config.get("progress_key", ""),
     )
+    binarize = bool(cfg.binarize and LIKELIHOODS[cfg.loss].binarize)
+    if graph_blocker is None:
+        run.static = graphed.StaticStep(run, binarize, capture=True)
     logger = EpochLogger(loop_config["run"], loop_config.get("tracking", {}), cfg, dataset) if rank == 0 else None
 
     try:
@@ -131,7 +139,7 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
                 "train_kl": totals[3].item() / seen,
                 **{f"test_{k}": v for k, v in test.items()},
                 "beta": beta_at(cfg, epoch, steps, steps),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": float(optimizer.param_groups[0]["lr"]),  # a tensor under a CUDA graph
                 "train_images_per_s": seen / train_seconds,
                 "epoch_seconds": time.perf_counter() - started,
                 "train_seconds": train_seconds,
@@ -139,6 +147,8 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
                 "workers": world,
                 "nodes": count_nodes(world),
                 "ingest": feed.kind,
+                "cuda_graph": run.static is not None and run.static.graph is not None,  # the steps replay one graph
+                "cuda_graph_setup_s": round(run.static.setup_seconds, 3) if run.static is not None else 0.0,
                 "started_at_epoch": start_epoch,  # > 1 after a resume or a restart from a checkpoint
             }
 
@@ -182,6 +192,7 @@ class Run:
     global_step: int = 0
     board: Any = None  # the driver's progress board (rank 0 only)
     board_key: str = ""
+    static: graphed.StaticStep | None = None  # the step as a CUDA graph, where it applies
 
 
 def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
@@ -198,7 +209,11 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
     window = torch.zeros((), device=device)
     binarize = cfg.binarize and LIKELIHOODS[cfg.loss].binarize
     for step, (images, labels, _) in enumerate(feed.batches(epoch, run.batch, run.steps), start=1):
-        terms, loss = train_step(run, images, labels, beta_at(cfg, epoch, step, run.steps), scaler, autocast, binarize)
+        beta = beta_at(cfg, epoch, step, run.steps)
+        if run.static is not None:
+            terms, loss = run.static(images, labels, lr_at(cfg, run.global_step, run.total_steps), beta)
+        else:
+            terms, loss = train_step(run, images, labels, beta, scaler, autocast, binarize)
         sums += torch.stack(
             [terms.loss.detach().sum().double(), terms.recon.detach().sum().double(), terms.kl.detach().sum().double()]
         )
@@ -224,19 +239,11 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
 def train_step(run: Run, images, labels, beta: float, scaler, autocast, binarize: bool):
     """One optimiser step on one batch of uint8 images, with nothing that
     waits for the device; returns the batch's terms and the step's loss.
-    benchmarks/step_profile.py times exactly this."""
+    benchmarks/step_profile.py times exactly this (and graphed.StaticStep)."""
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(cfg, run.global_step, run.total_steps)
-    x = to_float(images)
-    target = torch.bernoulli(x) if binarize else x
-    with autocast:
-        logits, mu, logvar = run.model(x, labels if cfg.conditional else None, samples=cfg.z_samples)
-    terms = batch_terms(run.core, x, target, logits, mu, logvar, beta, cfg.recon_weight)
-    # DDP averages gradients over ranks: scaling each rank's sum by world /
-    # batch_size makes the step the mean over the global batch, even when
-    # ranks hold batches one image apart.
-    loss = terms.loss.sum() * (run.world / cfg.batch_size)
+    terms, loss = step_loss(run, images, labels, beta, autocast, binarize)
     run.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip:
@@ -248,6 +255,21 @@ def train_step(run: Run, images, labels, beta: float, scaler, autocast, binarize
     if run.averaged is not None:
         update_average(run.averaged, run.core, cfg.ema, run.global_step)
     return terms, loss
+
+
+def step_loss(run: Run, images, labels, beta, autocast, binarize: bool):
+    """A step's forward pass: the batch's per-image terms and the loss to
+    differentiate. `beta` is a float, or a device tensor under a CUDA graph."""
+    cfg = run.cfg
+    x = to_float(images)
+    target = torch.bernoulli(x) if binarize else x
+    with autocast:
+        logits, mu, logvar = run.model(x, labels if cfg.conditional else None, samples=cfg.z_samples)
+    terms = batch_terms(run.core, x, target, logits, mu, logvar, beta, cfg.recon_weight)
+    # DDP averages gradients over ranks: scaling each rank's sum by world /
+    # batch_size makes the step the mean over the global batch, even when
+    # ranks hold batches one image apart.
+    return terms, terms.loss.sum() * (run.world / cfg.batch_size)
 
 
 def _with_count(images: int, sums: torch.Tensor) -> torch.Tensor:
@@ -316,12 +338,16 @@ def report(
 # ---------------------------------------------------------------------------
 # Small pieces
 # ---------------------------------------------------------------------------
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
     betas = (0.9, cfg.adam_beta2)
     # On GPUs the fused kernels update every tensor in one launch: the small
     # networks' steps are launch-bound there (about 6 ms per MNIST step at
-    # batch 512 on an H100). CPUs keep the default implementation.
-    fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
+    # batch 512 on an H100). CPUs keep the default implementation. Under a
+    # CUDA graph, the capturable multi-tensor form (the launches no longer count).
+    if capturable:
+        fused = {"capturable": True, "foreach": True}
+    else:
+        fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if cfg.weight_decay:
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas, **fused)

@@ -1,0 +1,83 @@
+"""The encoder processes a generation on one machine hands its shards to
+(vae_ray/shardstore.py): the same files as writing them here, errors raised
+in the command, and a script without a main guard is not run again."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from vae_ray.errors import UserError
+from vae_ray.shardstore import EncoderPool, store_shard
+
+
+def _shard(root, shard: int, fmt: str = "parquet"):
+    images = np.full((5, 4, 4, 1), shard, dtype=np.uint8)
+    names = [f"part-{shard:05d}.parquet"] if fmt == "parquet" else [f"{shard:05d}/{i:09d}.png" for i in range(5)]
+    indices = np.arange(shard * 5, shard * 5 + 5)
+    return str(root), fmt, names, images, np.zeros(5, dtype=np.int64), indices, None, {"shard": shard, "images": 5}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "png"])
+def test_the_pool_writes_what_store_shard_writes_here(tmp_path, fmt):
+    here, pooled = tmp_path / "here", tmp_path / "pool"
+    expected = {s: store_shard(*_shard(here, s, fmt)) for s in range(4)}
+    got = {}
+    with EncoderPool(2) as pool:
+        for s in range(4):
+            got |= {shard: checksum for shard, _, checksum in pool.submit(s, 5, *_shard(pooled, s, fmt))}
+        got |= {shard: checksum for shard, _, checksum in pool.finish()}
+    assert got == expected
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert files(here) == files(pooled) and len(files(here)) == (8 if fmt == "parquet" else 24)
+    assert json.loads((pooled / ".progress" / "00003.json").read_text())["sha256"] == expected[3]
+
+
+def test_an_encoders_error_is_raised_in_the_command_and_the_pool_stops(tmp_path):
+    (tmp_path / "part-00001.parquet").mkdir()  # in the way of shard 1's file
+    with pytest.raises((OSError, UserError)), EncoderPool(2) as pool:
+        for s in range(3):
+            pool.submit(s, 5, *_shard(tmp_path, s))
+        pool.finish()
+    assert all(w.poll() is not None for w in pool.workers)
+    assert not (tmp_path / ".progress" / "00001.json").exists()
+
+
+def test_a_killed_encoder_is_an_error_not_a_hang(tmp_path):
+    with pytest.raises(RuntimeError, match="encoder process ended"), EncoderPool(1) as pool:
+        pool.workers[0].kill()
+        pool.workers[0].wait()
+        pool.submit(0, 5, *_shard(tmp_path, 0))
+        pool.finish()
+
+
+@pytest.mark.subprocess
+def test_a_script_without_a_main_guard_is_not_run_again(tmp_path):
+    # multiprocessing's spawn would import the script again in every encoder.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))!r})
+            from tests.test_shardstore import _shard
+            from vae_ray.shardstore import EncoderPool
+            print("started", flush=True)
+            with EncoderPool(2) as pool:
+                for s in range(3):
+                    pool.submit(s, 5, *_shard({str(tmp_path / "out")!r}, s))
+                print(sorted(shard for shard, _, _ in pool.finish()), flush=True)
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("started") == 1, done.stdout
+    assert len(list((tmp_path / "out" / ".progress").glob("*.json"))) == 3
