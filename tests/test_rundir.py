@@ -263,11 +263,11 @@ def test_an_evaluation_is_not_written_into_a_run_another_command_holds(tmp_path,
 
 
 def test_the_train_controller_stops_writing_once_the_run_lock_is_not_the_drivers(tmp_path):
-    from vae_ray.trainer import RunDirCallback
+    from vae_ray.trainer import RunDirRecorder
 
     run = make_checkpoint(tmp_path / "run")
     with storage.Lock(str(run), "vae-ray train") as lock:
-        callback = RunDirCallback(str(run), lock.token)
+        callback = RunDirRecorder(str(run), lock.token)
         callback.after_report(None, [{"epoch": 1, "test_loss": 1.0}], None)
         assert [h["epoch"] for h in RunDir(str(run)).history()] == [1]
         (tmp_path / ".run.lock").unlink()  # another command took the run over
@@ -278,7 +278,7 @@ def test_the_train_controller_stops_writing_once_the_run_lock_is_not_the_drivers
 
 
 def test_the_best_checkpoint_is_kept_as_a_copy_and_a_pointer(tmp_path):
-    from vae_ray.trainer import RunDirCallback
+    from vae_ray.trainer import RunDirRecorder
 
     run = make_checkpoint(tmp_path / "run")  # checkpoint_epoch_0001
     ckpt = run / "checkpoint_epoch_0001"
@@ -287,7 +287,7 @@ def test_the_best_checkpoint_is_kept_as_a_copy_and_a_pointer(tmp_path):
         def __init__(self, path):
             self.path = str(path)
 
-    callback = RunDirCallback(str(run), keep_best="test_neg_elbo_nats")
+    callback = RunDirRecorder(str(run), keep_best="test_neg_elbo_nats")
     callback.after_report(None, [{"epoch": 1, "test_neg_elbo_nats": 90.0}], Reported(ckpt))
     assert os.readlink(run / "best") == "best_checkpoint_epoch_0001"
     assert (run / "best" / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
@@ -295,7 +295,7 @@ def test_the_best_checkpoint_is_kept_as_a_copy_and_a_pointer(tmp_path):
     callback.after_report(None, [{"epoch": 2, "test_neg_elbo_nats": 95.0}], Reported(run / "checkpoint_epoch_0002"))
     assert os.readlink(run / "best") == "best_checkpoint_epoch_0001"  # worse: the best stays
     shutil.copytree(ckpt, run / "checkpoint_epoch_0003")
-    fresh = RunDirCallback(str(run), keep_best="test_neg_elbo_nats")  # a resumed run's controller
+    fresh = RunDirRecorder(str(run), keep_best="test_neg_elbo_nats")  # a resumed run's controller
     fresh.after_report(None, [{"epoch": 3, "test_neg_elbo_nats": 80.0}], Reported(run / "checkpoint_epoch_0003"))
     assert os.readlink(run / "best") == "best_checkpoint_epoch_0003"
     assert not (run / "best_checkpoint_epoch_0001").exists()  # the copy it replaced is gone

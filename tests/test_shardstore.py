@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_an_encoders_error_is_raised_in_the_command_and_the_pool_stops(tmp_path)
 
 
 def test_a_killed_encoder_is_an_error_not_a_hang(tmp_path):
-    with pytest.raises(RuntimeError, match="encoder process ended"), EncoderPool(1) as pool:
+    with pytest.raises(RuntimeError, match="encoder process failed on shard 0"), EncoderPool(1) as pool:
         pool.workers[0].kill()
         pool.workers[0].wait()
         pool.submit(0, 5, *_shard(tmp_path, 0))
@@ -81,3 +82,48 @@ def test_a_script_without_a_main_guard_is_not_run_again(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("started") == 1, done.stdout
     assert len(list((tmp_path / "out" / ".progress").glob("*.json"))) == 3
+
+
+@pytest.mark.subprocess
+def test_encoders_die_with_the_command(tmp_path):
+    # Killed outright (the OOM killer), the command cannot stop its encoders: the kernel does.
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from vae_ray.shardstore import EncoderPool
+        pool = EncoderPool(2)
+        print(" ".join(str(w.pid) for w in pool.workers), flush=True)
+        sys.stdin.readline()
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    time.sleep(1.0)  # the encoders are up and have asked for the signal
+    parent.stdin.write("\n")
+    parent.stdin.flush()
+    parent.wait(timeout=30)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+
+
+def test_an_error_that_cannot_travel_is_still_reported():
+    from vae_ray.shardstore import _portable
+
+    class Odd(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a}/{b}")
+
+    travelled = _portable(Odd(1, 2))
+    assert isinstance(travelled, RuntimeError) and "Odd: 1/2" in str(travelled)
+    assert isinstance(_portable(OSError(28, "No space left on device")), OSError)

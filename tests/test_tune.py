@@ -262,3 +262,16 @@ def test_ctrl_c_stops_a_search_that_resume_continues(tiny_data, tmp_path, reques
         table = list(csv.DictReader(fh))
     assert len(table) == 2 and {r["status"] for r in table} <= {"completed", "stopped early"}
     assert ckpt.load(out / "best").state["epoch"] >= 1
+
+
+def test_a_search_written_before_a_setting_existed_is_still_the_same_search():
+    from vae_ray.config import TrainConfig
+    from vae_ray.tune import _same_search
+
+    base = {k: v for k, v in TrainConfig(data="d").to_dict().items() if k != "out"}
+    identity = {"base": base, "search": {"latent_dims": [2]}, "grace_period": 1, "metric": "m"}
+    older = {**identity, "base": {k: v for k, v in base.items() if k != "cuda_graph"}, "status": "complete"}
+    assert _same_search(older, identity)
+    changed = {**older, "base": {**older["base"], "lr": 0.5}}
+    assert not _same_search(changed, identity)
+    assert not _same_search(older, {**identity, "base": {**base, "cuda_graph": "off"}})

@@ -68,6 +68,8 @@ from .shardstore import MARKERS, EncoderPool, digest, store_shard, write_folder 
 SHARD = 10_000  # images per shard (PNG folder, Parquet/NPZ file)
 CHUNK = 256  # decode batch, aligned to global indices
 MAX_ACTORS_PER_GPU = 8
+MAX_ENCODERS = 32  # encoder processes of a job on one machine (each holds a shard or two)
+LOCAL_CPU_DECODE = 4  # cores up to which a job without a GPU decodes in the command's process
 MAX_NUM = 1_000_000_000  # file names hold nine digits of index
 MAX_SHARDS = 100_000  # MAX_NUM at the default shard size; shard names hold five digits
 MAX_CLASSES = 100_000
@@ -1078,32 +1080,52 @@ class ShardedJob:
     # -- in this process ----------------------------------------------------
     def _here(self, address: str | None) -> str | None:
         """The device to decode on in this process, or None for the Ray Data
-        path: a cluster is named (--address, RAY_ADDRESS), --actors asks for
-        actors, or --gpu finds no GPU here. A job of one shard on the CPU
-        always runs here; more (or a GPU) only for a pipelined writer, and not
-        in a process that has joined a Ray cluster already."""
+        path. A job of one shard runs here unless a cluster is named
+        (--address, RAY_ADDRESS), --actors asks for actors, or --gpu finds no
+        GPU. More shards (a pipelined writer's) run here on a machine of one
+        GPU, or without a GPU on one of at most LOCAL_CPU_DECODE cores (beyond,
+        one single-threaded Ray actor per core decodes faster), and not in a
+        process that has joined a Ray cluster already. The device is chosen the
+        same way on both paths: a GPU when there is one, unless --no-gpu."""
         from .cluster import given_address
 
         if given_address(address) is not None or self.actors is not None:
             return None
+        if not self.pipelined:
+            return "cpu" if not self.gpu and self.plan.num_shards == 1 else None
+        cuda = torch.cuda.is_available()
+        if self.gpu and not cuda:
+            return None  # the Ray path says the cluster has no GPU
+        device = "cuda" if cuda and self.gpu is not False else "cpu"
+        if self.plan.num_shards == 1:
+            return device
         ray = sys.modules.get("ray")
-        if self.pipelined and not (ray and ray.is_initialized()):
-            cuda = torch.cuda.is_available()
-            if cuda or not self.gpu:
-                return "cuda" if cuda and self.gpu is not False else "cpu"
-        return "cpu" if not self.gpu and self.plan.num_shards == 1 else None
+        if ray is not None and ray.is_initialized():
+            return None
+        if device == "cuda" and torch.cuda.device_count() > 1:
+            return None  # one decoder per GPU: the actors use them all
+        if device == "cpu" and _threads() > LOCAL_CPU_DECODE:
+            return None
+        return device
 
     def _write_here(self, device: str, root: str, todo: list[int], done: dict, written: int, tick) -> None:
         """Decode shard after shard here; with more than one, a pool of encoder
-        processes (shardstore.EncoderPool) encodes and writes them meanwhile."""
+        processes (shardstore.EncoderPool) encodes and writes them meanwhile.
+        A set of several shards decodes in one thread on a CPU, as each Ray
+        actor does, so that a set resumed on the other path is the same
+        arithmetic. The process's torch settings are put back after."""
         cpus = _threads()
-        encoders = (
-            0
-            if len(todo) < 2 or not self.pipelined
-            else min(len(todo), max(1, cpus - 1 if device == "cuda" else cpus // 2))
-        )
-        threads = max(1, cpus - encoders) if device == "cpu" else 1
-        shard_writer = self.writer(self.blob, **self._writer_options(root, device, threads))
+        encoders = 0 if len(todo) < 2 or not self.pipelined else min(len(todo), MAX_ENCODERS, max(1, cpus - 1))
+        threads = cpus if device == "cpu" and self.plan.num_shards == 1 else 1
+        kept = torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+        try:
+            shard_writer = self.writer(self.blob, **self._writer_options(root, device, threads))
+            self._write_shards(shard_writer, device, encoders, todo, done, written, tick)
+        finally:
+            torch.set_num_threads(kept[0])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = kept[1], kept[2]
+
+    def _write_shards(self, shard_writer, device: str, encoders: int, todo, done: dict, written: int, tick) -> None:
         where = "in this process" + (" on the GPU" if device == "cuda" else "")
         if not encoders:
             self.path_taken = f"{where} ({'one shard, ' if self.plan.num_shards == 1 else ''}no cluster named)"
@@ -1491,9 +1513,18 @@ class Generation(ShardedJob):
 
 
 def _threads() -> int:
-    import os
-
-    return max(1, os.cpu_count() or 1)
+    """The CPUs this process may use: its affinity, and a container's CPU quota (cgroup v2)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def actor_plan(resources: dict, use_gpu: bool, actors: int | None) -> tuple[int, float]:

@@ -12,7 +12,7 @@
     RUN/ray-logs/                  Ray's logs, kept only when a run on a private cluster failed
 
 Only this module knows these names. The driver writes config.json; the Train
-controller (`trainer.RunDirCallback`) appends metrics and moves `latest`.
+controller (`trainer.RunDirRecorder`) appends metrics and moves `latest`.
 
 Resume lives here too: whether a command may start, continue or skip a run
 (`check_run`), which settings a resumed run keeps (`merge_for_resume`), and

@@ -4,7 +4,7 @@
 resume from and data shard, and reports each epoch to it. Two sessions:
 
 - `RaySession`: a Ray Train worker. Ray Train persists the checkpoints into
-  the run folder and calls `RunDirCallback` on its controller.
+  the run folder and calls `RunDirRecorder` on its controller.
 - `LocalSession`: one process, no Ray. A run of one worker with no cluster
   named (no --address, no RAY_ADDRESS, no Ray in the process) trains in the
   command's own process: no local cluster, Train controller or worker actor

@@ -121,23 +121,25 @@ class EncoderPool:
     Each is a fresh `python -c` running `serve` (never a fork of a process
     holding a CUDA context, and never a re-run of the caller's main script,
     as multiprocessing's spawn would do to a script without a main guard)
-    that imports only this module. A thread per process hands it one shard
-    at a time through its stdin and reads the checksum back; `submit` blocks
-    while every process is busy and one more shard waits, so decoding ahead
-    holds at most that many shards in memory. `submit` returns the shards
-    finished meanwhile and `finish` the rest, as (shard, images, checksum);
-    an encoder's error is raised in the caller."""
+    that imports this very package and this module only. A thread per
+    process hands it one shard at a time through its stdin (the arrays as
+    out-of-band pickle buffers: no copy) and reads the checksum back. One
+    more shard may wait: `submit` blocks while every process is busy and one
+    waits, so the decoder holds at most processes + 2 shards. `submit`
+    returns the shards finished meanwhile and `finish` the rest, as (shard,
+    images, checksum); an encoder's error is raised in the caller. An
+    encoder dies with the command's process (Linux), so none writes on
+    after the command's lock is gone."""
 
     def __init__(self, processes: int):
-        self.jobs: queue.Queue = queue.Queue(maxsize=processes)
+        self.jobs: queue.Queue = queue.Queue(maxsize=1)
         self.results: queue.Queue = queue.Queue()
         self.outstanding = 0
+        root = str(Path(__file__).resolve().parents[1])  # the vae_ray this process runs
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        env[PARENT_ENV] = str(os.getpid())
         self.workers = [
-            subprocess.Popen(
-                [sys.executable, "-c", "from vae_ray.shardstore import serve; serve()"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
+            subprocess.Popen([sys.executable, "-c", SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             for _ in range(processes)
         ]
         self.threads = [threading.Thread(target=self._feed, args=(w,), daemon=True) for w in self.workers]
@@ -150,8 +152,8 @@ class EncoderPool:
             try:
                 _send(worker.stdin, args)
                 ok, value = _receive(worker.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as exc:
-                ok, value = False, RuntimeError(f"an encoder process ended while writing shard {shard}: {exc!r}")
+            except BaseException as exc:  # noqa: BLE001 - whatever it is, the command hears of it
+                ok, value = False, RuntimeError(f"an encoder process failed on shard {shard}: {exc!r}")
             self.results.put((shard, count, ok, value))
             if not ok:
                 return
@@ -164,7 +166,8 @@ class EncoderPool:
                 self.jobs.put((shard, count, args), timeout=0.2)
                 break
             except queue.Full:
-                continue
+                if not any(thread.is_alive() for thread in self.threads):
+                    raise RuntimeError("every encoder process has stopped") from None
         self.outstanding += 1
         return finished + self._collect(block=False)
 
@@ -174,7 +177,12 @@ class EncoderPool:
     def _collect(self, block: bool) -> list[tuple[int, int, str]]:
         finished = []
         while self.outstanding and (block or not self.results.empty()):
-            shard, count, ok, value = self.results.get()
+            try:
+                shard, count, ok, value = self.results.get(timeout=1.0)
+            except queue.Empty:  # a shard no live thread will ever take
+                if not any(thread.is_alive() for thread in self.threads):
+                    raise RuntimeError("every encoder process has stopped") from None
+                continue
             self.outstanding -= 1
             if not ok:
                 raise value
@@ -204,9 +212,16 @@ class EncoderPool:
             worker.stdout.close()
 
 
+PARENT_ENV = "VAE_RAY_ENCODER_PARENT"
+# `python -c` puts the working folder first on sys.path: an encoder must not
+# import a vae_ray found there instead of the command's (PYTHONPATH names it).
+SERVE = "import sys\nif sys.path[:1] == ['']: del sys.path[0]\nfrom vae_ray.shardstore import serve\nserve()\n"
+
+
 def serve() -> None:
     """An encoder process: store_shard for each shard read from stdin, the
     result (or the error) written back on what was stdout, until stdin ends."""
+    _die_with_parent()
     reply = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the replies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command that started it handles Ctrl-C
@@ -219,23 +234,55 @@ def serve() -> None:
         try:
             value = (True, store_shard(*args))
         except Exception as exc:  # noqa: BLE001 - handed back and raised in the command
-            value = (False, exc)
+            value = (False, _portable(exc))
         _send(reply, value)
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the command's process dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stdin's end still stops it, after its shard
+        return
+    if os.environ.get(PARENT_ENV) and os.getppid() != int(os.environ[PARENT_ENV]):
+        os._exit(1)  # the command died before the signal was asked for
+
+
+def _portable(exc: Exception) -> Exception:
+    """The error as the command can rebuild it (some exceptions do not unpickle)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
 def _send(stream, value: Any) -> None:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)))
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    views = [b.raw() for b in buffers]
+    stream.write(struct.pack(f"<QI{len(views)}Q", len(data), len(views), *(v.nbytes for v in views)))
     stream.write(data)
+    for view in views:
+        stream.write(view)
     stream.flush()
 
 
 def _receive(stream) -> Any:
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError("the other end closed")
-    (size,) = struct.unpack("<Q", head)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError("the other end closed mid-message")
-    return pickle.loads(data)
+    size, count = struct.unpack("<QI", _read(stream, 12))
+    sizes = struct.unpack(f"<{count}Q", _read(stream, 8 * count))
+    data = _read(stream, size)
+    return pickle.loads(data, buffers=[_read(stream, n) for n in sizes])
+
+
+def _read(stream, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view, done = memoryview(buffer), 0
+    while done < size:
+        got = stream.readinto(view[done:])
+        if not got:
+            raise EOFError("the other end closed")
+        done += got
+    return buffer

@@ -332,6 +332,17 @@ def search(
         )
 
 
+def _same_search(saved: dict, identity: dict) -> bool:
+    """Whether search.json describes this search. A setting added since it
+    was written (absent there) counts as its default: the search it ran."""
+    saved = {k: v for k, v in saved.items() if k != "status"}
+    if isinstance(saved.get("base"), dict):
+        defaults = TrainConfig().to_dict()
+        added = {k: defaults[k] for k in identity["base"] if k not in saved["base"] and k in defaults}
+        saved["base"] = {**added, **saved["base"]}
+    return saved == identity
+
+
 def _check_folder(out: str, identity: dict, resume: bool) -> str:
     tune_dir = storage.join(out, "tune")
     saved = _read_json(storage.join(out, SEARCH_FILE))
@@ -342,7 +353,7 @@ def _check_folder(out: str, identity: dict, resume: bool) -> str:
         seal.check(tune_dir, storage.join(out, SEAL_FILE), "a search's saved state")
         return "resume"
     if storage.is_dir(tune_dir):
-        same = {k: v for k, v in saved.items() if k != "status"} == identity
+        same = _same_search(saved, identity)
         if same and saved.get("status") == "complete":
             return "complete"
         raise UserError(f"{out}: already holds a search; pass --resume to continue it or choose a new --out")
