@@ -1127,30 +1127,28 @@ class ShardedJob:
 
     def _write_shards(self, shard_writer, device: str, encoders: int, todo, done: dict, written: int, tick) -> None:
         where = "in this process" + (" on the GPU" if device == "cuda" else "")
+        # A shard's record, as the Ray path and a resume (completed_shards) make it.
+        filtered = getattr(shard_writer, "filtered", {}) if getattr(self.plan, "filtered", False) else {}
+
+        def record(shard: int, n: int, checksum: str) -> None:
+            nonlocal written
+            done[shard] = {"shard": shard, "images": n, "sha256": checksum} | filtered.get(shard, {})
+            written += n
+            tick(written, self.plan.num)
+
         if not encoders:
             self.path_taken = f"{where} ({'one shard, ' if self.plan.num_shards == 1 else ''}no cluster named)"
             for shard in todo:
-                n, checksum = shard_writer.write_shard(shard)
-                done[shard] = {"shard": shard, "images": n, "sha256": checksum}
-                done[shard] |= getattr(shard_writer, "filtered", {}).get(shard, {})
-                written += n
-                tick(written, self.plan.num)
+                record(shard, *shard_writer.write_shard(shard))
             return
         self.path_taken = f"{where}, {encoders} encoder process(es) (no cluster named)"
-
-        def record(finished: list[tuple[int, int, str]]) -> None:
-            nonlocal written
-            for shard, n, checksum in finished:
-                done[shard] = {"shard": shard, "images": n, "sha256": checksum}
-                done[shard] |= getattr(shard_writer, "filtered", {}).get(shard, {})
-                written += n
-                tick(written, self.plan.num)
-
         with EncoderPool(encoders) as pool:
             for shard in todo:
                 args = shard_writer.decode_shard(shard)
-                record(pool.submit(shard, args[-1]["images"], *args))
-            record(pool.finish())
+                for finished in pool.submit(shard, args[-1]["images"], *args):
+                    record(*finished)
+            for finished in pool.finish():
+                record(*finished)
 
     # -- the Ray Data path --------------------------------------------------
     def _connect(self, address: str | None):
@@ -1191,6 +1189,7 @@ class ShardedJob:
                     "images": int(row["images"]),
                     "sha256": str(row["sha256"]),
                 } | {key: int(row[key]) for key in FILTER_KEYS if key in row}
+
                 written += int(row["images"])
                 if progress:
                     progress(written, self.plan.num)
