@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vae_ray.config import TrainConfig  # noqa: E402
 from vae_ray.graphed import StaticStep  # noqa: E402
 from vae_ray.model import build  # noqa: E402
-from vae_ray.spec import LIKELIHOODS, ModelSpec  # noqa: E402
+from vae_ray.spec import ModelSpec  # noqa: E402
 from vae_ray.trainer import resolve  # noqa: E402
-from vae_ray.worker import Run, autocast_for, make_optimizer, train_step  # noqa: E402
+from vae_ray.worker import Run, autocast_for, binarizes, make_optimizer, train_step  # noqa: E402
 
 SHAPES = {"mnist": (28, 28, 1), "hvae": (28, 28, 1), "cifar": (32, 32, 3)}  # each network at its dataset's size
 LAUNCH_BOUND_BELOW = 0.5  # kernel time over step time
@@ -79,7 +79,7 @@ def sync(device: torch.device) -> None:
 def eager_steps(run: Run, images, labels):
     scaler = torch.amp.GradScaler(run.device.type, enabled=False)
     autocast = autocast_for(run.cfg.precision, run.device)
-    binarize = bool(run.cfg.binarize and LIKELIHOODS[run.cfg.loss].binarize)
+    binarize = binarizes(run.cfg)
 
     def step(i: int) -> None:
         train_step(run, images[i % len(images)], labels[i % len(labels)], 1.0, scaler, autocast, binarize)
@@ -91,7 +91,7 @@ def graph_steps(run: Run, images, labels):
     """The worker's own graphed step (vae_ray/graphed.py): three warm-up steps,
     then the whole step (forward, backward, capturable Adam) captured once and
     replayed. On a CPU the same step runs uncaptured (the dry run checks it)."""
-    binarize = bool(run.cfg.binarize and LIKELIHOODS[run.cfg.loss].binarize)
+    binarize = binarizes(run.cfg)
     static = StaticStep(run, binarize, capture=run.device.type == "cuda")
 
     def step(i: int) -> None:

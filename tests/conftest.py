@@ -546,6 +546,39 @@ def assert_process_error_line(done: subprocess.CompletedProcess, *words, code: i
         assert word in lines[0], lines[0]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, whatever process group it moved to (Ray's
+    workers start sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a command started with start_new_session and everything it
+    started: its group, and the workers of its private Ray cluster, which a
+    killed raylet does not always take with it."""
+    below = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def vae_ray_exe() -> str:
     return shutil.which("vae-ray") or str(Path(sys.executable).parent / "vae-ray")
 

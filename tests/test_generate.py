@@ -4,7 +4,6 @@ exactly-once restarts, formats, S3, class-conditional layouts, errors."""
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,10 +17,11 @@ from typer.testing import CliRunner
 
 from vae_ray.cli import app
 from vae_ray.errors import UserError
-from vae_ray.generate import MANIFEST, actor_plan, generate, verify, write_folder
+from vae_ray.generate import MANIFEST, actor_plan, generate, verify
 from vae_ray.keyed_random import latent_normals
+from vae_ray.shardstore import write_folder
 
-from conftest import assert_one_error_line, make_checkpoint, vae_ray_exe
+from conftest import assert_one_error_line, kill_process_tree, make_checkpoint, vae_ray_exe
 
 
 @pytest.mark.parametrize(
@@ -130,8 +130,7 @@ def test_killed_run_restarts_to_the_same_bytes(ray_cluster, model_run, tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((resumed / ".progress").glob("*.json"))) < 2:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_process_tree(proc)
     assert json.loads((resumed / MANIFEST).read_text())["status"] == "running"
     assert 2 <= len(list((resumed / ".progress").glob("*.json"))) < 8
     # What a writer killed half-way through a shard leaves: a temporary shard folder.

@@ -63,7 +63,7 @@ from .errors import UserError
 from .formats import hf_features
 from .images import to_float, to_uint8, to_uint8_tensor
 from .keyed_random import latent_normals
-from .shardstore import MARKERS, EncoderPool, digest, store_shard, write_folder  # noqa: F401 - write_folder: the tests'
+from .shardstore import MARKERS, EncoderPool, digest, store_shard
 
 SHARD = 10_000  # images per shard (PNG folder, Parquet/NPZ file)
 CHUNK = 256  # decode batch, aligned to global indices
@@ -1023,7 +1023,6 @@ class ShardedJob:
 
     def run(self, address: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Write the shards; return the manifest (with `already_complete` when there was nothing to do)."""
-
         with storage.Lock(self.out, self.command) as lock:
 
             def tick(done: int, total: int) -> None:  # after every shard: is the lock still ours?

@@ -74,10 +74,11 @@ class StaticStep:
     the first step after the warm-up when `capture`, else run eagerly."""
 
     def __init__(self, run: Run, binarize: bool, capture: bool):
-        from .worker import autocast_for  # worker imports this module
+        from . import worker  # which imports this module: its pieces are bound once, off the step's path
 
+        self.step_loss, self.update_average = worker.step_loss, worker.update_average
         self.run, self.binarize, self.capture = run, binarize, capture
-        self.autocast = autocast_for(run.cfg.precision, run.device)
+        self.autocast = worker.autocast_for(run.cfg.precision, run.device)
         self.lr = torch.tensor(run.cfg.lr, dtype=torch.float32, device=run.device)
         self.beta = torch.tensor(run.cfg.beta, dtype=torch.float32, device=run.device)
         for group in run.optimizer.param_groups:
@@ -115,16 +116,12 @@ class StaticStep:
             self.setup_seconds += time.perf_counter() - started
         run.global_step += 1
         if run.averaged is not None:
-            from .worker import update_average
-
-            update_average(run.averaged, run.core, run.cfg.ema, run.global_step)
+            self.update_average(run.averaged, run.core, run.cfg.ema, run.global_step)
         return out
 
     def _body(self):
-        from .worker import step_loss
-
         run = self.run
-        terms, loss = step_loss(run, self.x, self.y, self.beta, self.autocast, self.binarize)
+        terms, loss = self.step_loss(run, self.x, self.y, self.beta, self.autocast, self.binarize)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if run.cfg.grad_clip:

@@ -110,9 +110,8 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
         session.board(loop_config.get("progress_board")) if rank == 0 else None,
         loop_config.get("progress_key", ""),
     )
-    binarize = bool(cfg.binarize and LIKELIHOODS[cfg.loss].binarize)
     if graph_blocker is None:
-        run.static = graphed.StaticStep(run, binarize, capture=True)
+        run.static = graphed.StaticStep(run, binarizes(cfg), capture=True)
     logger = EpochLogger(loop_config["run"], loop_config.get("tracking", {}), cfg, dataset) if rank == 0 else None
 
     try:
@@ -207,7 +206,7 @@ def train_epoch(run: Run, feed, epoch: int) -> tuple[torch.Tensor, str | None]:
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl
     images_seen = 0
     window = torch.zeros((), device=device)
-    binarize = cfg.binarize and LIKELIHOODS[cfg.loss].binarize
+    binarize = binarizes(cfg)
     for step, (images, labels, _) in enumerate(feed.batches(epoch, run.batch, run.steps), start=1):
         beta = beta_at(cfg, epoch, step, run.steps)
         if run.static is not None:
@@ -257,6 +256,11 @@ def train_step(run: Run, images, labels, beta: float, scaler, autocast, binarize
     return terms, loss
 
 
+def binarizes(cfg: TrainConfig) -> bool:
+    """Whether training draws Bernoulli targets from the grey levels (dynamic binarisation)."""
+    return bool(cfg.binarize and LIKELIHOODS[cfg.loss].binarize)
+
+
 def step_loss(run: Run, images, labels, beta, autocast, binarize: bool):
     """A step's forward pass: the batch's per-image terms and the loss to
     differentiate. `beta` is a float, or a device tensor under a CUDA graph."""
@@ -285,7 +289,7 @@ def evaluate(
     across ranks. The Bernoulli target is the index-keyed binarisation that
     `vae-ray evaluate` uses, so both report the same figures."""
     core.eval()
-    binarize = cfg.binarize and LIKELIHOODS[cfg.loss].binarize
+    binarize = binarizes(cfg)
     autocast = autocast_for(cfg.precision, device)
     sums = torch.zeros(6, dtype=torch.float64, device=device)
     for images, labels, indices in eval_batches(dataset, rank, world, EVAL_BATCH, device):

@@ -68,7 +68,10 @@ def generate(
     gpu: Annotated[
         bool | None,
         typer.Option(
-            "--gpu/--no-gpu", help="GPU actors (default: when the cluster has GPUs).", metavar="", show_default="auto"
+            "--gpu/--no-gpu",
+            help="Decode on GPUs (default: when there is one: this machine's, or the cluster's with --address).",
+            metavar="",
+            show_default="auto",
         ),
     ] = None,
     temperature: Annotated[
@@ -240,7 +243,10 @@ def encode(
     gpu: Annotated[
         bool | None,
         typer.Option(
-            "--gpu/--no-gpu", help="GPU actors (default: when the cluster has GPUs).", metavar="", show_default="auto"
+            "--gpu/--no-gpu",
+            help="Decode on GPUs (default: when there is one: this machine's, or the cluster's with --address).",
+            metavar="",
+            show_default="auto",
         ),
     ] = None,
     overwrite: Annotated[
