@@ -3,7 +3,8 @@
 #   BUNDLE/site.tar.xz  vae-ray and every requirement but torch, installed for the GPU machine's
 #                       Python (pip --target), Ray without its Java jars, RLlib and Ray LLM (Python
 #                       Ray Data, Train and Tune use none of them); xz keeps it near 40 MB
-#   BUNDLE/data/        mnist/ (the IDX files), and with CIFAR=1 cifar10-jpeg.tar.gz, from ../shared/data
+#   BUNDLE/data/        mnist/ (the IDX files) from ../shared/data; with CIFAR=1 cifar10-jpeg.tar.gz
+#                       instead (the --cifar call needs nothing else, and both would not fit 64 MiB)
 #   BUNDLE/gpu_suite.sh, gpu_suite.py, step_profile.py
 # Usage: benchmarks/gpu_bundle.sh BUNDLE [PYTHON_VERSION, default 3.12]
 # SKIP="name ..." leaves out packages the GPU machine already has (its own
@@ -31,12 +32,16 @@ done
 "$PY" -m pip install -q --no-deps --no-compile --target "$WORK/site" --platform manylinux2014_x86_64 \
     --python-version "$PYV" --implementation cp --only-binary=:all: "$WORK"/wheels/*.whl
 # Console scripts name this machine's interpreter: gpu_suite.sh writes its own.
-rm -rf "$WORK/site/bin" "$WORK/site/ray/jars" "$WORK/site/ray/rllib" "$WORK/site/ray/llm"
+# Neither the dashboard's web pages (Ray logs that they are missing and goes on) nor virtualenv
+# (pip runtime environments) are used by the suite's local clusters.
+rm -rf "$WORK/site/bin" "$WORK/site/ray/jars" "$WORK/site/ray/rllib" "$WORK/site/ray/llm" \
+    "$WORK/site/ray/dashboard/client/build" "$WORK/site"/virtualenv*
 tar -C "$WORK/site" -cf - . | xz -T0 -6 >"$BUNDLE/site.tar.xz"
 SHARED="$REPO/../shared/data"
-[ -d "$SHARED/mnist" ] && cp -r "$SHARED/mnist" "$BUNDLE/data/" && chmod -R u+w "$BUNDLE/data/mnist"
-if [ "${CIFAR:-0}" = 1 ] && [ -f "$SHARED/cifar10-jpeg/cifar10-jpeg.tar.gz" ]; then
+if [ "${CIFAR:-0}" = 1 ]; then
     cp "$SHARED/cifar10-jpeg/cifar10-jpeg.tar.gz" "$BUNDLE/data/"
+elif [ -d "$SHARED/mnist" ]; then
+    cp -r "$SHARED/mnist" "$BUNDLE/data/" && chmod -R u+w "$BUNDLE/data/mnist"
 fi
 cp "$HERE/gpu_suite.sh" "$HERE/gpu_suite.py" "$HERE/step_profile.py" "$BUNDLE/"
 du -sh "$BUNDLE"

@@ -20,7 +20,9 @@ larger batch help). Variants:
 With --out DIR the traces are written as Chrome traces (open them in
 chrome://tracing or Perfetto) and the figures as step_profile.json.
 --dry-run runs every CPU variant for 3 steps at batch 32: it checks the
-script, it measures nothing.
+script, it measures nothing. --shape, --loss, --width and --depth time
+another network (gpu_suite.py sizes its timed runs from such a probe), and
+--variants picks some of the variants.
 """
 
 from __future__ import annotations
@@ -47,12 +49,23 @@ SHAPES = {"mnist": (28, 28, 1), "hvae": (28, 28, 1), "cifar": (32, 32, 3)}  # ea
 LAUNCH_BOUND_BELOW = 0.5  # kernel time over step time
 
 
-def make_run(arch: str, batch: int, device: torch.device, precision: str, capturable: bool = False) -> Run:
-    shape = SHAPES.get(arch, (28, 28, 1))
+def make_run(
+    arch: str,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    capturable: bool = False,
+    shape: tuple[int, int, int] | None = None,
+    **settings,
+) -> Run:
+    """The worker's Run for one network; `settings` are further TrainConfig fields (loss, width, depth)."""
+    shape = shape or SHAPES.get(arch, (28, 28, 1))
     meta = {"root": "-", "shape": list(shape), "num_classes": 10, "splits": {"train": {"count": 60_000}}}
     # The architecture's own recipe (learning rate, Adam's beta2, clipping) and default loss, as `train` resolves them.
     cfg = resolve(
-        TrainConfig(data="-", out="profile-run", arch=arch, latent_dim=16, batch_size=batch, precision=precision),
+        TrainConfig(
+            data="-", out="profile-run", arch=arch, latent_dim=16, batch_size=batch, precision=precision, **settings
+        ),
         meta,
     )
     dataset = {"name": "profile", "shape": list(shape), "num_classes": 10}
@@ -133,6 +146,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--shape", help="H,W,C (default: the network's dataset)")
+    parser.add_argument("--loss", default="auto")
+    parser.add_argument("--width", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=0)
+    parser.add_argument("--variants", help="a comma-separated subset of eager,bf16,graph,graph_bf16")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
@@ -143,15 +161,17 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True  # as the worker sets it
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-    shape = SHAPES[args.arch]
+    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else SHAPES[args.arch]
+    settings = {"loss": args.loss, "width": args.width, "depth": args.depth}
     rows = []
     variants = [("eager", "fp32", eager_steps), ("bf16", "bf16", eager_steps), ("graph", "fp32", graph_steps)]
     if device.type == "cuda":
         variants.append(("graph_bf16", "bf16", graph_steps))
+    if args.variants:
+        variants = [v for v in variants if v[0] in args.variants.split(",")]
     for name, precision, make in variants:
-        run = make_run(
-            args.arch, args.batch, device, precision, capturable=name.startswith("graph") and device.type == "cuda"
-        )
+        capturable = name.startswith("graph") and device.type == "cuda"
+        run = make_run(args.arch, args.batch, device, precision, capturable, shape, **settings)
         images, labels = batches(shape, args.batch, device, 4)
         try:
             rows.append(measure(name, make(run, images, labels), device, args.steps, warmup, args.out))
@@ -161,6 +181,8 @@ def main() -> None:
     report = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "arch": args.arch,
+        "shape": list(shape),
+        **settings,
         "batch": args.batch,
         "steps": args.steps,
         "dry_run": args.dry_run,

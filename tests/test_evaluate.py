@@ -58,6 +58,12 @@ def test_evaluate_does_not_depend_on_actor_count(ray_cluster, run, tiny_data):
     for key in ("matlab_elbo", "neg_elbo_nats", "nll_iw_nats", "recon_mse", "kl", "active_units"):
         assert one[key] == pytest.approx(two[key], rel=1e-9, abs=1e-9), key
     assert one["images"] == 200
+    assert one["scored_on"] == "1 CPU actor(s)" and two["scored_on"].endswith(" CPU actor(s)")
+
+
+def test_gpu_scoring_on_a_cluster_without_gpus_is_refused_in_one_line(ray_cluster, run, tiny_data):
+    result = runner.invoke(app, ["evaluate", str(run), "--data", str(tiny_data), "--samples", "0", "--gpu"])
+    assert_one_error_line(result, "--gpu", "no GPUs")
 
 
 def test_sample_quality_with_the_judge(ray_cluster, judged_data, tmp_path):

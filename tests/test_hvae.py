@@ -28,7 +28,14 @@ def small(shape=(28, 28, 1), classes=0, loss="bernoulli", width=16, depth=2, see
 
 
 @pytest.mark.parametrize(
-    "shape, loss", [((28, 28, 1), "bernoulli"), ((32, 32, 3), "logistic"), ((16, 24, 3), "gaussian")]
+    "shape, loss",
+    [
+        ((28, 28, 1), "bernoulli"),
+        ((32, 32, 3), "logistic"),
+        ((16, 24, 3), "gaussian"),
+        ((16, 16, 3), "logistic_mixture"),
+        ((12, 12, 1), "logistic_mixture"),
+    ],
 )
 @pytest.mark.parametrize("classes", [0, 3])
 def test_shapes_grey_and_colour_conditional_or_not(shape, loss, classes):
@@ -40,7 +47,10 @@ def test_shapes_grey_and_colour_conditional_or_not(shape, loss, classes):
     x = torch.rand(3, c, h, w)
     y = torch.tensor([0, 1, 2]) if classes else None
     logits, mu, logvar = model(x, y)
-    assert logits.shape == x.shape and mu.shape == logvar.shape == (3, model.latent_dim)
+    outputs = {"logistic_mixture": 10 * (1 + 2 * c + c * (c - 1) // 2)}.get(loss, c)  # 100 for colour, 30 grey
+    assert logits.shape == (3, outputs, h, w) and mu.shape == logvar.shape == (3, model.latent_dim)
+    terms = batch_terms(model, x, x, logits, mu, logvar)
+    assert terms.neg_elbo_nats.shape == terms.matlab_elbo.shape == (3,) and torch.isfinite(terms.loss).all()
     labels = torch.tensor([2, 0]) if classes else None
     assert model.sample(2, labels).shape == (2, c, h, w)
     assert build(model.spec).latent_dim == model.latent_dim  # the spec rebuilds the same network

@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from vae_ray.model import LOG_2PI, LOG_SIGMA_INIT, batch_terms, build_model, kl_divergence, matlab_recon, recon_nll
+from vae_ray.model import (
+    LOG_2PI,
+    LOG_SIGMA_INIT,
+    batch_terms,
+    build_model,
+    kl_divergence,
+    logistic_mixture_log_prob,
+    logistic_mixture_mean,
+    matlab_recon,
+    recon_nll,
+)
 
 
 @pytest.mark.parametrize("arch, shape", [("mnist", (28, 28, 1)), ("cifar", (32, 32, 3)), ("mnist", (32, 48, 3))])
@@ -123,3 +133,48 @@ def test_learned_scales_start_near_where_colour_training_settles(loss):
     with torch.no_grad():
         wide.log_sigma.zero_()
     assert torch.all(recon_nll(model, close, x) < recon_nll(wide, close, x))
+
+
+def test_the_logistic_mixture_is_a_distribution_over_a_pixels_values():
+    """Summed over every value a pixel can take (256 grey levels; all 256^3
+    colours, green and blue coupled to the channels before them), the
+    probabilities add up to 1: bits/dim under it are comparable with the
+    literature's."""
+    torch.manual_seed(0)
+    grey = torch.randn(1, 30, 1, 1) * 2  # 10 components: weights, means, log scales
+    levels = torch.arange(256.0).view(256, 1, 1, 1) / 255
+    assert logistic_mixture_log_prob(grey.expand(256, -1, -1, -1), levels).double().exp().sum().item() == pytest.approx(
+        1.0, abs=1e-5
+    )
+    colour = torch.randn(1, 10, 1, 1) * 1.5  # one component: means, scales and three couplings far from 0
+    v = levels.flatten()
+    r, g, b = torch.meshgrid(v, v, v, indexing="ij")
+    pixels = torch.stack([r, g, b], -1).reshape(-1, 3, 1, 1)
+    total = sum(
+        logistic_mixture_log_prob(colour.expand(len(part), -1, -1, -1), part).double().exp().sum().item()
+        for part in pixels.split(1 << 21)
+    )
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_logistic_mixtures_mean_image_is_its_expected_pixel():
+    """Grey: the mean image is the mixture's expected value (a Monte Carlo
+    check over its 256 levels), and a model's pictures read it."""
+    torch.manual_seed(1)
+    params = torch.randn(1, 30, 1, 1)
+    params[:, 20:] = -4.0  # narrow components: their means are inside the pixel range
+    levels = torch.arange(256.0).view(256, 1, 1, 1) / 255
+    probs = logistic_mixture_log_prob(params.expand(256, -1, -1, -1), levels).exp().flatten()
+    expected = (probs * levels.flatten()).sum().item()
+    assert logistic_mixture_mean(params, 1).item() == pytest.approx(expected, abs=0.01)
+    model = build_model("hvae", (8, 8, 3), 4, loss="logistic_mixture", width=8, depth=1)
+    images = model.sample(2)
+    assert images.shape == (2, 3, 8, 8) and images.min() >= 0 and images.max() <= 1
+
+
+def test_a_mixture_needs_a_network_with_room_for_its_components():
+    from vae_ray.errors import UserError
+    from vae_ray.spec import ModelSpec
+
+    with pytest.raises(UserError, match="logistic_mixture likelihood needs --arch hvae"):
+        ModelSpec("cifar", (32, 32, 3), 16, loss="logistic_mixture").check()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import VAE
-from .spec import ModelSpec
+from .spec import LIKELIHOODS, ModelSpec
 
 LOGVAR_RANGE = (-12.0, 4.0)  # a group's standardised posterior: tight enough for any pixel, never wider than e^2
 LOG_SIGMA_RANGE = (-6.0, 2.0)  # a group's prior scale
@@ -130,7 +130,8 @@ class HierarchicalVAE(VAE):
         self.quarter_groups = nn.ModuleList(Group(width, width, g[2]) for g in quarter)
         self.to_half = _conv(width, half, 1)
         self.half_groups = nn.ModuleList(Group(half, half, g[2]) for g in self.groups[1 + len(quarter) :])
-        self.out = nn.Sequential(Cell(half), nn.SiLU(), nn.Upsample(scale_factor=2), _conv(half, c, 3))
+        outputs = LIKELIHOODS[loss].outputs(c)  # a mixture outputs its components' parameters
+        self.out = nn.Sequential(Cell(half), nn.SiLU(), nn.Upsample(scale_factor=2), _conv(half, outputs, 3))
         self._likelihood_init(c, loss)
 
     @property

@@ -48,10 +48,49 @@ def keyed_uniforms(seed: int, indices: np.ndarray) -> np.ndarray:
     return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
-def hashed_normals(seed: int, indices: np.ndarray, samples: int, dim: int) -> torch.Tensor:
-    """(samples, len(indices), dim) standard normals keyed by (seed, image index, sample number)."""
+def _signed(value: int) -> int:
+    """A 64-bit constant as torch's int64 holds it (two's complement)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """A logical right shift of int64 bits (torch's >> copies the sign bit)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64_torch(x: torch.Tensor) -> torch.Tensor:
+    """_splitmix64 on int64 tensors: the same bits (products wrap alike)."""
+    x = x + _signed(_GOLDEN)
+    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
+def latent_normals_on(seed: int, indices: torch.Tensor, dim: int) -> torch.Tensor:
+    """latent_normals computed where `indices` (int64) lie, a GPU for one: the
+    same counters and bits, so the same normals up to the last float64 digits
+    of log and cos (float32 results agree to about 1e-7). Scoring millions of
+    posterior samples needs this: numpy makes about 4 million a second."""
+    pairs = (dim + 1) // 2
+    counter = indices[:, None] * (2 * pairs) + torch.arange(2 * pairs, device=indices.device)[None, :]
+    bits = _splitmix64_torch(counter ^ _signed(int(_key(seed))))
+    uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0**-53
+    u1, u2 = uniform[:, :pairs], uniform[:, pairs:]
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    z = torch.cat([radius * torch.cos(2 * torch.pi * u2), radius * torch.sin(2 * torch.pi * u2)], dim=1)
+    return z[:, :dim].float()
+
+
+def hashed_normals(
+    seed: int, indices: np.ndarray, samples: int, dim: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """(samples, len(indices), dim) standard normals keyed by (seed, image index, sample number);
+    made on `device` when given (latent_normals_on), else by numpy on the CPU."""
     indices = np.asarray(indices, dtype=np.int64)
     idx = indices[None, :] * samples + np.arange(samples)[:, None]
+    if device is not None:
+        flat = torch.from_numpy(idx.reshape(-1)).to(device)
+        return latent_normals_on(seed, flat, dim).view(samples, len(indices), dim)
     return torch.from_numpy(latent_normals(seed, idx.reshape(-1), dim)).view(samples, len(indices), dim)
 
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .model import LOG_2PI, VAE, kl_divergence, matlab_recon, recon_nll
+from .model import LOG_2PI, VAE, kl_divergence, matlab_error, recon_nll
 from .spec import DISCRETE_LOSSES
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) above this counts as active
@@ -58,7 +58,7 @@ def likelihood_terms(
         log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
         log_qz = -0.5 * (e.pow(2) + LOG_2PI + path_logvar).sum(-1)
         log_w.append(log_px + log_pz - log_qz)
-        matlab.append(matlab_recon(logits, x.repeat(rep)).view(kk, n))
+        matlab.append(matlab_error(model, logits, x.repeat(rep)).view(kk, n))
     log_w = torch.cat(log_w)
     mean_pixels = model.mean_image(model.decode(mu, y))
     return {

@@ -123,6 +123,8 @@ class VAE(nn.Module):
 
     def mean_image(self, logits: torch.Tensor) -> torch.Tensor:
         """The decoder's mean in [0, 1] for every likelihood used here."""
+        if LIKELIHOODS[self.loss].mixture:
+            return logistic_mixture_mean(logits.float(), self.shape[2])
         return torch.sigmoid(logits.float())
 
     @torch.no_grad()
@@ -261,6 +263,12 @@ def matlab_recon(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.sigmoid(logits.float()) - x.float()).pow(2).flatten(1).sum(1)
 
 
+def matlab_error(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """0.5 * summed squared error of the decoder's mean image, whatever its
+    likelihood: the MATLAB-unit ELBO every model reports."""
+    return 0.5 * (model.mean_image(logits) - x.float()).pow(2).flatten(1).sum(1)
+
+
 def _matlab_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return matlab_recon(logits, x) + 0.5 * x[0].numel() * LOG_2PI  # a Gaussian with sigma = 1
 
@@ -280,12 +288,70 @@ def _logistic_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Te
     return -discretized_logistic_log_prob(x, torch.sigmoid(logits), log_scale).flatten(1).sum(1)
 
 
+def _mixture_parts(params: torch.Tensor, channels: int):
+    """Split a mixture decoder's output (N, M * (1 + 2C + C(C-1)/2), H, W)
+    -> log weights (N, M, H, W), means and log scales (N, C, M, H, W) in
+    [0, 1] pixel units, coupling coefficients (N, C(C-1)/2, M, H, W).
+
+    The raw outputs are read as PixelCNN++ reads them in its [-1, 1] pixel
+    space (mean 0 is mid-grey, log scale 0 is half the range), so the
+    network starts where that design starts."""
+    n, _, h, w = params.shape
+    m = params.shape[1] // (1 + 2 * channels + channels * (channels - 1) // 2)
+    log_weights, means, log_scales, coeffs = torch.split(
+        params, [m, channels * m, channels * m, channels * (channels - 1) // 2 * m], dim=1
+    )
+    means = 0.5 + 0.5 * means.view(n, channels, m, h, w)
+    log_scales = (log_scales.view(n, channels, m, h, w) - math.log(2)).clamp(LOG_SCALE_MIN, LOG_SIGMA_MAX)
+    coeffs = torch.tanh(coeffs.view(n, -1, m, h, w))
+    return F.log_softmax(log_weights, dim=1), means, log_scales, coeffs
+
+
+def _coupled(means: torch.Tensor, coeffs: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Colour channels' means given the channels before them (PixelCNN++):
+    green moves with red, blue with red and green. `pixels` (N, C, 1, H, W)."""
+    if means.shape[1] == 1:
+        return means
+    r, g, b = (pixels[:, c] - 0.5 for c in range(3))
+    return torch.stack(
+        [means[:, 0], means[:, 1] + coeffs[:, 0] * r, means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g], dim=1
+    )
+
+
+def logistic_mixture_log_prob(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log P(x) per pixel (N, H, W) of 8-bit images x (N, C, H, W) in [0, 1]
+    under a mixture of discretised logistics, each component's channels
+    drawn in turn: a distribution over the 256^C values of a pixel."""
+    log_weights, means, log_scales, coeffs = _mixture_parts(params, x.shape[1])
+    pixels = x.unsqueeze(2)
+    per_channel = discretized_logistic_log_prob(pixels, _coupled(means, coeffs, pixels), log_scales)
+    return torch.logsumexp(log_weights + per_channel.sum(1), dim=1)
+
+
+def logistic_mixture_mean(params: torch.Tensor, channels: int) -> torch.Tensor:
+    """The mixture's mean image, each component's colour coupling taken at
+    its own means; a component's mean is clamped to the pixel range, as its
+    tails are (N, C, H, W)."""
+    log_weights, means, _, coeffs = _mixture_parts(params, channels)
+    if channels == 3:  # green and blue follow red and green at their component's means
+        r = means[:, 0].clamp(0, 1)
+        g = (means[:, 1] + coeffs[:, 0] * (r - 0.5)).clamp(0, 1)
+        b = means[:, 2] + coeffs[:, 1] * (r - 0.5) + coeffs[:, 2] * (g - 0.5)
+        means = torch.stack([r, g, b], dim=1)
+    return (log_weights.exp().unsqueeze(1) * means.clamp(0, 1)).sum(2)
+
+
+def _mixture_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return -logistic_mixture_log_prob(logits, x).flatten(1).sum(1)
+
+
 # -log p(x | z) in nats per image, by likelihood (spec.LIKELIHOODS describes them without torch).
 NLL: dict[str, Callable[[VAE, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "matlab": _matlab_nll,
     "bernoulli": _bernoulli_nll,
     "gaussian": _gaussian_nll,
     "logistic": _logistic_nll,
+    "logistic_mixture": _mixture_nll,
 }
 
 
@@ -362,7 +428,7 @@ def batch_terms(
 
     recon = mean([recon_term(model, part, target) for part in parts])
     nll = mean([recon_nll(model, part, target) for part in parts])
-    matlab = mean([matlab_recon(part, x) for part in parts]) + kl
+    matlab = mean([matlab_error(model, part, x) for part in parts]) + kl
     return BatchTerms(
         loss=recon_weight * recon + beta * kl, recon=recon, kl=kl, neg_elbo_nats=nll + kl, matlab_elbo=matlab
     )

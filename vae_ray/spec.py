@@ -47,6 +47,16 @@ class Likelihood:
     discrete: bool = False  # a distribution over the 256 pixel values: bits/dim are meaningful
     learned_scale: bool = False  # one learned log scale per channel (model.log_sigma)
     binarize: bool = False  # may score dynamically binarised targets (--binarize)
+    mixture: int = 0  # > 0: the decoder outputs this many components per pixel (networks with `sizes` only)
+
+    def outputs(self, channels: int) -> int:
+        """The decoder's output channels for images of `channels` channels:
+        one logit per channel, or per mixture component a weight and each
+        channel's mean and log scale, plus the colour channels' coupling
+        coefficients (green on red, blue on red and green)."""
+        if not self.mixture:
+            return channels
+        return self.mixture * (1 + 2 * channels + channels * (channels - 1) // 2)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -86,6 +96,13 @@ LIKELIHOODS: dict[str, Likelihood] = {
             "a discretised logistic over the 256 pixel values (bits/dim)",
             discrete=True,
             learned_scale=True,
+        ),
+        Likelihood(
+            "logistic_mixture",
+            "a mixture of 10 discretised logistics per pixel, each with its own mean and scale, the colour "
+            "channels coupled (PixelCNN++; bits/dim; hvae only)",
+            discrete=True,
+            mixture=10,
         ),
     )
 }
@@ -193,6 +210,10 @@ class ModelSpec:
         if not 0 <= self.num_classes <= MAX_CLASSES or self.num_classes == 1:
             raise UserError(f"{at}{self.num_classes} classes is out of range (0, or 2-{MAX_CLASSES})")
         sized = self.architecture.sizes is not None
+        if self.likelihood.mixture and not sized:
+            raise UserError(
+                f"{at}the {self.loss} likelihood needs --arch hvae (the {self.arch} network has one output per pixel)"
+            )
         if not sized and (self.width or self.depth):
             raise UserError(f"{at}the {self.arch} network has a fixed size: --width and --depth apply to hvae only")
         if not (0 <= self.width <= MAX_WIDTH and self.width % 4 == 0 and 0 <= self.depth <= MAX_DEPTH):

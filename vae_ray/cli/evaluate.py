@@ -52,7 +52,18 @@ def evaluate(
         bool, typer.Option("--tstr", help="Conditional models: Train-on-Synthetic-Test-on-Real accuracy.")
     ] = False,
     tstr_samples: Annotated[int, typer.Option("--tstr-samples", help="Generated training images for --tstr.")] = 20000,
-    actors: Annotated[int | None, typer.Option("--actors", help="Scoring actors (default: one per CPU).")] = None,
+    actors: Annotated[
+        int | None, typer.Option("--actors", help="Scoring actors (default: one per CPU, or one per GPU).")
+    ] = None,
+    gpu: Annotated[
+        bool | None,
+        typer.Option(
+            "--gpu/--no-gpu",
+            help="Score on GPUs (default: when the cluster has them: this machine's, or the cluster's with --address).",
+            metavar="",
+            show_default="auto",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of posterior samples and generated images.", min=0)] = 0,
     address: opt.Address = None,
     submit: opt.Submit = False,
@@ -76,6 +87,7 @@ def evaluate(
         seed=seed,
         tstr=tstr,
         tstr_samples=tstr_samples,
+        gpu=gpu,
     )
     spec = {"command": "evaluate", "kwargs": {"options": options}}
     if submit:
