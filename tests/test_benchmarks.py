@@ -51,7 +51,9 @@ def test_the_gpu_suite_runs_in_dry_run_mode(ray_cluster, tmp_path):
     report = json.loads((tmp_path / "cifar" / "gpu_report.json").read_text())
     assert report["cifar_bits_per_dim"] > 0 and "mnist_30_epochs_seconds" not in report
     assert report["cifar_epochs"] == 1 and "logistic_mixture" in report["cifar_network"]
-    assert report["cifar_scored_images"] == 20 and report["cifar_scored_on"].endswith("CPU actor(s)")  # the whole test batch
+    assert report["cifar_scored_images"] == 20 and report["cifar_scored_on"].endswith(
+        "CPU actor(s)"
+    )  # the whole test batch
 
     # So is the MNIST likelihood run.
     env["VAE_RAY_GPU_SUITE_OUT"] = str(tmp_path / "nll")

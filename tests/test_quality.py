@@ -30,7 +30,9 @@ def judged(tiny_data, tmp_path_factory):
     sets = {}
     for fmt in ("png", "hf"):
         sets[fmt] = tmp / f"gen-{fmt}"
-        made = runner.invoke(app, ["generate", str(run), "--num", "300", "--format", fmt, "--out", str(sets[fmt])])
+        made = runner.invoke(
+            app, ["generate", str(run), "--num", "300", "--format", fmt, "--out", str(sets[fmt]), "--shard-size", "100"]
+        )
         assert made.exit_code == 0, made.output
     return data, sets
 
@@ -166,7 +168,8 @@ def test_with_a_cluster_named_the_classifiers_train_there_as_ray_tasks(ray_clust
     # The same classifiers (seeds, steps, images); a task's one CPU only reorders float sums.
     for key in ("trtr_accuracy", "tstr_accuracy"):
         assert theirs[key] == pytest.approx(mine[key], abs=0.01), key
-    assert theirs["fd"] == mine["fd"] and theirs["recall"] == mine["recall"]
+    assert theirs["fd"] == mine["fd"] and theirs["recall"] == mine["recall"]  # the same images, read by Ray Data
+    assert mine["read_by"] == "this process" and theirs["read_by"].startswith("a Ray Data job")
     deadline, ran = time.time() + 30, []
     while len(ran) < 2 and time.time() < deadline:  # task events reach the state API within seconds
         ran = [
@@ -176,3 +179,25 @@ def test_with_a_cluster_named_the_classifiers_train_there_as_ray_tasks(ray_clust
         ]
         time.sleep(0.5)
     assert len(ran) >= 2  # TRTR and TSTR, one task each
+
+
+@pytest.mark.ray
+def test_a_ray_data_job_reads_every_shard_in_order_and_checks_each(ray_cluster, judged, tmp_path):
+    """Shards read by Ray Data tasks land where their indices say, whatever
+    order the tasks finish in; a changed shard is the user's one-line error."""
+    import ray
+
+    _, sets = judged
+    address = ray.get_runtime_context().gcs_address
+    here, here_labels, _ = quality.read_generated(str(sets["hf"]))  # (the PNG set is broken on purpose above)
+    there, there_labels, _ = quality.read_generated(str(sets["hf"]), address=address)
+    assert len(here) == 300
+    assert np.array_equal(here, there) and np.array_equal(here_labels, there_labels)
+    part, _, _ = quality.read_generated(str(sets["hf"]), limit=120, address=address)
+    assert np.array_equal(part, here[:120])
+    broken = tmp_path / "broken"
+    shutil.copytree(sets["hf"], broken)
+    shard = sorted(broken.rglob("*.parquet"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(quality.UserError, match="checksum"):
+        quality.read_generated(str(broken), address=address)

@@ -47,3 +47,21 @@ def root_cause(exc: BaseException, limit: int = 300) -> str:
         seen = nxt
     lines = [line for line in str(seen).strip().splitlines() if line.strip()]
     return (lines[-1].strip() if lines else type(seen).__name__)[:limit]
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError a Ray task or actor raised, from the exception Ray wraps
+    it in on the caller's side (its cause chain), or None: a corrupt shard
+    read on a worker is still the user's one-line mistake."""
+    seen, steps = exc, 0
+    while seen is not None and steps < 20:
+        if isinstance(seen, UserError):
+            return UserError(first_line(seen, 1000))
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+        steps += 1
+    # Ray Data keeps only the worker's traceback text of an error in a UDF.
+    marker = f"{UserError.__module__}.{UserError.__qualname__}: "
+    for line in str(exc).splitlines():
+        if line.strip().startswith(marker):
+            return UserError(line.strip()[len(marker) :][:1000])
+    return None

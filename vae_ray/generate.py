@@ -1704,6 +1704,15 @@ def _filter_row(manifest: dict[str, Any]) -> str:
 def verify(out: str) -> dict[str, Any]:
     """Check a finished set against its manifest: every file, every checksum,
     and nothing in the folder that is not the set's own."""
+    root, manifest, layout = check_finished(out)
+    for entry in manifest["shards"]:
+        read_shard(root, shard_files(layout.plan, entry["shard"], list(layout.folders)), entry)
+    return manifest
+
+
+def check_finished(out: str) -> tuple[str, dict[str, Any], Any]:
+    """A finished set's (root, manifest, layout), after the checks that read
+    no shard: complete, and nothing in the folder that is not the set's own."""
     root = storage.check_uri(out)
     if not storage.is_dir(root):
         raise UserError(f"{out}: no such folder")
@@ -1719,15 +1728,18 @@ def verify(out: str) -> dict[str, Any]:
             f"{out}: holds {len(extra)} file(s) that are not this set's (links, or not in {MANIFEST}): "
             f"{storage.some(extra)}"
         )
-    for entry in manifest["shards"]:
-        names = shard_files(layout.plan, entry["shard"], list(layout.folders))
-        try:
-            blobs = [storage.read_bytes(storage.join(root, name)) for name in names]
-        except (FileNotFoundError, IsADirectoryError, OSError):
-            raise UserError(f"{out}: shard {entry['shard']} is missing files") from None
-        if digest(blobs) != entry["sha256"]:
-            raise UserError(f"{out}: shard {entry['shard']} does not match its checksum")
-    return manifest
+    return root, manifest, layout
+
+
+def read_shard(root: str, names: list[str], entry: dict[str, Any]) -> list[bytes]:
+    """One shard's files, after checking them against the manifest's checksum."""
+    try:
+        blobs = [storage.read_bytes(storage.join(root, name)) for name in names]
+    except (FileNotFoundError, IsADirectoryError, OSError):
+        raise UserError(f"{root}: shard {entry['shard']} is missing files") from None
+    if digest(blobs) != entry["sha256"]:
+        raise UserError(f"{root}: shard {entry['shard']} does not match its checksum")
+    return blobs
 
 
 def planned_size(plan: Plan, shape: list[int], shards: list[int], block: int) -> tuple[int, int]:

@@ -36,6 +36,7 @@ With `--out DIR`, DIR/quality.json holds the figures and DIR/samples.png
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from collections.abc import Callable
@@ -55,34 +56,80 @@ STEPS = 450  # optimizer steps of each TSTR/TRTR classifier: the judge's 3 epoch
 # ---------------------------------------------------------------------------
 # Reading a generated set back
 # ---------------------------------------------------------------------------
-def read_generated(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def read_generated(
+    uri: str, limit: int | None = None, address: str | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A finished set's images (uint8 NHWC), labels (-1 where the set has
-    none) and manifest, verified file by file against the manifest first."""
-    from .generate import read_set, shard_files, verify
+    none) and manifest. The set is checked first (complete, nothing foreign
+    in its folder), and each shard against its checksum as it is read: by
+    this process, or with a cluster named by a Ray Data job, shards read and
+    decoded in parallel where the cluster has CPUs. With a limit only the
+    shards that hold the first `limit` images are read."""
+    from .generate import check_finished, shard_files
 
-    root = storage.check_uri(uri)
-    verify(root)  # complete, nothing foreign, every shard's checksum
-    manifest, layout = read_set(root)
+    root, manifest, layout = check_finished(uri)
     shape = tuple(manifest["dataset"]["shape"])
-    images, labels, taken = [], [], 0
+    shards, planned = [], 0
     for entry in sorted(manifest["shards"], key=lambda e: e["shard"]):
-        if limit is not None and taken >= limit:
+        if limit is not None and planned >= limit:
             break
         start, end = layout.plan.shard_range(entry["shard"])
         names = shard_files(layout.plan, entry["shard"], list(layout.folders))
-        blobs = [storage.read_bytes(storage.join(root, name)) for name in names]
-        part = _decode_shard(layout.plan.format, blobs, shape)
-        if len(part) != end - start:
-            raise UserError(f"{uri}: shard {entry['shard']} holds {len(part)} images, not {end - start}")
-        images.append(part)
-        labels.append(np.array([layout.label_of(i) for i in range(start, end)], dtype=np.int64))
-        taken += len(part)
-    if not images:
+        shards.append({"entry": entry, "names": names, "start": start, "end": end})
+        planned += end - start
+    if not shards:
         raise UserError(f"{uri}: the set holds no images")
-    images_all, labels_all = np.concatenate(images), np.concatenate(labels)
+    first = shards[0]["start"]
+    images = np.empty((planned, *shape), dtype=np.uint8)
+    if address:
+        parts = _read_on_ray(root, layout.plan.format, shape, shards, address)
+    else:
+        parts = (_read_one(root, layout.plan.format, shape, shard) for shard in shards)
+    for index, part in parts:
+        images[index - first] = part
+    labels = np.array([layout.label_of(first + i) for i in range(planned)], dtype=np.int64)
     if limit is not None:
-        images_all, labels_all = images_all[:limit], labels_all[:limit]
-    return images_all, labels_all, manifest
+        images, labels = images[:limit], labels[:limit]
+    return images, labels, manifest
+
+
+def _read_one(root: str, fmt: str, shape: tuple[int, ...], shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, images) of one shard's images, checked against its checksum."""
+    from .generate import read_shard
+
+    part = _decode_shard(fmt, read_shard(root, shard["names"], shard["entry"]), shape)
+    expected = shard["end"] - shard["start"]
+    if len(part) != expected:
+        raise UserError(f"{root}: shard {shard['entry']['shard']} holds {len(part)} images, not {expected}")
+    return np.arange(shard["start"], shard["end"]), part
+
+
+def _read_shards(batch: dict[str, np.ndarray], root: str, fmt: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A Ray Data task: the shards of a batch (one, described as JSON), read, checked and decoded."""
+    read = [_read_one(root, fmt, shape, json.loads(text)) for text in batch["shard"]]
+    return {"index": np.concatenate([i for i, _ in read]), "image": np.concatenate([p for _, p in read])}
+
+
+def _read_on_ray(root: str, fmt: str, shape: tuple[int, ...], shards: list[dict], address: str):
+    """(indices, images) batches of the shards, read by a Ray Data job: one task per shard."""
+    import ray
+
+    from .cluster import connect
+    from .errors import user_error_in
+
+    connect(address, cpus_needed=1, dashboard=False)
+    items = [{"shard": json.dumps(shard)} for shard in shards]
+    read = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_shards, fn_kwargs={"root": root, "fmt": fmt, "shape": shape}, batch_size=1, num_cpus=1
+    )
+    try:
+        for batch in read.iter_batches(batch_size=None, batch_format="numpy"):
+            yield np.asarray(batch["index"]), np.asarray(batch["image"])
+    except Exception as exc:  # a shard's UserError reaches here wrapped by Ray
+        cause = user_error_in(exc)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _decode_shard(fmt: str, blobs: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
@@ -160,9 +207,10 @@ def evaluate_set(
     progress: Callable[[str, int, int], None] | None = None,
     address: str | None = None,
 ) -> dict[str, Any]:
-    """The set's figures. With a cluster named (`address` or RAY_ADDRESS),
-    the TSTR, TRTR and mixing classifiers train there at once, one Ray task
-    each; otherwise one after another in this process."""
+    """The set's figures. With a cluster named (`address` or RAY_ADDRESS), a
+    Ray Data job reads the set (one task per shard) and the TSTR, TRTR and
+    mixing classifiers train there at once, one Ray task each; otherwise
+    both happen in this process."""
     from .cluster import check_address, given_address
     from .data import dataset_read_lock, read_arrays, read_meta
     from .metrics import frechet_distance, inception_score, precision_recall
@@ -185,7 +233,7 @@ def evaluate_set(
             raise UserError(f"{data}: no judge classifier; run `vae-ray classifier train --data {data}` first")
         model, info = found
         say("reading the set", 0, 1)
-        fake, fake_labels, manifest = read_generated(gen, limit)
+        fake, fake_labels, manifest = read_generated(gen, limit, address)
         if list(fake.shape[1:]) != list(meta["shape"]):
             raise UserError(f"{gen}: images are {fake.shape[1:]} but {data} holds {tuple(meta['shape'])}")
         test, test_labels = read_arrays(data, "test", meta=meta)
@@ -219,6 +267,7 @@ def evaluate_set(
         "inception_score_real": inception_score(p_test),
         "judge": f"{info['dataset']} classifier, test accuracy {info['test_accuracy']:.4f}",
         "filter": manifest.get("filter"),
+        "read_by": "a Ray Data job, one task per shard" if address else "this process",
     }
     if (manifest.get("filter") or {}).get("judge_sha256") == judge.weights_digest(data):
         # generate --judge-seed 0: the set was filtered by the very network that scores it
