@@ -146,3 +146,7 @@ def test_resolve_writes_the_defaults_down_and_refuses_sizes_for_fixed_networks()
     assert resolve(TrainConfig(data="/d", arch="mnist"), meta).grad_clip == 0.0
     with pytest.raises(UserError, match="fixed size"):
         resolve(TrainConfig(data="/d", arch="mnist", depth=3), meta)
+    # The model's own rules, before any run folder exists.
+    with pytest.raises(UserError, match="logistic_mixture likelihood needs --arch hvae"):
+        resolve(TrainConfig(data="/d", arch="mnist", loss="logistic_mixture"), meta)
+    assert resolve(TrainConfig(data="/d", arch="hvae", loss="logistic_mixture"), meta).loss == "logistic_mixture"

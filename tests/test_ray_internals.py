@@ -42,3 +42,19 @@ def test_the_ray_release_is_in_the_tested_range():
     assert (a, b) == compat.OLDEST == (2, 53) and (c, d) == (2, 61)
     assert compat.OLDEST <= compat.ray_release() < (c, d), f"Ray {ray.__version__} is outside the tested range"
     assert compat.ray_release("2.53.1") == (2, 53) and compat.ray_release("3.0.0.dev0") > (c, d)
+
+
+def test_checkpoints_upload_in_the_background_where_ray_train_can():
+    """RaySession.report asks for Ray Train V2's background upload when
+    ray.train.report takes it (Ray Train then deletes the folder); on a
+    Ray without it the report stays synchronous and the caller deletes it."""
+    import ray.train
+
+    from vae_ray.session import async_upload
+
+    arguments = async_upload()
+    if "checkpoint_upload_mode" in inspect.signature(ray.train.report).parameters:
+        assert arguments["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
+        assert arguments["delete_local_checkpoint_after_upload"] is True
+    else:
+        assert arguments == {}

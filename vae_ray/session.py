@@ -78,11 +78,33 @@ class RaySession:
         except ValueError:
             return None
 
-    def report(self, metrics: dict, folder: str | None, name: str) -> None:
+    def report(self, metrics: dict, folder: str | None, name: str) -> bool:
+        """Report an epoch (every rank; a barrier). Where Ray Train can, the
+        checkpoint is uploaded in its background thread while the next epoch
+        trains, and Ray deletes `folder` after the upload: returns True when
+        the folder is Ray's to delete, False when the caller still owns it."""
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        background = async_upload()
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, **background)
+        return bool(folder and background)
+
+
+def async_upload() -> dict[str, Any]:
+    """ray.train.report's arguments for a checkpoint uploaded in the
+    background (Ray Train V2), or none where this Ray has no such mode: its
+    ranks then wait for rank 0's upload at every report."""
+    import inspect
+
+    import ray.train
+
+    if "checkpoint_upload_mode" not in inspect.signature(ray.train.report).parameters:
+        return {}
+    return {
+        "checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC,
+        "delete_local_checkpoint_after_upload": True,
+    }
 
 
 class Stopped(Exception):
@@ -147,7 +169,9 @@ class LocalSession:
         """End the training thread at its next progress update or report."""
         self._board.stopping.set()
 
-    def report(self, metrics: dict, folder: str | None, name: str) -> None:
+    def report(self, metrics: dict, folder: str | None, name: str) -> bool:
+        """Write the checkpoint into the run, then the metrics; the caller
+        keeps `folder` (returns False, as RaySession does for a synchronous upload)."""
         if self._board.stopping.is_set():
             raise Stopped
         if self.lock_token:  # before anything is removed: the run is still this command's
@@ -166,6 +190,7 @@ class LocalSession:
         self.callback.after_report(None, [metrics], SimpleNamespace(path=target) if target else None)
         if target:
             self._prune()
+        return False
 
     def _prune(self) -> None:
         """Keep the newest `keep` checkpoints, as Ray Train's num_to_keep does

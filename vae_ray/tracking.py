@@ -54,6 +54,7 @@ import shutil
 import string
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -412,9 +413,19 @@ def _local(uri: str, tmp: Path) -> Path:
 # Rank 0: per-epoch scalars and pictures
 # ---------------------------------------------------------------------------
 class EpochLogger:
-    """TensorBoard (always), MLflow and W&B (when the driver opened their runs), on rank 0."""
+    """TensorBoard (always), MLflow and W&B (when the driver opened their runs), on rank 0.
 
-    def __init__(self, run_uri: str, tracking: dict[str, Any], cfg, dataset: dict[str, Any]):
+    Off the barrier: an epoch's pictures are drawn from the model as it is
+    at the epoch's end (milliseconds), and everything that waits on disks
+    and networks (TensorBoard's writes and, for a run on S3, its upload of
+    the files that changed; MLflow; W&B) runs in one background thread
+    while the next epoch trains, so the other ranks do not wait at the
+    report for rank 0's uploads. At most one epoch's logging is pending: the
+    next epoch (and `close`) waits for it and raises its error, as a
+    synchronous logger would have one epoch earlier. With `background`
+    False (a search's trials) each epoch is logged before `epoch` returns."""
+
+    def __init__(self, run_uri: str, tracking: dict[str, Any], cfg, dataset: dict[str, Any], background: bool = True):
         from tensorboardX import SummaryWriter
 
         self.target = storage.join(run_uri, TENSORBOARD)
@@ -437,23 +448,53 @@ class EpochLogger:
         z_dim = ModelSpec.from_config(cfg, dataset).z_dim
         self._fixed_z = torch.from_numpy(latent_normals(cfg.seed + 99, np.arange(64), z_dim))
         self._originals: np.ndarray | None = None
+        self._uploaded: dict[str, tuple[int, int]] = {}  # TensorBoard file -> (size, mtime) last uploaded
+        self._background = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae-ray-epoch-log") if background else None
+        )
+        self._pending: Future | None = None
         self.closed = False
 
     def epoch(self, metrics: dict[str, Any], model, device: torch.device) -> None:
+        self.wait()  # the previous epoch's logging, and its error
+        samples, pairs = self._pictures(model, device)  # this epoch's model, before training moves it on
+        if self._background is None:
+            self._log(metrics, samples, pairs)
+        else:
+            self._pending = self._background.submit(self._log, dict(metrics), samples, pairs)
+
+    def wait(self) -> None:
+        """Until the pending epoch's logging is done; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _log(self, metrics: dict[str, Any], samples: np.ndarray, pairs: np.ndarray) -> None:
         step = metrics["epoch"]
         for key, tag in SCALARS.items():
             if isinstance(metrics.get(key), (int, float)):
                 self.writer.add_scalar(tag, metrics[key], step)
-        samples, pairs = self._pictures(model, device)
         self.writer.add_image("samples", samples, step, dataformats="HWC")
         self.writer.add_image("reconstructions", pairs, step, dataformats="HWC")
         self.writer.flush()
         if self.remote:
-            storage.upload(self.logdir, self.target)
+            self._upload_changed()
         if self.mlflow is not None:
             self._log_mlflow(metrics, step)
         if self.wandb is not None:
             self._log_wandb(metrics, step, samples, pairs)
+
+    def _upload_changed(self) -> None:
+        """Upload the TensorBoard files that changed since the last upload
+        (an event file grows; the rest is sent once)."""
+        for path in sorted(Path(self.logdir).rglob("*")):
+            if not path.is_file():
+                continue
+            stat = path.stat()
+            rel = path.relative_to(self.logdir).as_posix()
+            if self._uploaded.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                storage.upload(path, storage.join(self.target, rel))
+                self._uploaded[rel] = (stat.st_size, stat.st_mtime_ns)
 
     def _log_mlflow(self, metrics: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric
@@ -504,6 +545,14 @@ class EpochLogger:
         if self.closed:  # once: a stopped run closes before its last report, then again on the way out
             return
         self.closed = True
+        try:
+            self.wait()
+        finally:
+            if self._background is not None:
+                self._background.shutdown(wait=True)
+            self._close_writers()
+
+    def _close_writers(self) -> None:
         self.writer.close()
         if self.wandb is not None:
             try:
@@ -512,7 +561,7 @@ class EpochLogger:
                 log.warning("W&B logging failed: %s", exc)
             self.wandb = None
         if self.remote:
-            storage.upload(self.logdir, self.target)
+            self._upload_changed()
             shutil.rmtree(self.logdir, ignore_errors=True)
 
 

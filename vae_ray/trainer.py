@@ -27,7 +27,7 @@ from .errors import Interrupted, RunFailed, UserError, root_cause
 from .ingest import choose_ingest, forget_eval_cache
 from .progress import TrainingDisplay
 from .rundir import RunDir, check_run
-from .spec import ARCHITECTURES, LIKELIHOODS, choose_arch, choose_loss
+from .spec import ARCHITECTURES, LIKELIHOODS, ModelSpec, choose_arch, choose_loss
 from .worker import train_loop
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
         raise UserError(
             f"binarize applies to the {', '.join(n for n, lk in LIKELIHOODS.items() if lk.binarize)} loss only"
         )
-    return cfg.replace(
+    resolved = cfg.replace(
         arch=arch,
         loss=loss,
         data=meta["root"],
@@ -79,6 +79,10 @@ def resolve(cfg: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
         grad_clip=recipe.get("grad_clip", 0.0) if cfg.grad_clip is None else cfg.grad_clip,
         **_sizes(arch, cfg),
     )
+    # Every rule of the model itself (a likelihood the network cannot output,
+    # a latent too large), before a run folder or a cluster exists.
+    ModelSpec.from_config(resolved, {"shape": meta["shape"], "num_classes": meta["num_classes"]})
+    return resolved
 
 
 def _sizes(arch: str, cfg: TrainConfig) -> dict[str, int]:
@@ -215,12 +219,14 @@ def build_trainer(
     lock_token: str = "",
     resources: dict[str, float] | None = None,
     resume_from: str | None = None,
+    trial: bool = False,
 ) -> TorchTrainer:
     """The TorchTrainer for one run: `vae-ray train` and every Tune trial use
     this. `lock_token` is the run lock's (storage.Lock.token): the Train
     controller checks it before each write into the run. `resources` are
     each worker's (default: its CPUs and, with `use_gpu`, one GPU); a trial
-    sharing a GPU asks for a fraction of one."""
+    sharing a GPU asks for a fraction of one. A `trial` logs each epoch
+    before its report (a search may end the trial's workers right after it)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -234,7 +240,8 @@ def build_trainer(
     workers = (cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(cfg, dataset, run, ingest, board, board_key, tracking, resume_from),
+        train_loop_config=loop_config(cfg, dataset, run, ingest, board, board_key, tracking, resume_from)
+        | {"trial": trial},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,

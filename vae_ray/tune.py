@@ -255,6 +255,7 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
         tracking=info,
         lock_token=lock_token,
         resume_from=run.latest(),  # when Ray Train's record lacks it (a `train --resume` of the trial in one process)
+        trial=True,
     )
     try:
         trainer.fit()

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import math
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -112,7 +113,10 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
     )
     if graph_blocker is None:
         run.static = graphed.StaticStep(run, binarizes(cfg), capture=True)
-    logger = EpochLogger(loop_config["run"], loop_config.get("tracking", {}), cfg, dataset) if rank == 0 else None
+    logger = None
+    if rank == 0:  # a search's trial logs before its report: the search may end its workers right after
+        tracking = loop_config.get("tracking", {})
+        logger = EpochLogger(loop_config["run"], tracking, cfg, dataset, background=not loop_config.get("trial"))
 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -151,8 +155,8 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
                 "started_at_epoch": start_epoch,  # > 1 after a resume or a restart from a checkpoint
             }
 
-            # 7. Experiment tracking: rank 0 logs scalars and pictures (before the
-            #    report, after which a search may stop this run at once).
+            # 7. Experiment tracking: rank 0 draws the pictures now and logs them
+            #    while the next epoch trains (a search's trial: before the report).
             if logger is not None:
                 logger.epoch(metrics, served, device)
 
@@ -326,7 +330,10 @@ def report(
     if rank != 0:
         session.report(metrics, None, name)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    # Not a context manager: where Ray Train uploads in the background it
+    # deletes the folder itself once the upload is done.
+    tmp, handed_over = tempfile.mkdtemp(prefix="vae-ray-checkpoint-"), False
+    try:
         ckpt.save(
             Path(tmp),
             served,
@@ -336,7 +343,10 @@ def report(
             dataset,
             training_weights=training_weights,
         )
-        session.report(metrics, tmp, name)
+        handed_over = session.report(metrics, tmp, name)
+    finally:
+        if not handed_over:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
