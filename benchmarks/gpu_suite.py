@@ -362,7 +362,15 @@ def attempt(name: str, figures: dict, step, log) -> None:
     (and fails the suite at the end) without losing the figures of the others."""
     try:
         step()
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as exc:
+    except (
+        subprocess.CalledProcessError,
+        subprocess.TimeoutExpired,
+        OSError,
+        ValueError,
+        KeyError,
+        LookupError,
+        StopIteration,
+    ) as exc:
         figures.setdefault("failed", []).append(f"{name}: {exc}")
         log.write(f"!! {name} failed: {exc}\n")
         log.flush()

@@ -58,3 +58,20 @@ def test_checkpoints_upload_in_the_background_where_ray_train_can():
         assert arguments["delete_local_checkpoint_after_upload"] is True
     else:
         assert arguments == {}
+
+
+def test_a_users_mistake_raised_in_a_ray_task_is_found_in_what_ray_raises(ray_cluster):
+    """ray.get raises RayTaskError(UserError), an instance of both whose text
+    is Ray's header: the user's own line is the one recovered."""
+    from vae_ray.errors import UserError, user_error_in
+
+    @ray.remote(num_cpus=0)
+    def refuse():
+        raise UserError("s3://bucket/set: shard 3 does not match its checksum")
+
+    try:
+        ray.get(refuse.remote())
+    except Exception as exc:  # noqa: BLE001 - what Ray raises is the subject
+        found = user_error_in(exc)
+    assert str(found) == "s3://bucket/set: shard 3 does not match its checksum"
+    assert user_error_in(RuntimeError("not the user's")) is None

@@ -96,6 +96,12 @@ def test_an_epochs_logging_runs_beside_the_next_epoch_and_its_errors_still_surfa
     with pytest.raises(OSError, match="disk full"):
         failing.epoch({"epoch": 2, "test_matlab_elbo": 20.0}, model, torch.device("cpu"))
     failing.close()
+    # A run already ending on its own error keeps that error: the logging one is only logged.
+    behind, model = _logger(tmp_path / "third", tiny_data)
+    behind.writer.add_scalar = broken
+    behind.epoch({"epoch": 1, "test_matlab_elbo": 30.0}, model, torch.device("cpu"))
+    behind.close(failing=True)
+    assert behind.closed
 
 
 def test_a_search_trial_logs_each_epoch_before_it_reports(tmp_path, tiny_data):

@@ -53,12 +53,15 @@ def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError a Ray task or actor raised, from the exception Ray wraps
     it in on the caller's side (its cause chain), or None: a corrupt shard
     read on a worker is still the user's one-line mistake."""
-    seen, steps = exc, 0
+    seen, steps, deepest = exc, 0, None
     while seen is not None and steps < 20:
+        # Ray's RayTaskError(UserError) is both: its text is Ray's header, its cause the user's error.
         if isinstance(seen, UserError):
-            return UserError(first_line(seen, 1000))
+            deepest = seen
         seen = seen.__cause__ or getattr(seen, "cause", None)
         steps += 1
+    if deepest is not None:
+        return UserError(first_line(deepest, 1000))
     # Ray Data keeps only the worker's traceback text of an error in a UDF.
     marker = f"{UserError.__module__}.{UserError.__qualname__}: "
     for line in str(exc).splitlines():

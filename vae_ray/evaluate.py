@@ -55,6 +55,7 @@ QUALITY_KEYS = (
 KEYS = ("matlab_elbo", "neg_elbo_nats", "bits_per_dim", "nll_iw_nats", "recon_mse", "kl", "active_units") + QUALITY_KEYS
 ROWS_PER_BATCH = 256
 GPU_BATCH_FACTOR = 4  # a GPU actor scores 1,024 images a batch
+MAX_NORMALS = 1 << 25  # posterior-sample numbers made at once (about 1.5 GB of temporaries)
 
 
 class LikelihoodScorer:
@@ -83,9 +84,17 @@ class LikelihoodScorer:
         y = torch.from_numpy(labels).to(self.device) if self.model.num_classes else None
         # On a GPU the posterior samples are made there: the same keyed draws, far faster than numpy's.
         on = self.device if self.device.type == "cuda" else None
-        eps = hashed_normals(self.seed, indices, self.iw_samples, self.model.latent_dim, device=on)
-        terms = likelihood_terms(self.model, x, y, target, eps)
-        return {"index": indices, "label": labels, **{k: v.cpu().numpy() for k, v in terms.items()}}
+        # Rows in groups whose K samples stay under MAX_NORMALS numbers: the
+        # draws are keyed by image, so the grouping changes no figure.
+        rows = max(1, MAX_NORMALS // (self.iw_samples * self.model.latent_dim))
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(indices), rows):
+            part = slice(start, start + rows)
+            eps = hashed_normals(self.seed, indices[part], self.iw_samples, self.model.latent_dim, device=on)
+            terms = likelihood_terms(self.model, x[part], None if y is None else y[part], target[part], eps)
+            for key, value in terms.items():
+                parts.setdefault(key, []).append(value.cpu().numpy())
+        return {"index": indices, "label": labels, **{k: np.concatenate(v) for k, v in parts.items()}}
 
 
 class Evaluation:
@@ -164,7 +173,8 @@ class Evaluation:
         if self.limit:
             total = min(total, self.limit)
         gpus = int(resources.get("GPU", 0))
-        use_gpu = bool(gpus) if self.gpu is None else self.gpu
+        # auto: GPUs when one is free now (the cluster's may all be training); --gpu waits for them
+        use_gpu = int(ray.available_resources().get("GPU", 0)) > 0 if self.gpu is None else self.gpu
         if use_gpu and not gpus:
             raise UserError("--gpu asks for GPU scoring but the cluster has no GPUs")
         # One CPU stays free for Ray Data's Parquet reads: with every CPU held
@@ -183,7 +193,8 @@ class Evaluation:
             batch_size=rows,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool),
-            num_cpus=1,
+            # a GPU actor takes a CPU only where one is left for the reads
+            num_cpus=1 if not use_gpu or int(resources.get("CPU", 0)) > pool else 0,
             num_gpus=1 if use_gpu else 0,
             fn_constructor_kwargs={
                 "model_blob_ref": [ray.put(self.blob)],

@@ -72,6 +72,7 @@ def latent_normals_on(seed: int, indices: torch.Tensor, dim: int) -> torch.Tenso
     of log and cos (float32 results agree to about 1e-7). Scoring millions of
     posterior samples needs this: numpy makes about 4 million a second."""
     pairs = (dim + 1) // 2
+    indices = indices.long()  # the counters are 64-bit: int32 would wrap
     counter = indices[:, None] * (2 * pairs) + torch.arange(2 * pairs, device=indices.device)[None, :]
     bits = _splitmix64_torch(counter ^ _signed(int(_key(seed))))
     uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0**-53

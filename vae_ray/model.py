@@ -329,9 +329,11 @@ def logistic_mixture_log_prob(params: torch.Tensor, x: torch.Tensor) -> torch.Te
 
 
 def logistic_mixture_mean(params: torch.Tensor, channels: int) -> torch.Tensor:
-    """The mixture's mean image, each component's colour coupling taken at
-    its own means; a component's mean is clamped to the pixel range, as its
-    tails are (N, C, H, W)."""
+    """The mixture's mean image, approximately (N, C, H, W): each
+    component's colour coupling taken at its own means, and each
+    component's mean clamped to the pixel range instead of integrating its
+    tails. Close once the scales are small, as after a few epochs; early in
+    training, with wide components, it can be off by a tenth of the range."""
     log_weights, means, _, coeffs = _mixture_parts(params, channels)
     if channels == 3:  # green and blue follow red and green at their component's means
         r = means[:, 0].clamp(0, 1)

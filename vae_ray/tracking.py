@@ -541,18 +541,25 @@ class EpochLogger:
         pairs = pairs_grid(self._originals, recon, cols=8)
         return _rgb(grid), _rgb(pairs)
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Finish the pending logging and close the writers. `failing`: the
+        run is ending on an error of its own, which a logging error must not
+        replace (it is logged instead)."""
         if self.closed:  # once: a stopped run closes before its last report, then again on the way out
             return
         self.closed = True
         try:
             self.wait()
+        except Exception as exc:
+            if not failing:
+                raise
+            log.warning("epoch logging failed: %s", exc)
         finally:
             if self._background is not None:
                 self._background.shutdown(wait=True)
-            self._close_writers()
+            self._close_writers(failing)
 
-    def _close_writers(self) -> None:
+    def _close_writers(self, failing: bool) -> None:
         self.writer.close()
         if self.wandb is not None:
             try:
@@ -561,8 +568,14 @@ class EpochLogger:
                 log.warning("W&B logging failed: %s", exc)
             self.wandb = None
         if self.remote:
-            self._upload_changed()
-            shutil.rmtree(self.logdir, ignore_errors=True)
+            try:
+                self._upload_changed()
+            except Exception as exc:
+                if not failing:
+                    raise
+                log.warning("TensorBoard upload failed: %s", exc)
+            finally:
+                shutil.rmtree(self.logdir, ignore_errors=True)
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

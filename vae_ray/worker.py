@@ -173,6 +173,10 @@ def train_loop(loop_config: dict[str, Any], session=None) -> None:
                 run.global_step,
                 loop_config,
             )
+    except BaseException:  # the run's own error is the one reported, not a logging error behind it
+        if logger is not None:
+            logger.close(failing=True)
+        raise
     finally:  # however the loop ends (done, stopped, an error): TensorBoard and W&B closed
         if logger is not None:
             logger.close()
