@@ -498,3 +498,18 @@ def test_a_gmm_prior_is_fitted_once_beside_the_run_and_resumes_to_the_same_bytes
     with pytest.raises(UserError, match="remove it to refit"):
         generate(str(run), 60, str(tmp_path / "never"), **options)
     assert not (tmp_path / "never").exists()
+
+
+def test_generate_options_are_one_checked_object():
+    """The options' defaults are typed once (GenerateOptions): the command,
+    a submitted job's checks and the Python API all read them from there."""
+    from vae_ray.generate import CHUNK, GenerateOptions
+
+    options = GenerateOptions.of({"checkpoint": "run", "out": "set", "num": 10})
+    assert (options.num, options.fmt, options.chunk, options.prior) == (10, "png", CHUNK, "normal")
+    with pytest.raises(UserError, match="unknown option.*colour"):
+        GenerateOptions.of({"num": 1, "colour": "red"})
+    with pytest.raises(UserError, match="--batch-size"):
+        GenerateOptions.of({"num": 1, "batch_size": 0})  # 0 is not "the default" anywhere
+    with pytest.raises(UserError, match="--label and --per-class"):
+        GenerateOptions.of({"num": 1, "label": 3, "per_class": True})

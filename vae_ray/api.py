@@ -259,9 +259,9 @@ def generate(
 ) -> dict[str, Any]:
     """`vae-ray generate`: seed=, temperature=, label=, per_class=, overwrite=, actors=, gpu=,
     min_confidence=, max_copy_distance=, data=, prior=, ..."""
-    from .generate import Generation
+    from .generate import GenerateOptions
 
-    _known(options, Generation, "generate", skip=("checkpoint", "out", "num", "fmt", "address", "fitting"))
+    _known(options, GenerateOptions, "generate", skip=("num", "fmt"))
     return commands.generate(
         {"checkpoint": checkpoint, "out": out, "num": num, "fmt": format, **options}, address=address
     )

@@ -185,21 +185,7 @@ def validate(spec: dict[str, Any]) -> None:
             options.get("gpus_per_trial"),
         )
     elif command == "generate":
-        o = kwargs["options"]
-        generation.check_options(
-            num=o.get("num", 1),
-            fmt=o.get("fmt", "png"),
-            seed=o.get("seed", 0),
-            temperature=o.get("temperature", 1.0),
-            chunk=o.get("batch_size") or generation.CHUNK,
-            shard_size=o.get("shard_size", generation.SHARD),
-            label=o.get("label"),
-            per_class=o.get("per_class", False),
-            actors=o.get("actors"),
-            min_confidence=o.get("min_confidence", 0.0),
-            max_copy_distance=o.get("max_copy_distance", 0.0),
-            prior=o.get("prior", "normal"),
-        )
+        generation.GenerateOptions.of(kwargs["options"])
     elif command == "encode":
         from . import encode as encoding
 

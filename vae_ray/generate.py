@@ -1208,6 +1208,61 @@ class ShardedJob:
         """Totals of the shards' records, into the complete manifest."""
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Every option of `vae-ray generate` but the checkpoint and --out, with
+    its default: the one place they are typed, checked by `check()` (before
+    anything is read, and before a job is submitted)."""
+
+    num: int = 1
+    fmt: str = "png"
+    seed: int = 0
+    actors: int | None = None
+    gpu: bool | None = None
+    temperature: float = 1.0
+    label: int | None = None
+    per_class: bool = False
+    overwrite: bool = False
+    batch_size: int | None = None
+    shard_size: int = SHARD
+    min_confidence: float = 0.0
+    max_copy_distance: float | str = 0.0
+    data: str | None = None
+    judge_seed: int = FILTER_JUDGE_SEED
+    prior: str = "normal"
+
+    @property
+    def chunk(self) -> int:
+        return CHUNK if self.batch_size is None else self.batch_size
+
+    def check(self) -> GenerateOptions:
+        check_options(
+            self.num,
+            self.fmt,
+            self.seed,
+            self.temperature,
+            self.chunk,
+            self.shard_size,
+            self.label,
+            self.per_class,
+            self.actors,
+            self.min_confidence,
+            self.max_copy_distance,
+            self.prior,
+        )
+        return self
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> GenerateOptions:
+        """From a command's options (a dict that may also name the checkpoint
+        and --out), checked; an unknown name is the user's one-line mistake."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known - {"checkpoint", "out"})
+        if unknown:
+            raise UserError(f"generate: unknown option(s) {', '.join(unknown)}")
+        return cls(**{k: v for k, v in options.items() if k in known}).check()
+
+
 class Generation(ShardedJob):
     """A generation run: the constructor checks everything a user can get
     wrong (options, checkpoint, destination) before anything is written;
@@ -1226,62 +1281,45 @@ class Generation(ShardedJob):
         checkpoint: str,
         num: int,
         out: str,
-        fmt: str = "png",
-        seed: int = 0,
-        actors: int | None = None,
-        gpu: bool | None = None,
-        temperature: float = 1.0,
-        label: int | None = None,
-        per_class: bool = False,
-        overwrite: bool = False,
-        batch_size: int | None = None,
-        shard_size: int = SHARD,
-        min_confidence: float = 0.0,
-        max_copy_distance: float | str = 0.0,
-        data: str | None = None,
-        judge_seed: int = FILTER_JUDGE_SEED,
-        prior: str = "normal",
         address: str | None = None,
         fitting: Callable[[int, int], None] | None = None,
+        **options: Any,
     ):
-        """`address`: the cluster that fits a --prior gmm mixture when the run
-        has none yet (`fitting` follows that job); `run` takes it again."""
-        chunk = CHUNK if batch_size is None else batch_size
-        check_options(
-            num,
-            fmt,
-            seed,
-            temperature,
-            chunk,
-            shard_size,
-            label,
-            per_class,
-            actors,
-            min_confidence,
-            max_copy_distance,
-            prior,
-        )
+        """`options`: GenerateOptions' fields. `address`: the cluster that
+        fits a --prior gmm mixture when the run has none yet (`fitting`
+        follows that job); `run` takes it again."""
+        o = self.options = GenerateOptions.of({"num": num, **options})
         self.out = storage.check_uri(out)
         self.blob = load_blob(checkpoint)
         if self.blob["path"].rstrip("/").startswith(self.out.rstrip("/") + "/") or self.blob["path"] == self.out:
             raise UserError(f"{out}: holds the checkpoint being sampled; choose another --out")
         filters: dict[str, Any] = {}
-        if min_confidence or max_copy_distance:
+        if o.min_confidence or o.max_copy_distance:
             filters = self._load_filters(
-                data or self.blob["config"]["data"], min_confidence, max_copy_distance, judge_seed
+                o.data or self.blob["config"]["data"], o.min_confidence, o.max_copy_distance, o.judge_seed
             )
         mixture = ("normal", "")
-        if prior == "gmm":
+        if o.prior == "gmm":
             from .prior import ensure
 
-            _, stored = ensure(self.blob, data, address, actors, gpu, fitting)
+            _, stored = ensure(self.blob, o.data, address, o.actors, o.gpu, fitting)
             self.blob = self.blob | {"prior": stored}
             mixture = ("gmm", hashlib.sha256(stored).hexdigest())
         self.plan = make_plan(
-            self.blob, num, fmt, seed, temperature, label, per_class, chunk, shard_size, filters, mixture
+            self.blob,
+            o.num,
+            o.fmt,
+            o.seed,
+            o.temperature,
+            o.label,
+            o.per_class,
+            o.chunk,
+            o.shard_size,
+            filters,
+            mixture,
         )
-        self.state = destination_state(self.out, self.plan, overwrite)
-        self.actors, self.gpu, self.overwrite = actors, gpu, overwrite
+        self.state = destination_state(self.out, self.plan, o.overwrite)
+        self.actors, self.gpu, self.overwrite = o.actors, o.gpu, o.overwrite
         self.path_taken = ""
         if self.state != "complete":
             root = self._root()
