@@ -102,3 +102,9 @@ def test_a_one_process_run_on_s3_writes_prunes_and_resumes_there(tiny_data, s3_b
     assert [h["started_at_epoch"] for h in history] == [1, 2]
     assert [n for n in storage.list_dir(run) if n.startswith("checkpoint_epoch_")] == ["checkpoint_epoch_0002"]
     assert RunDir(run).latest() == f"{run}/checkpoint_epoch_0002" and ckpt.load(run).state["epoch"] == 2
+    # TensorBoard's own reader finds both epochs in the files uploaded from the background thread.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(storage.download(f"{run}/tensorboard", tmp_path / "tb")), {"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("test/matlab_elbo")] == [1, 2]

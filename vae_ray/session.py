@@ -17,6 +17,7 @@ resume from and data shard, and reports each epoch to it. Two sessions:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -91,6 +92,7 @@ class RaySession:
         return bool(folder and background)
 
 
+@functools.cache  # the Ray release does not change within a process; asked at every report
 def async_upload() -> dict[str, Any]:
     """ray.train.report's arguments for a checkpoint uploaded in the
     background (Ray Train V2), or none where this Ray has no such mode: its

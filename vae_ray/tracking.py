@@ -46,6 +46,7 @@ land in it, and from there on W&B's servers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -54,6 +55,7 @@ import shutil
 import string
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -549,11 +551,8 @@ class EpochLogger:
             return
         self.closed = True
         try:
-            self.wait()
-        except Exception as exc:
-            if not failing:
-                raise
-            log.warning("epoch logging failed: %s", exc)
+            with _unless_failing(failing, "epoch logging"):
+                self.wait()
         finally:
             if self._background is not None:
                 self._background.shutdown(wait=True)
@@ -569,13 +568,22 @@ class EpochLogger:
             self.wandb = None
         if self.remote:
             try:
-                self._upload_changed()
-            except Exception as exc:
-                if not failing:
-                    raise
-                log.warning("TensorBoard upload failed: %s", exc)
+                with _unless_failing(failing, "TensorBoard upload"):
+                    self._upload_changed()
             finally:
                 shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _unless_failing(failing: bool, what: str) -> Iterator[None]:
+    """A logging error is raised, unless the run is already ending on an
+    error of its own: that one is what the user must see, this one is logged."""
+    try:
+        yield
+    except Exception as exc:
+        if not failing:
+            raise
+        log.warning("%s failed: %s", what, exc)
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
