@@ -16,9 +16,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vae_ray.cli import app
+from vae_ray.destination import MANIFEST, verify
 from vae_ray.errors import UserError
-from vae_ray.generate import MANIFEST, actor_plan, generate, verify
+from vae_ray.generate import generate
 from vae_ray.keyed_random import latent_normals
+from vae_ray.sharded import actor_plan
 from vae_ray.shardstore import write_folder
 
 from conftest import assert_one_error_line, kill_process_tree, make_checkpoint, vae_ray_exe
@@ -417,7 +419,7 @@ def test_near_copies_of_the_training_split_are_redrawn(ray_cluster, model_run, t
 def test_a_set_written_before_filters_existed_is_still_this_set(model_run, tmp_path):
     """A manifest of an earlier version holds no filter fields: the same
     command finds its set complete (no rewrite, no 'different run')."""
-    from vae_ray.generate import FILTER_FIELDS
+    from vae_ray.genplan import FILTER_FIELDS
 
     out = tmp_path / "set"
     generate(str(model_run), 30, str(out), shard_size=30)
@@ -503,7 +505,7 @@ def test_a_gmm_prior_is_fitted_once_beside_the_run_and_resumes_to_the_same_bytes
 def test_generate_options_are_one_checked_object():
     """The options' defaults are typed once (GenerateOptions): the command,
     a submitted job's checks and the Python API all read them from there."""
-    from vae_ray.generate import CHUNK, GenerateOptions
+    from vae_ray.genplan import CHUNK, GenerateOptions
 
     options = GenerateOptions.of({"checkpoint": "run", "out": "set", "num": 10})
     assert (options.num, options.fmt, options.chunk, options.prior) == (10, "png", CHUNK, "normal")

@@ -361,7 +361,8 @@ def test_without_boto3_the_lock_falls_back_to_check_then_put(s3_bucket, monkeypa
 # A writer that lost its lock stops before its next write
 # ---------------------------------------------------------------------------
 def test_a_generation_whose_lock_was_taken_never_calls_its_set_complete(tmp_path):
-    from vae_ray.generate import MANIFEST, Generation
+    from vae_ray.destination import MANIFEST
+    from vae_ray.generate import Generation
 
     from conftest import make_checkpoint
 

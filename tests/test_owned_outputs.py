@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from vae_ray import destination, storage
 from vae_ray import generate as generation
-from vae_ray import storage
 from vae_ray.cli import app
+from vae_ray.destination import MANIFEST, read_manifest, verify
 from vae_ray.errors import UserError
-from vae_ray.generate import MANIFEST, class_folders, generate, verify
+from vae_ray.generate import generate
+from vae_ray.genplan import check_options, class_folders
 
 from conftest import assert_one_error_line, make_checkpoint
 
@@ -279,10 +281,10 @@ def test_verify_checks_a_manifest_before_believing_it(model_run, finished_set, t
 
 def test_manifests_and_shard_counts_are_bounded(finished_set, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="more than 100,000 shards"):
-        generation.check_options(num=200_000, shard_size=1)
+        check_options(num=200_000, shard_size=1)
     out = tmp_path / "set"
     shutil.copytree(finished_set, out)
-    monkeypatch.setattr(generation, "MAX_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(destination, "MAX_MANIFEST_BYTES", 100)
     with pytest.raises(UserError, match="larger than"):
         verify(str(out))
 
@@ -382,7 +384,7 @@ def test_an_s3_overwrite_writes_its_manifest_last(model_run, s3_bucket, monkeypa
         patch.setattr(storage, "filesystem", crashing)
         with pytest.raises(RuntimeError, match="power cut"):
             generate(str(model_run), 5, uri, fmt=fmt, seed=9, overwrite=True)
-    assert generation.read_manifest(uri) is None  # no manifest vouches for the half-copied set
+    assert read_manifest(uri) is None  # no manifest vouches for the half-copied set
     with pytest.raises(UserError, match="not a generated set"):
         verify(uri)
     again = generate(str(model_run), 5, uri, fmt=fmt, seed=9, overwrite=True)

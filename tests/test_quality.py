@@ -106,7 +106,7 @@ def test_a_set_is_judged_against_real_data(judged, tmp_path):
 def test_the_figures_go_into_the_sets_own_card(judged, tmp_path):
     """--card: the figures in the hf set's README.md, in place of earlier ones;
     the set still verifies; a set with no card is refused before any work."""
-    from vae_ray.generate import verify
+    from vae_ray.destination import verify
 
     data, sets = judged
     hf = tmp_path / "hf"

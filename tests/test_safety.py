@@ -22,8 +22,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vae_ray.cli import app
+from vae_ray.destination import MANIFEST, verify
 from vae_ray.errors import UserError
-from vae_ray.generate import MANIFEST, verify
 
 from conftest import (
     assert_one_error_line,

@@ -127,3 +127,30 @@ def test_an_error_that_cannot_travel_is_still_reported():
     travelled = _portable(Odd(1, 2))
     assert isinstance(travelled, RuntimeError) and "Odd: 1/2" in str(travelled)
     assert isinstance(_portable(OSError(28, "No space left on device")), OSError)
+
+
+# ---------------------------------------------------------------------------
+# The table of formats (genplan.SET_FORMATS)
+# ---------------------------------------------------------------------------
+def test_every_format_has_an_encoder_and_names_its_shards_one_way():
+    from vae_ray.destination import Layout
+    from vae_ray.genplan import FORMATS, SET_FORMATS, Plan, shard_files
+    from vae_ray.shardstore import ENCODERS
+
+    assert set(FORMATS) == set(SET_FORMATS) == set(ENCODERS)
+    for name, fmt in SET_FORMATS.items():
+        plan = Plan(num=25, seed=0, format=name, temperature=1.0, labels="none", checkpoint_sha256="0", shard_size=10)
+        layout = Layout(plan, ())
+        names = [rel for shard in range(plan.num_shards) for rel in shard_files(plan, shard, [])]
+        assert len(names) == (25 if fmt.per_image else 3) and len(set(names)) == len(names)
+        assert all(layout.owns(rel) for rel in names)  # what a shard writes, the set owns
+        if fmt.per_image:
+            assert fmt.shard_of(names[0]) is None
+            continue
+        assert [fmt.shard_of(rel) for rel in names] == [0, 1, 2]
+        # a fourth shard, another format's file or another shard count is not this set's
+        assert not layout.owns(fmt.shard_file(3, 3))
+        if "{shards}" in fmt.file:
+            assert not layout.owns(fmt.shard_file(0, 4))
+        other = next(f for f in SET_FORMATS.values() if f.file and f.file != fmt.file)
+        assert fmt.shard_of(other.shard_file(0, 3)) is None and not layout.owns(other.shard_file(0, 3))

@@ -259,7 +259,7 @@ def generate(
 ) -> dict[str, Any]:
     """`vae-ray generate`: seed=, temperature=, label=, per_class=, overwrite=, actors=, gpu=,
     min_confidence=, max_copy_distance=, data=, prior=, ..."""
-    from .generate import GenerateOptions
+    from .genplan import GenerateOptions
 
     _known(options, GenerateOptions, "generate", skip=("num", "fmt"))
     return commands.generate(

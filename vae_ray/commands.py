@@ -165,8 +165,8 @@ def run(spec: dict[str, Any], *, show: bool = False, address: str | None = None)
 def validate(spec: dict[str, Any]) -> None:
     """Every check that needs no files, before a spec is sent anywhere."""
     from . import evaluate as evaluation
-    from . import generate as generation
     from . import tune as tuning
+    from .genplan import GenerateOptions
 
     command, kwargs = _parts(spec)
     if command == "train":
@@ -185,7 +185,7 @@ def validate(spec: dict[str, Any]) -> None:
             options.get("gpus_per_trial"),
         )
     elif command == "generate":
-        generation.GenerateOptions.of(kwargs["options"])
+        GenerateOptions.of(kwargs["options"])
     elif command == "encode":
         from . import encode as encoding
 

@@ -23,7 +23,7 @@ the checkpoint and the image, encoded in batches of `--batch-size` rows
 aligned to the shard's start, so a rerun, a resume or another actor count
 writes the same bytes on the same hardware and software.
 
-The destination keeps `generate`'s promises (see vae_ray/generate.py), and
+The destination keeps `generate`'s promises (see vae_ray/destination.py), and
 its machinery does the work (`ShardedJob.run`): a part appears whole under its final name and is then
 recorded by a marker under `.progress/`; `_manifest.json` is written first
 ("running", with the run's identity: checkpoint SHA-256, the input shards'
@@ -70,25 +70,23 @@ from .data import (
     read_meta,
     read_shard,
 )
-from .errors import UserError, first_line
-from .generate import (
+from .destination import (
     MANIFEST,
-    MARKERS,
     MAX_MANIFEST_BYTES,
-    MAX_SHARDS,
-    ShardedJob,
-    _read_json_file,
-    _size,
-    _valid_entry,
-    aside,
     completed_shards,
-    in_the_way,
+    human_size,
+    read_json_file,
     staging_folder,
-    swap_folder,
+    valid_entry,
 )
-from .generate import foreign_in_set as generated_foreign_in_set
+from .destination import foreign_in_set as generated_foreign_in_set
+from .errors import UserError, first_line
+from .genplan import MAX_SHARDS
 from .images import to_float
+from .sharded import ShardedJob
+from .shardstore import MARKERS
 from .spec import MAX_Z, ModelSpec
+from .swap import aside, in_the_way, swap_folder
 
 FORMAT_ID = "vae-ray-encoded/1"
 BATCH = 256  # images per encoder call, aligned to each shard's start
@@ -362,7 +360,7 @@ def planned_size(plan: Plan, shards: list[int], block: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------
 def read_manifest(root: str) -> dict[str, Any] | None:
     """An encoded set's manifest as written (unchecked), or None when the folder holds none."""
-    manifest = _read_json_file(storage.join(root, MANIFEST), MAX_MANIFEST_BYTES)
+    manifest = read_json_file(storage.join(root, MANIFEST), MAX_MANIFEST_BYTES)
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_ID else None
 
 
@@ -412,7 +410,7 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Plan:
         if not isinstance(shards, list) or len(shards) != plan.num_shards:
             raise bad(f"does not list its {plan.num_shards:,} part(s)")
         for shard, entry in enumerate(shards):
-            if not _valid_entry(entry, shard, plan):
+            if not valid_entry(entry, shard, plan):
                 raise bad(f"holds a malformed entry for part {shard}")
     return plan
 
@@ -595,8 +593,8 @@ class Encoding(ShardedJob):
         free = shutil.disk_usage(where).free
         if need > free:
             raise UserError(
-                f"{self.out}: the latents of {self.plan.num:,} images need up to {_size(need)} but {where} has "
-                f"{_size(free)} free; free some space or choose another --out"
+                f"{self.out}: the latents of {self.plan.num:,} images need up to {human_size(need)} but {where} has "
+                f"{human_size(free)} free; free some space or choose another --out"
             )
         if stats.f_files and files > stats.f_favail:
             raise UserError(f"{self.out}: needs {files:,} files but {where} has room for {stats.f_favail:,} more")

@@ -123,8 +123,8 @@ def export(source: str, out: str, samples_seed: int = 0, repo: str | None = None
     """Write RUN's best checkpoint (else its latest, or the checkpoint given)
     as a Hub model folder at `out`. Returns what was written."""
     from . import checkpoint as ckpt
-    from .generate import check_destination, publish_folder, settle_swap
     from .rundir import RunDir, describe_checkpoint
+    from .swap import check_destination, publish_folder, settle_swap
 
     given = source
     run = RunDir(storage.check_uri(source)) if not str(source).startswith(SCHEME) else None

@@ -448,7 +448,7 @@ def _read_on_ray(blob, plan, options, address, actors, gpu, parts, progress) -> 
 
     from .cluster import connect
     from .errors import UserError as _UserError
-    from .generate import _pool, actor_plan
+    from .sharded import actor_plan, actor_pool
 
     resources = connect(address, cpus_needed=1, dashboard=False).resources
     use_gpu = bool(resources.get("GPU", 0)) if gpu is None else gpu
@@ -459,7 +459,7 @@ def _read_on_ray(blob, plan, options, address, actors, gpu, parts, progress) -> 
     results = ds.map_batches(
         CodeReader,
         batch_size=1,
-        compute=_pool(max(1, min(want, plan.num_shards))),
+        compute=actor_pool(max(1, min(want, plan.num_shards))),
         fn_constructor_kwargs={
             "model_blob": [ray.put(blob)],
             "device": "cuda" if use_gpu else "cpu",

@@ -65,7 +65,8 @@ def read_generated(
     this process, or with a cluster named by a Ray Data job, shards read and
     decoded in parallel where the cluster has CPUs. With a limit only the
     shards that hold the first `limit` images are read."""
-    from .generate import check_finished, shard_files
+    from .destination import check_finished
+    from .genplan import shard_files
 
     root, manifest, layout = check_finished(uri)
     shape = tuple(manifest["dataset"]["shape"])
@@ -95,7 +96,7 @@ def read_generated(
 
 def _read_one(root: str, fmt: str, shape: tuple[int, ...], shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(indices, images) of one shard's images, checked against its checksum."""
-    from .generate import read_shard
+    from .destination import read_shard
 
     part = _decode_shard(fmt, read_shard(root, shard["names"], shard["entry"]), shape)
     expected = shard["end"] - shard["start"]
@@ -221,7 +222,7 @@ def evaluate_set(
     if card:  # refused before the work, like --out
         _check_card(gen)
     if out:  # refused before an hour of work, and again under its lock before the write
-        from .generate import check_destination
+        from .swap import check_destination
 
         check_destination(storage.check_uri(out), _not_quality_files, WHAT)
     say = progress or (lambda *_: None)
@@ -321,11 +322,11 @@ CARD_START, CARD_END = "<!-- vae-ray evaluate-set -->", "<!-- /vae-ray evaluate-
 
 
 def _check_card(gen: str) -> None:
-    from .generate import read_set
+    from .destination import read_set
 
     found = read_set(storage.check_uri(gen))
     fmt = found[0]["plan"]["format"] if found else None
-    if fmt != "hf":
+    if found is None or not found[1].plan.layout.card:
         raise UserError(
             f"{gen}: --card writes into a Hugging Face set's dataset card (README.md); "
             f"this is {'not a generated set' if fmt is None else f'a {fmt} set, which has none'}"
@@ -335,12 +336,12 @@ def _check_card(gen: str) -> None:
 def _into_card(gen: str, result: dict[str, Any]) -> str:
     """Put the figures into the set's README.md, in place of earlier ones,
     under the set's lock (the card is the set's own file, outside its checksums)."""
-    from .generate import CARD, read_set
+    from .destination import CARD, read_set
 
     root = storage.check_uri(gen)
     with storage.Lock(root, "vae-ray evaluate-set --card"):
         found = read_set(root)
-        if found is None or found[0]["status"] != "complete" or found[0]["plan"]["format"] != "hf":
+        if found is None or found[0]["status"] != "complete" or not found[1].plan.layout.card:
             raise UserError(f"{gen}: changed while it was evaluated; run evaluate-set again")
         path = storage.join(root, CARD)
         text = storage.read_bytes(path).decode() if storage.is_file(path) else ""
@@ -467,8 +468,8 @@ def _write(out: str, result: dict[str, Any], fake: np.ndarray, labels: np.ndarra
     import tempfile
     from pathlib import Path
 
-    from .generate import check_destination, publish_folder, settle_swap
     from .plots import save_grid
+    from .swap import check_destination, publish_folder, settle_swap
 
     target = storage.check_uri(out)
     with storage.Lock(target, "vae-ray evaluate-set"), tempfile.TemporaryDirectory() as tmp:

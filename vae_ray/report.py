@@ -28,11 +28,11 @@ from . import hub, storage
 from .data import dataset_read_lock, read_arrays, read_meta
 from .embedding import pca_2d, tsne_2d
 from .errors import UserError
-from .generate import check_destination, publish_folder, settle_swap
 from .images import to_float, to_uint8
 from .pictures import samples, two_per_class
 from .plots import histogram, image_grid, latent_scatter, loss_curves, pairs_grid, save_png
 from .rundir import RunDir
+from .swap import check_destination, publish_folder, settle_swap
 
 MAP_POINTS = 1000  # points in the PCA / t-SNE maps
 ERROR_IMAGES = 5000  # images in the reconstruction-error histogram

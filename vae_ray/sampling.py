@@ -63,7 +63,7 @@ def parse_grid(text: str, name: str, cast: Callable[[str], Any]) -> list[Any]:
 
 
 def check_options(temperatures: list[float], priors: list[str], confidences: list[float], num: int, metric: str):
-    from .generate import check_options as check_generate
+    from .genplan import check_options as check_generate
 
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)} (got {storage.printable(metric)[:40]!r})")
@@ -125,7 +125,7 @@ def search(
     from . import judge
     from .checkpoint import load_blob
     from .data import dataset_read_lock, read_arrays, read_meta
-    from .generate import check_destination
+    from .swap import check_destination
 
     grid = check_grid(temperatures, priors, min_confidences, num, metric)
     target = storage.check_uri(out)
@@ -310,8 +310,8 @@ def _figures(job: dict[str, Any]) -> tuple[str, ...]:
 
 def _write(target: str, summary: dict[str, Any], grid: dict[str, list]) -> None:
     """results.csv, best.json and search.png, as one whole-folder output."""
-    from .generate import check_destination, publish_folder, settle_swap
     from .plots import metric_by_setting
+    from .swap import check_destination, publish_folder, settle_swap
 
     with storage.Lock(target, "vae-ray tune-sampling"), tempfile.TemporaryDirectory() as tmp:
         settle_swap(target, _not_search_files)

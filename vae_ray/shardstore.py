@@ -2,7 +2,7 @@
 table, the folder writes and the shard's marker.
 
 Nothing here imports torch, so a pool of encoder processes (EncoderPool) can
-encode and write shards while the decoder (generate.ShardWriter, on a GPU or
+encode and write shards while the decoder (decoder.ShardWriter, on a GPU or
 the CPU) goes on to the next one: PNG and Parquet encoding, checksums and
 file creation are most of a shard's time once decoding runs on a GPU. A Ray
 Data actor calls the same `store_shard` itself, so the bytes are the same on
@@ -32,6 +32,7 @@ import numpy as np
 
 from . import storage
 from .formats import encode_pngs, hf_parquet_bytes, npz_bytes, parquet_bytes
+from .genplan import SET_FORMATS
 
 MARKERS = ".progress"
 
@@ -78,7 +79,7 @@ def store_shard(
     is complete); returns its checksum. `marker` holds the shard's number,
     image count and any filter counts."""
     blobs = ENCODERS[fmt](images, labels, indices, classes)
-    if fmt == "png":
+    if SET_FORMATS[fmt].per_image:
         folders: dict[str, dict[str, bytes]] = {}
         for name, data in zip(names, blobs, strict=True):
             folder, file = name.rsplit("/", 1)

@@ -153,8 +153,8 @@ def generate(
 ) -> None:
     """Write a synthetic image set with a Ray Data batch-inference job, exactly once and resumable."""
     from .. import commands
+    from ..destination import MANIFEST, verify
     from ..errors import UserError
-    from ..generate import MANIFEST, verify
 
     if verify_uri is not None:
         manifest = verify(verify_uri)
