@@ -136,6 +136,18 @@ def test_near_copies_are_counted_against_real_test_images():
     assert d.tolist() == pytest.approx([1.0, 4.0])
 
 
+def test_a_node_that_cannot_see_a_local_set_says_so(tmp_path):
+    """A cluster's task reading a local set that is not on its node (the
+    driver checked it on its own): one line saying where the set must be."""
+    from vae_ray.errors import UserError
+
+    shard = json.dumps(
+        {"entry": {"shard": 0, "sha256": "0" * 64}, "names": ["part-00000.parquet"], "start": 0, "end": 1}
+    )
+    with pytest.raises(UserError, match="not on the node that read it .*every node sees it"):
+        quality._read_shards({"shard": np.array([shard])}, str(tmp_path / "elsewhere"), "parquet", (28, 28, 1))
+
+
 def test_mistakes_are_one_line(judged, tmp_path):
     data, sets = judged
     bare = tmp_path / "bare"

@@ -38,6 +38,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -107,6 +108,13 @@ def _read_one(root: str, fmt: str, shape: tuple[int, ...], shard: dict[str, Any]
 
 def _read_shards(batch: dict[str, np.ndarray], root: str, fmt: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """A Ray Data task: the shards of a batch (one, described as JSON), read, checked and decoded."""
+    if not storage.is_remote(root) and not os.path.isdir(root):  # checked on the driver: not on this node
+        import socket
+
+        raise UserError(
+            f"{root}: is not on the node that read it ({socket.gethostname()}); a set the cluster reads "
+            f"must be where every node sees it (s3://, or a folder shared by every node)"
+        )
     read = [_read_one(root, fmt, shape, json.loads(text)) for text in batch["shard"]]
     return {"index": np.concatenate([i for i, _ in read]), "image": np.concatenate([p for _, p in read])}
 
