@@ -154,3 +154,26 @@ def test_every_format_has_an_encoder_and_names_its_shards_one_way():
             assert not layout.owns(fmt.shard_file(0, 4))
         other = next(f for f in SET_FORMATS.values() if f.file and f.file != fmt.file)
         assert fmt.shard_of(other.shard_file(0, 3)) is None and not layout.owns(other.shard_file(0, 3))
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-per-file"])
+def test_a_png_shards_files_are_flushed_before_its_folder_takes_its_name(tmp_path, monkeypatch, syncfs):
+    """A shard's marker is written after its folder is renamed into place:
+    the files must be durable by then (one syncfs on Linux, else an fsync each)."""
+    from vae_ray import shardstore
+
+    seen = []
+    real = shardstore.flush_folder
+
+    def spy(folder):
+        seen.append((folder.name, sorted(p.name for p in folder.iterdir()), (tmp_path / "00000").exists()))
+        real(folder)
+
+    monkeypatch.setattr(shardstore, "flush_folder", spy)
+    if not syncfs:
+        monkeypatch.setattr(shardstore, "_syncfs", lambda: None)
+    shardstore.write_folder(str(tmp_path), "00000", {"a.png": b"1", "b.png": b"2"})
+    [(name, files, target_existed)] = seen
+    assert name.startswith(".tmp-") and files == ["a.png", "b.png"] and not target_existed
+    assert sorted(p.name for p in (tmp_path / "00000").iterdir()) == ["a.png", "b.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["00000"]
