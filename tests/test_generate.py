@@ -515,3 +515,45 @@ def test_generate_options_are_one_checked_object():
         GenerateOptions.of({"num": 1, "batch_size": 0})  # 0 is not "the default" anywhere
     with pytest.raises(UserError, match="--label and --per-class"):
         GenerateOptions.of({"num": 1, "label": 3, "per_class": True})
+
+
+def test_group_temperatures_scale_each_latent_group():
+    """--group-temperatures: a factor on T per latent group, top first,
+    written one way; all ones is no option at all (the same plan)."""
+    from vae_ray.genplan import canonical_group_temperatures
+    from vae_ray.prior import draw_latents, group_scales
+
+    assert canonical_group_temperatures("1,1.0") == "" and canonical_group_temperatures(None) == ""
+    assert canonical_group_temperatures(" 1.0,1.30") == "1,1.3"
+    for bad in ("1,x", "0", "-1,1", "nan", "1,,1", "1e9", ",".join(["1"] * 65)):
+        with pytest.raises(UserError, match="--group-temperatures must be"):
+            canonical_group_temperatures(bad)
+    groups = [(1, 1, 4), (2, 2, 1), (1, 1, 3)]  # a dense top group, a 2x2 group, a dense third
+    keys = np.arange(50)
+    plain = draw_latents(3, keys, 11, 0.8)
+    scaled = draw_latents(3, keys, 11, 0.8, group_scales(groups, (1.0, 1.5, 0.5)))
+    assert np.array_equal(scaled[:, :4], plain[:, :4])
+    assert np.array_equal(scaled[:, 4:8], plain[:, 4:8] * np.float32(1.5))
+    assert np.array_equal(scaled[:, 8:], plain[:, 8:] * np.float32(0.5))
+
+
+def test_group_temperatures_reach_the_images(model_run, tmp_path):
+    """The MATLAB network has one latent group: its factor is a temperature,
+    to the byte. A count that is not the model's is one line; all ones is
+    the plain set (found complete)."""
+    generate(str(model_run), 30, str(tmp_path / "hot"), shard_size=30, temperature=1.5)
+    generate(str(model_run), 30, str(tmp_path / "group"), shard_size=30, group_temperatures="1.5")
+    assert _files(tmp_path / "hot") == _files(tmp_path / "group")
+    plan = json.loads((tmp_path / "group" / MANIFEST).read_text())["plan"]
+    assert plan["group_temperatures"] == "1.5"
+    import vae_ray
+
+    model = vae_ray.load(str(model_run))  # the Python API draws the same latents
+    assert np.array_equal(model.sample(8, group_temperatures="1.5"), model.sample(8, temperature=1.5))
+    with pytest.raises(UserError, match="1 latent group"):
+        model.sample(8, group_temperatures="1,2")
+    with pytest.raises(UserError, match="gives 2 value.*has 1 latent group"):
+        generate(str(model_run), 30, str(tmp_path / "never"), group_temperatures="1,1.2")
+    assert not (tmp_path / "never").exists()
+    again = generate(str(model_run), 30, str(tmp_path / "hot"), shard_size=30, temperature=1.5, group_temperatures="1")
+    assert again["already_complete"]

@@ -87,33 +87,37 @@ class Model:
         temperature: float = 1.0,
         seed: int = 0,
         prior: str = "normal",
+        group_temperatures: str | None = None,
     ) -> np.ndarray:
         """n images as uint8 (n, H, W, C), decoded from the latent vectors that
         `vae-ray generate --seed SEED --prior PRIOR` decodes for its images
         0..n-1. A class-conditional model without `label` draws classes in
         turn (image i has class i mod C, as `generate --per-class`). `prior`
         "gmm" uses the mixture a `generate --prior gmm` of this checkpoint
-        fitted and kept in its run."""
-        from .keyed_random import latent_normals
+        fitted and kept in its run. `group_temperatures` ("1,1,1.3": a factor
+        on `temperature` per latent group, top first) as generate's."""
+        from .genplan import canonical_group_temperatures, group_values
+        from .prior import draw_latents, group_scales
 
         if not 1 <= int(n) <= 1_000_000:
             raise UserError(f"n must be between 1 and 1000000 (got {n})")
         if not (np.isfinite(temperature) and temperature > 0):
             raise UserError(f"temperature must be a positive finite number (got {temperature})")
+        factors = group_values(canonical_group_temperatures(group_temperatures))
+        if factors and len(factors) != len(self.spec.groups):
+            raise UserError(
+                f"group_temperatures gives {len(factors)} value(s); the model has {len(self.spec.groups)} latent group(s)"
+            )
         idx = np.arange(int(n))
         if label is None and self.spec.num_classes:
             label = list(idx % self.spec.num_classes)
-        eps = latent_normals(int(seed), idx, self.latent_dim)
-        z = eps * np.float32(temperature)
+        mixture, classes = None, None
         if prior != "normal":
             mixture = self._mixture(prior)
             labels = self._labels(label, len(idx))
             classes = labels.cpu().numpy() if labels is not None else None
-            from .prior import component_uniforms
-
-            d = mixture.dims
-            uniforms = component_uniforms(int(seed), idx)
-            z[:, :d] = mixture.sample(eps[:, :d], uniforms, classes, float(temperature))
+        scales = group_scales(self.spec.groups, factors)
+        z = draw_latents(int(seed), idx, self.latent_dim, float(temperature), scales, mixture, classes)
         return self.decode(z, label=label)
 
     def _mixture(self, prior: str):

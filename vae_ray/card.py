@@ -57,7 +57,7 @@ them is a real {dataset["name"]} image.
 | images | {manifest["count"]:,} ({dataset["shape"][0]}x{dataset["shape"][1]}, {dataset["shape"][2]} channel(s), PNG) |
 | labels | {"image i has label i mod " + str(len(dataset["classes"])) if plan["labels"] == "per-class" else ("class " + plan["labels"] if plan["labels"] != "none" else "none (an unconditional model)")} |
 | seed | {plan["seed"]} (image i depends only on the checkpoint, the seed, i and its label) |
-| temperature | {plan["temperature"]:g} ({_prior_text(plan)}) |
+| temperature | {plan["temperature"]:g}{_groups_text(plan)} ({_prior_text(plan)}) |
 {_filter_row(manifest)}| checkpoint | `{manifest["checkpoint"]}` |
 | checkpoint SHA-256 | `{manifest["checkpoint_sha256"]}` |
 | model | {manifest["config"]["arch"]} network, latent {manifest["config"]["latent_dim"]}, {manifest["config"]["loss"]} loss{", class-conditional" if manifest["config"]["conditional"] else ""} |
@@ -79,6 +79,11 @@ ds = load_dataset("parquet", data_files="data/*.parquet", split="train")
 `_manifest.json` lists every shard with its checksum; `vae-ray generate --verify DIR` checks them.
 """
     return "\n".join(lines) + body
+
+
+def _groups_text(plan: dict[str, Any]) -> str:
+    found = plan.get("group_temperatures")
+    return f", times {found.replace(',', ', ')} in the latent groups, top first" if found else ""
 
 
 def _prior_text(plan: dict[str, Any]) -> str:

@@ -14,9 +14,17 @@ import torch
 
 from .checkpoint import model_from_blob
 from .errors import UserError
-from .genplan import CANDIDATE_STRIDE, FILTER_KEYS, MAX_CANDIDATES, Plan, class_folders, labels_for, shard_files
+from .genplan import (
+    CANDIDATE_STRIDE,
+    FILTER_KEYS,
+    MAX_CANDIDATES,
+    Plan,
+    class_folders,
+    group_values,
+    labels_for,
+    shard_files,
+)
 from .images import to_float, to_uint8, to_uint8_tensor
-from .keyed_random import latent_normals
 from .shardstore import store_shard
 
 
@@ -46,6 +54,13 @@ class ShardWriter:
             self.reference = torch.from_numpy(held.reshape(len(held), -1)).to(self.device).float().div_(255.0)
         self.filtered: dict[int, dict[str, int]] = {}  # shard -> candidates, images none passed, copies dropped
         self.mixture = None  # --prior gmm: the fitted mixture the plan names
+        self.scales = None  # --group-temperatures: each number of z's factor
+        if self.plan.group_temperatures:
+            from .prior import group_scales
+            from .spec import ModelSpec
+
+            groups = ModelSpec.from_config(model_blob["config"], model_blob["dataset"]).groups
+            self.scales = group_scales(groups, group_values(self.plan.group_temperatures))
         if self.plan.prior == "gmm":
             from .prior import Mixture
 
@@ -121,15 +136,12 @@ class ShardWriter:
         return torch.cat(pixels).cpu().numpy(), np.concatenate(labels)
 
     def _latents(self, keys: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-        eps = latent_normals(self.plan.seed, keys, self.model.latent_dim)
-        z = eps * np.float32(self.plan.temperature)
-        if self.mixture is not None:  # the first latent group from the mixture (of the image's class)
-            from .prior import component_uniforms
+        from .prior import draw_latents
 
-            d = self.mixture.dims
-            u = component_uniforms(self.plan.seed, keys)
-            z[:, :d] = self.mixture.sample(eps[:, :d], u, classes, self.plan.temperature)
-        return z
+        plan = self.plan
+        return draw_latents(
+            plan.seed, keys, self.model.latent_dim, plan.temperature, self.scales, self.mixture, classes
+        )
 
     def _draw(self, keys: np.ndarray, y: torch.Tensor | None) -> np.ndarray:
         z = self._latents(keys, y.cpu().numpy() if y is not None else None)

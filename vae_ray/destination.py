@@ -45,6 +45,7 @@ from .genplan import (
     MAX_CANDIDATES,
     MAX_CLASSES,
     PRIOR_FIELDS,
+    SAMPLING_FIELDS,
     SET_FORMATS,
     Plan,
     check_options,
@@ -166,14 +167,22 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
 
     raw = manifest.get("plan")
     names = {f.name for f in fields(Plan)}
-    optional = {"shard_size", "chunk", *FILTER_FIELDS, *PRIOR_FIELDS}  # fields later versions added
+    optional = {"shard_size", "chunk", *FILTER_FIELDS, *PRIOR_FIELDS, *SAMPLING_FIELDS}  # fields later versions added
     if not isinstance(raw, dict) or not set(raw) <= names or not names - optional <= set(raw):
         raise bad("holds no valid plan")
     if not (
         all(is_int(raw[k]) for k in ("num", "seed", "shard_size", "chunk") if k in raw)
         and all(
             isinstance(raw[k], str)
-            for k in ("format", "labels", "checkpoint_sha256", "judge_sha256", "reference_sha256", *PRIOR_FIELDS)
+            for k in (
+                "format",
+                "labels",
+                "checkpoint_sha256",
+                "judge_sha256",
+                "reference_sha256",
+                *PRIOR_FIELDS,
+                *SAMPLING_FIELDS,
+            )
             if k in raw
         )
         and all(is_number(raw[k]) for k in ("temperature", "min_confidence", "max_copy_distance") if k in raw)
@@ -191,6 +200,7 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
             min_confidence=plan.min_confidence,
             max_copy_distance=plan.max_copy_distance,
             prior=plan.prior,
+            group_temperatures=plan.group_temperatures,
         )
     except UserError as exc:
         raise bad(f"plans impossible values ({exc})") from None

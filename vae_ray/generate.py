@@ -115,6 +115,7 @@ class Generation(ShardedJob):
             o.shard_size,
             filters,
             mixture,
+            o.group_temperatures,
         )
         self.state = destination_state(self.out, self.plan, o.overwrite)
         self.actors, self.gpu, self.overwrite = o.actors, o.gpu, o.overwrite

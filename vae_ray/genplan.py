@@ -23,6 +23,7 @@ MAX_NUM = 1_000_000_000  # file names hold nine digits of index
 MAX_SHARDS = 100_000  # MAX_NUM at the default shard size; shard names hold five digits
 MAX_CLASSES = 100_000
 MAX_TEMPERATURE = 100.0
+MAX_GROUPS = 64  # --group-temperatures values (hvae has 2-3 groups per depth step)
 MAX_CANDIDATES = 64  # draws per image under --min-confidence; the judge's favourite of them when none passes
 # Candidate r of image i is decoded from the keyed normals of index i + r * CANDIDATE_STRIDE: never
 # another image's (indices stay below MAX_NUM), and candidate 0 is the unfiltered set's image i.
@@ -34,6 +35,7 @@ COPY_PERCENTILE = 1.0  # --max-copy-distance auto: closer than 99% of real test 
 FILTER_KEYS = ("candidates", "unmet", "copies")  # a filtered set's per-shard counts (markers and manifest)
 FILTER_FIELDS = ("min_confidence", "judge_sha256", "max_copy_distance", "reference_sha256")  # Plan's, newer
 PRIOR_FIELDS = ("prior", "prior_sha256")  # Plan's, newer still
+SAMPLING_FIELDS = ("group_temperatures",)  # Plan's, newest
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Plan:
     reference_sha256: str = ""  # the dataset whose training split that is
     prior: str = "normal"  # where z comes from (vae_ray/prior.py): N(0, I), or "gmm"
     prior_sha256: str = ""  # the fitted mixture's file, for "gmm"
+    group_temperatures: str = ""  # each latent group's factor on `temperature`, top first ("" = all 1)
 
     @property
     def layout(self) -> SetFormat:
@@ -120,6 +123,9 @@ class Plan:
                 del fields_[name]
         if self.prior == "normal":  # likewise before priors were a choice
             for name in PRIOR_FIELDS:
+                del fields_[name]
+        if not self.group_temperatures:  # and before groups had temperatures of their own
+            for name in SAMPLING_FIELDS:
                 del fields_[name]
         return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -180,10 +186,12 @@ def make_plan(
     shard_size: int = SHARD,
     filters: dict[str, Any] | None = None,
     prior: tuple[str, str] = ("normal", ""),
+    group_temperatures: str = "",
 ) -> Plan:
     """The plan of a run; `filters` holds the Plan's FILTER_FIELDS (resolved by
     Generation), `prior` its prior and the fitted mixture's SHA-256."""
     filters = filters or {}
+    group_temperatures = canonical_group_temperatures(group_temperatures)
     check_options(
         num=num,
         fmt=fmt,
@@ -207,6 +215,8 @@ def make_plan(
     # classes take turns (as with --per-class).
     balanced = per_class or (label is None and blob["config"]["conditional"])
     labels = "per-class" if balanced else ("none" if label is None else str(label))
+    if group_temperatures:
+        _check_group_count(blob, group_temperatures)
     return Plan(
         num=num,
         seed=seed,
@@ -218,8 +228,45 @@ def make_plan(
         shard_size=shard_size,
         prior=prior[0],
         prior_sha256=prior[1],
+        group_temperatures=group_temperatures,
         **filters,
     )
+
+
+def _check_group_count(blob: dict[str, Any], group_temperatures: str) -> None:
+    from .spec import ModelSpec
+
+    groups = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"]).groups
+    given = len(group_values(group_temperatures))
+    if given != len(groups):
+        shapes = ", ".join("dense " + str(c) if h == 1 else f"{c}x{h}x{w}" for h, w, c in groups)
+        raise UserError(
+            f"--group-temperatures gives {given} value(s); {blob['path']} has {len(groups)} latent group(s), "
+            f"top first: {shapes}"
+        )
+
+
+def group_values(text: str) -> tuple[float, ...]:
+    """--group-temperatures as numbers ("" = none)."""
+    return tuple(float(part) for part in text.split(",")) if text else ()
+
+
+def canonical_group_temperatures(text: str | None) -> str:
+    """--group-temperatures checked and written one way ("1.0,1,1.30" -> "1,1,1.3"); all ones is "" (the
+    same plan as none, so the same bytes). A user's mistake is one line."""
+    if text is None or str(text).strip() == "":
+        return ""
+    parts = str(text).split(",")
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if not values or len(parts) > MAX_GROUPS or not all(math.isfinite(v) and 0 < v <= MAX_TEMPERATURE for v in values):
+        raise UserError(
+            f"--group-temperatures must be a comma-separated list of at most {MAX_GROUPS} numbers in "
+            f"(0, {MAX_TEMPERATURE:g}], one per latent group, top first (got {storage.printable(str(text))[:60]!r})"
+        )
+    return "" if all(v == 1 for v in values) else ",".join(f"{v:g}" for v in values)
 
 
 def check_options(
@@ -235,9 +282,12 @@ def check_options(
     min_confidence: float = 0.0,
     max_copy_distance: float | str = 0.0,
     prior: str = "normal",
+    group_temperatures: str | None = "",
 ) -> None:
     """Every check that needs no files: run before anything else, and before --submit."""
     from .prior import PRIORS
+
+    canonical_group_temperatures(group_temperatures)
 
     if prior not in PRIORS:
         raise UserError(f"--prior must be one of {', '.join(PRIORS)} (got {storage.printable(str(prior))[:40]!r})")
@@ -295,6 +345,7 @@ class GenerateOptions:
     data: str | None = None
     judge_seed: int = FILTER_JUDGE_SEED
     prior: str = "normal"
+    group_temperatures: str | None = None
 
     @property
     def chunk(self) -> int:
@@ -314,6 +365,7 @@ class GenerateOptions:
             self.min_confidence,
             self.max_copy_distance,
             self.prior,
+            self.group_temperatures,
         )
         return self
 

@@ -492,3 +492,39 @@ def component_uniforms(seed: int, keys: np.ndarray) -> np.ndarray:
     from .keyed_random import keyed_uniforms
 
     return keyed_uniforms(seed ^ _COMPONENT_SALT, keys)
+
+
+def draw_latents(
+    seed: int,
+    keys: np.ndarray,
+    dim: int,
+    temperature: float,
+    scales: np.ndarray | None = None,
+    mixture: Mixture | None = None,
+    classes: np.ndarray | None = None,
+) -> np.ndarray:
+    """The latent vectors `generate` decodes for images `keys` (and
+    `Model.sample`): keyed normals times T, each number times its latent
+    group's factor (`scales`, from `group_scales`), and for --prior gmm the
+    top group drawn from the mixture (of each image's class) at T times the
+    top group's factor."""
+    from .keyed_random import latent_normals
+
+    eps = latent_normals(seed, keys, dim)
+    z = eps * np.float32(temperature)
+    if scales is not None:
+        z *= scales
+    if mixture is not None:
+        d = mixture.dims
+        top = temperature * float(scales[0]) if scales is not None else temperature
+        z[:, :d] = mixture.sample(eps[:, :d], component_uniforms(seed, keys), classes, top)
+    return z
+
+
+def group_scales(groups: list[tuple[int, int, int]], factors: tuple[float, ...]) -> np.ndarray | None:
+    """One factor per number of z from one per latent group (top first); None when there are none."""
+    if not factors:
+        return None
+    return np.concatenate(
+        [np.full(h * w * c, f, dtype=np.float32) for (h, w, c), f in zip(groups, factors, strict=True)]
+    )

@@ -80,6 +80,14 @@ def generate(
             "--temperature", help="Scale T of z ~ N(0, T^2 I) (gmm: of each component's spread), in (0, 100]."
         ),
     ] = 1.0,
+    group_temperatures: Annotated[
+        str | None,
+        typer.Option(
+            "--group-temperatures",
+            help="hvae: a factor on --temperature per latent group, top first, e.g. 1,1,1.3 (the dense top group "
+            "shapes the digit, the lower groups its strokes; docs/benchmarks.md measures the trade-off).",
+        ),
+    ] = None,
     prior: Annotated[
         str,
         typer.Option(
@@ -185,6 +193,7 @@ def generate(
         data=data,
         judge_seed=judge_seed,
         prior=prior,
+        group_temperatures=group_temperatures,
     )
     spec = {"command": "generate", "kwargs": {"options": options}}
     if submit:
