@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--min-confidence", type=float, default=0.0, help="generate --min-confidence (judge seed 1)")
     parser.add_argument("--max-copy-distance", default="0", help="generate --max-copy-distance")
     parser.add_argument("--prior", default="normal", help="generate --prior (gmm: fitted once, kept in the run)")
+    parser.add_argument("--group-temperatures", default="", help="generate --group-temperatures (hvae)")
     parser.add_argument("--keep", help="keep the work folders here (and reuse its dataset and judge)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,6 +63,7 @@ def main() -> None:
             *(["--min-confidence", str(args.min_confidence)] if args.min_confidence else []),
             *(["--max-copy-distance", args.max_copy_distance] if args.max_copy_distance != "0" else []),
             *(["--prior", args.prior] if args.prior != "normal" else []),
+            *(["--group-temperatures", args.group_temperatures] if args.group_temperatures else []),
         ]
         suffix = "".join(sampling).replace("--", "-")
         data, run_dir, gen = work / "mnist", work / f"run-{recipe}", work / f"gen-{recipe}-{args.num}{suffix}"
