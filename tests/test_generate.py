@@ -531,7 +531,7 @@ def test_group_temperatures_scale_each_latent_group():
     groups = [(1, 1, 4), (2, 2, 1), (1, 1, 3)]  # a dense top group, a 2x2 group, a dense third
     keys = np.arange(50)
     plain = draw_latents(3, keys, 11, 0.8)
-    scaled = draw_latents(3, keys, 11, 0.8, group_scales(groups, (1.0, 1.5, 0.5)))
+    scaled = draw_latents(3, keys, 11, 0.8, group_scales(groups, "1,1.5,0.5"))
     assert np.array_equal(scaled[:, :4], plain[:, :4])
     assert np.array_equal(scaled[:, 4:8], plain[:, 4:8] * np.float32(1.5))
     assert np.array_equal(scaled[:, 8:], plain[:, 8:] * np.float32(0.5))

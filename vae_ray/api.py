@@ -96,18 +96,13 @@ class Model:
         "gmm" uses the mixture a `generate --prior gmm` of this checkpoint
         fitted and kept in its run. `group_temperatures` ("1,1,1.3": a factor
         on `temperature` per latent group, top first) as generate's."""
-        from .genplan import canonical_group_temperatures, group_values
         from .prior import draw_latents, group_scales
 
         if not 1 <= int(n) <= 1_000_000:
             raise UserError(f"n must be between 1 and 1000000 (got {n})")
         if not (np.isfinite(temperature) and temperature > 0):
             raise UserError(f"temperature must be a positive finite number (got {temperature})")
-        factors = group_values(canonical_group_temperatures(group_temperatures))
-        if factors and len(factors) != len(self.spec.groups):
-            raise UserError(
-                f"group_temperatures gives {len(factors)} value(s); the model has {len(self.spec.groups)} latent group(s)"
-            )
+        scales = group_scales(self.spec.groups, group_temperatures)  # checked before anything is drawn
         idx = np.arange(int(n))
         if label is None and self.spec.num_classes:
             label = list(idx % self.spec.num_classes)
@@ -116,7 +111,6 @@ class Model:
             mixture = self._mixture(prior)
             labels = self._labels(label, len(idx))
             classes = labels.cpu().numpy() if labels is not None else None
-        scales = group_scales(self.spec.groups, factors)
         z = draw_latents(int(seed), idx, self.latent_dim, float(temperature), scales, mixture, classes)
         return self.decode(z, label=label)
 

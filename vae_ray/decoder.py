@@ -20,7 +20,6 @@ from .genplan import (
     MAX_CANDIDATES,
     Plan,
     class_folders,
-    group_values,
     labels_for,
     shard_files,
 )
@@ -60,7 +59,7 @@ class ShardWriter:
             from .spec import ModelSpec
 
             groups = ModelSpec.from_config(model_blob["config"], model_blob["dataset"]).groups
-            self.scales = group_scales(groups, group_values(self.plan.group_temperatures))
+            self.scales = group_scales(groups, self.plan.group_temperatures)
         if self.plan.prior == "gmm":
             from .prior import Mixture
 
@@ -106,9 +105,7 @@ class ShardWriter:
             lab = labels_for(self.plan, idx, len(self.classes))
             y = torch.from_numpy(lab).to(self.device) if self.model.num_classes else None
             drawn = self._draw(idx, y)
-            count, copies = np.ones(len(idx), dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
-            if self.plan.filtered:
-                drawn, count, copies = self._filter(idx, lab, y, drawn)
+            drawn, count, copies = self._filter(idx, lab, y, drawn)
             images.append(drawn)
             labels.append(lab)
             tries.append(np.stack([count, copies], 1))

@@ -215,8 +215,15 @@ def make_plan(
     # classes take turns (as with --per-class).
     balanced = per_class or (label is None and blob["config"]["conditional"])
     labels = "per-class" if balanced else ("none" if label is None else str(label))
-    if group_temperatures:
-        _check_group_count(blob, group_temperatures)
+    if group_temperatures:  # one factor per group of this model
+        from .prior import group_scales
+        from .spec import ModelSpec
+
+        group_scales(
+            ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"]).groups,
+            group_temperatures,
+            blob["path"],
+        )
     return Plan(
         num=num,
         seed=seed,
@@ -231,19 +238,6 @@ def make_plan(
         group_temperatures=group_temperatures,
         **filters,
     )
-
-
-def _check_group_count(blob: dict[str, Any], group_temperatures: str) -> None:
-    from .spec import ModelSpec
-
-    groups = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"]).groups
-    given = len(group_values(group_temperatures))
-    if given != len(groups):
-        shapes = ", ".join("dense " + str(c) if h == 1 else f"{c}x{h}x{w}" for h, w, c in groups)
-        raise UserError(
-            f"--group-temperatures gives {given} value(s); {blob['path']} has {len(groups)} latent group(s), "
-            f"top first: {shapes}"
-        )
 
 
 def group_values(text: str) -> tuple[float, ...]:

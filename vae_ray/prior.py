@@ -521,10 +521,20 @@ def draw_latents(
     return z
 
 
-def group_scales(groups: list[tuple[int, int, int]], factors: tuple[float, ...]) -> np.ndarray | None:
-    """One factor per number of z from one per latent group (top first); None when there are none."""
+def group_scales(groups: list[tuple[int, int, int]], text: str | None, where: str = "the model") -> np.ndarray | None:
+    """One factor per number of z from --group-temperatures (one per latent
+    group, top first; checked against `groups`); None when there are none."""
+    from .genplan import canonical_group_temperatures, group_values
+
+    factors = group_values(canonical_group_temperatures(text))
     if not factors:
         return None
+    if len(factors) != len(groups):
+        shapes = ", ".join(f"dense {c}" if h == 1 else f"{c}x{h}x{w}" for h, w, c in groups)
+        raise UserError(
+            f"--group-temperatures gives {len(factors)} value(s); {where} has {len(groups)} latent group(s), "
+            f"top first: {shapes}"
+        )
     return np.concatenate(
         [np.full(h * w * c, f, dtype=np.float32) for (h, w, c), f in zip(groups, factors, strict=True)]
     )
