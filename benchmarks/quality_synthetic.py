@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--max-copy-distance", default="0", help="generate --max-copy-distance")
     parser.add_argument("--prior", default="normal", help="generate --prior (gmm: fitted once, kept in the run)")
     parser.add_argument("--group-temperatures", default="", help="generate --group-temperatures (hvae)")
+    parser.add_argument("--pixel-temperature", type=float, default=1.0, help="generate --pixel-temperature")
     parser.add_argument("--keep", help="keep the work folders here (and reuse its dataset and judge)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +65,7 @@ def main() -> None:
             *(["--max-copy-distance", args.max_copy_distance] if args.max_copy_distance != "0" else []),
             *(["--prior", args.prior] if args.prior != "normal" else []),
             *(["--group-temperatures", args.group_temperatures] if args.group_temperatures else []),
+            *(["--pixel-temperature", str(args.pixel_temperature)] if args.pixel_temperature != 1.0 else []),
         ]
         suffix = "".join(sampling).replace("--", "-")
         data, run_dir, gen = work / "mnist", work / f"run-{recipe}", work / f"gen-{recipe}-{args.num}{suffix}"

@@ -345,7 +345,9 @@ def cluster(wheel_env, s3_bucket):
 # ---------------------------------------------------------------------------
 # Data and checkpoints
 # ---------------------------------------------------------------------------
-def make_checkpoint(folder: Path, conditional: bool = False, seed: int = 0, classes: list | None = None) -> Path:
+def make_checkpoint(
+    folder: Path, conditional: bool = False, seed: int = 0, classes: list | None = None, loss: str = "matlab"
+) -> Path:
     """A checkpoint of an untrained (randomly initialised) model: generation
     mechanics do not depend on how good the weights are."""
     import torch
@@ -359,7 +361,7 @@ def make_checkpoint(folder: Path, conditional: bool = False, seed: int = 0, clas
     classes = classes or [str(i) for i in range(10)]
     cfg = TrainConfig(
         arch="mnist",
-        loss="matlab",
+        loss=loss,
         latent_dim=4,
         conditional=conditional,
         lr=1e-3,
@@ -374,7 +376,7 @@ def make_checkpoint(folder: Path, conditional: bool = False, seed: int = 0, clas
         "num_classes": len(classes),
         "counts": {"train": 100, "test": 10},
     }
-    model = build_model("mnist", (28, 28, 1), 4, len(classes) if conditional else 0)
+    model = build_model("mnist", (28, 28, 1), 4, len(classes) if conditional else 0, loss=loss)
     directory = ckpt.save(
         folder / "checkpoint_epoch_0001", model, None, {"epoch": 1, "global_step": 1}, cfg.to_dict(), dataset
     )

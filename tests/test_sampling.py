@@ -19,8 +19,16 @@ from conftest import assert_one_error_line, make_checkpoint
 
 
 def test_grids_and_options_are_checked_before_anything_runs(tmp_path):
+    from vae_ray.sampling import check_grid
+
     assert parse_grid("0.8, 1.0,0.8,", "temperatures", float) == [0.8, 1.0]
+    grid = check_grid(temperatures="1", priors="normal", pixel_temperatures="1,0.7", group_temperatures="1,1;1,1.30;")
+    assert grid["pixel_temperature"] == [1.0, 0.7] and grid["group_temperatures"] == ["", "1,1.3"]
+    assert check_grid()["group_temperatures"] == [""] and check_grid()["pixel_temperature"] == [1.0]
     for bad, match in (
+        ({"pixel_temperatures": "0.7,0"}, "--pixel-temperature must be"),
+        ({"group_temperatures": "1,1;1,x"}, "--group-temperatures must be"),
+        ({"pixel_temperatures": "0.5,0.6,0.7,0.8,0.9", "min_confidences": "0,0.5,0.9"}, "the grid has 90 trials"),
         ({"temperatures": "warm"}, "--temperatures"),
         ({"temperatures": "0"}, "--temperature"),
         ({"priors": "normal,flow"}, "--prior"),
@@ -38,7 +46,7 @@ def test_grids_and_options_are_checked_before_anything_runs(tmp_path):
 def test_a_sampling_search_scores_what_generate_writes(ray_cluster, tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    run = make_checkpoint(tmp_path / "run", conditional=True)
+    run = make_checkpoint(tmp_path / "run", conditional=True, loss="bernoulli")
     runner = CliRunner()
     unjudged = runner.invoke(app, ["tune-sampling", str(run), "--data", str(data), "--out", str(tmp_path / "s")])
     assert_one_error_line(unjudged, "classifier train --data")
@@ -56,7 +64,8 @@ def test_a_sampling_search_scores_what_generate_writes(ray_cluster, tiny_data, t
     fds = [float(r["fd"]) for r in rows]
     assert fds == sorted(fds) and summary["best_value"] == pytest.approx(fds[0])
     best = json.loads((tmp_path / "s" / "best.json").read_text())
-    assert best["best"] == {k: summary["trials"][0][k] for k in ("temperature", "prior", "min_confidence")}
+    grid_keys = ("temperature", "prior", "min_confidence", "pixel_temperature", "group_temperatures")
+    assert best["best"] == {k: summary["trials"][0][k] for k in grid_keys}
     assert f"--prior {best['best']['prior']}" in best["command"]
     assert Image.open(tmp_path / "s" / "search.png").size[0] > 100
     assert list(run.glob("prior-gmm-*.safetensors"))  # fitted once, before the trials
@@ -89,19 +98,34 @@ def test_a_sampling_search_scores_what_generate_writes(ray_cluster, tiny_data, t
     written = sorted(out.rglob("*.png"), key=lambda p: int(p.stem))
     assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in written])[..., None], images)
 
-    # Again into the same folder, as a submitted job's driver runs it: replaced whole.
+    # Again into the same folder, as a submitted job's driver runs it: replaced
+    # whole. This grid searches pixel and group temperatures.
     from vae_ray import commands
 
     spec = {
         "command": "sampling",
         "kwargs": {
             "options": {"checkpoint": str(run), "out": str(tmp_path / "s"), "data": str(data), "temperatures": "1"}
-            | {"priors": "normal,gmm", "num": 100}
+            | {"priors": "normal", "num": 100, "pixel_temperatures": "1,0.5", "group_temperatures": "1;1.5"}
         },
     }
     commands.validate(spec)
-    assert commands.run(spec)["best"]["temperature"] == 1.0
-    assert len(list(csv.DictReader(io.StringIO((tmp_path / "s" / "results.csv").read_text())))) == 2
+    again = commands.run(spec)
+    assert again["best"]["temperature"] == 1.0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "s" / "results.csv").read_text())))
+    assert {(r["pixel_temperature"], r["group_temperatures"]) for r in rows} == {
+        (p, g) for p in ("1.0", "0.5") for g in ("", "1.5")
+    }
+    best = again["best"]
+    assert ("--pixel-temperature 0.5" in again["command"]) == (best["pixel_temperature"] == 0.5)
+    assert ("--group-temperatures 1.5" in again["command"]) == (best["group_temperatures"] == "1.5")
+    figures = {(r["pixel_temperature"], r["group_temperatures"]): float(r["fd"]) for r in rows}
+    assert len(set(figures.values())) == 4  # each setting drew other images
+    matlab = make_checkpoint(tmp_path / "matlab", conditional=True)
+    assert_one_error_line(
+        runner.invoke(app, ["tune-sampling", str(matlab), *options, "--pixel-temperatures", "1,0.7", "--out", "x"]),
+        "tempers a Bernoulli decoder",
+    )
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "notes.txt").write_text("mine")
     refused = runner.invoke(app, ["tune-sampling", str(run), *options, "--out", str(tmp_path / "theirs")])

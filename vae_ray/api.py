@@ -88,6 +88,7 @@ class Model:
         seed: int = 0,
         prior: str = "normal",
         group_temperatures: str | None = None,
+        pixel_temperature: float = 1.0,
     ) -> np.ndarray:
         """n images as uint8 (n, H, W, C), decoded from the latent vectors that
         `vae-ray generate --seed SEED --prior PRIOR` decodes for its images
@@ -95,7 +96,8 @@ class Model:
         turn (image i has class i mod C, as `generate --per-class`). `prior`
         "gmm" uses the mixture a `generate --prior gmm` of this checkpoint
         fitted and kept in its run. `group_temperatures` ("1,1,1.3": a factor
-        on `temperature` per latent group, top first) as generate's."""
+        on `temperature` per latent group, top first) and `pixel_temperature`
+        (Bernoulli decoders: sigmoid(logit / T)) as generate's."""
         from .prior import draw_latents, group_scales
 
         if not 1 <= int(n) <= 1_000_000:
@@ -103,6 +105,7 @@ class Model:
         if not (np.isfinite(temperature) and temperature > 0):
             raise UserError(f"temperature must be a positive finite number (got {temperature})")
         scales = group_scales(self.spec.groups, group_temperatures)  # checked before anything is drawn
+        self._check_pixel_temperature(pixel_temperature)
         idx = np.arange(int(n))
         if label is None and self.spec.num_classes:
             label = list(idx % self.spec.num_classes)
@@ -112,7 +115,16 @@ class Model:
             labels = self._labels(label, len(idx))
             classes = labels.cpu().numpy() if labels is not None else None
         z = draw_latents(int(seed), idx, self.latent_dim, float(temperature), scales, mixture, classes)
-        return self.decode(z, label=label)
+        return self.decode(z, label=label, pixel_temperature=pixel_temperature)
+
+    def _check_pixel_temperature(self, value: float) -> None:
+        from .genplan import check_options
+
+        check_options(pixel_temperature=value)
+        if value != 1.0 and self.spec.loss != "bernoulli":
+            raise UserError(
+                f"pixel_temperature needs a Bernoulli decoder (this model's likelihood is {self.spec.loss})"
+            )
 
     def _mixture(self, prior: str):
         """The fitted mixture of this checkpoint (vae_ray/prior.py)."""
@@ -136,18 +148,23 @@ class Model:
             mu, logvar = self.torch_module.encode(x, self._labels(label, len(x)))
         return mu.float().cpu().numpy(), logvar.float().cpu().numpy()
 
-    def decode(self, z: np.ndarray, label: int | str | Sequence | None = None) -> np.ndarray:
-        """Latent vectors (N, K) to uint8 images (N, H, W, C): the decoder's mean."""
+    def decode(
+        self, z: np.ndarray, label: int | str | Sequence | None = None, pixel_temperature: float = 1.0
+    ) -> np.ndarray:
+        """Latent vectors (N, K) to uint8 images (N, H, W, C): the decoder's
+        mean (with `pixel_temperature`, as `sample`'s)."""
         import torch
 
         from .images import to_uint8
+
+        self._check_pixel_temperature(pixel_temperature)
 
         z = torch.as_tensor(np.asarray(z, dtype=np.float32)).to(self.device)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise UserError(f"z must have shape (N, {self.latent_dim}) (got {tuple(z.shape)})")
         model = self.torch_module
         with torch.no_grad():
-            return to_uint8(model.mean_image(model.decode(z, self._labels(label, len(z)))))
+            return to_uint8(model.mean_image(model.decode(z, self._labels(label, len(z))), pixel_temperature))
 
     def reconstruct(self, images: ImageArray, label: int | str | Sequence | None = None) -> np.ndarray:
         """Each image through the posterior mean and back, uint8 (N, H, W, C)."""

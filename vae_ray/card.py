@@ -58,7 +58,7 @@ them is a real {dataset["name"]} image.
 | labels | {"image i has label i mod " + str(len(dataset["classes"])) if plan["labels"] == "per-class" else ("class " + plan["labels"] if plan["labels"] != "none" else "none (an unconditional model)")} |
 | seed | {plan["seed"]} (image i depends only on the checkpoint, the seed, i and its label) |
 | temperature | {plan["temperature"]:g}{_groups_text(plan)} ({_prior_text(plan)}) |
-{_filter_row(manifest)}| checkpoint | `{manifest["checkpoint"]}` |
+{_pixel_row(plan)}{_filter_row(manifest)}| checkpoint | `{manifest["checkpoint"]}` |
 | checkpoint SHA-256 | `{manifest["checkpoint_sha256"]}` |
 | model | {manifest["config"]["arch"]} network, latent {manifest["config"]["latent_dim"]}, {manifest["config"]["loss"]} loss{", class-conditional" if manifest["config"]["conditional"] else ""} |
 | trained on | {dataset["name"]} |
@@ -84,6 +84,15 @@ ds = load_dataset("parquet", data_files="data/*.parquet", split="train")
 def _groups_text(plan: dict[str, Any]) -> str:
     found = plan.get("group_temperatures")
     return f", times {found.replace(',', ', ')} in the latent groups, top first" if found else ""
+
+
+def _pixel_row(plan: dict[str, Any]) -> str:
+    found = plan.get("pixel_temperature", 1.0)
+    if found == 1.0:
+        return ""
+    return (
+        f"| pixel temperature | {found:g} (each pixel's Bernoulli likelihood tempered: sigmoid(logit / {found:g})) |\n"
+    )
 
 
 def _prior_text(plan: dict[str, Any]) -> str:

@@ -129,7 +129,8 @@ class ShardWriter:
         pixels = []
         for c in range(0, last - first, size):
             part = y[c : c + size] if y is not None else None
-            pixels.append(to_uint8_tensor(self.model.mean_image(self.model.decode(z[c : c + size], part))))
+            logits = self.model.decode(z[c : c + size], part)
+            pixels.append(to_uint8_tensor(self.model.mean_image(logits, self.plan.pixel_temperature)))
         return torch.cat(pixels).cpu().numpy(), np.concatenate(labels)
 
     def _latents(self, keys: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
@@ -143,7 +144,7 @@ class ShardWriter:
     def _draw(self, keys: np.ndarray, y: torch.Tensor | None) -> np.ndarray:
         z = self._latents(keys, y.cpu().numpy() if y is not None else None)
         z = torch.from_numpy(z).to(self.device)
-        return to_uint8(self.model.mean_image(self.model.decode(z, y)))
+        return to_uint8(self.model.mean_image(self.model.decode(z, y), self.plan.pixel_temperature))
 
     def _filter(
         self, idx: np.ndarray, lab: np.ndarray, y: torch.Tensor | None, drawn: np.ndarray

@@ -181,11 +181,15 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
                 "judge_sha256",
                 "reference_sha256",
                 *PRIOR_FIELDS,
-                *SAMPLING_FIELDS,
+                "group_temperatures",
             )
             if k in raw
         )
-        and all(is_number(raw[k]) for k in ("temperature", "min_confidence", "max_copy_distance") if k in raw)
+        and all(
+            is_number(raw[k])
+            for k in ("temperature", "min_confidence", "max_copy_distance", "pixel_temperature")
+            if k in raw
+        )
     ):
         raise bad("holds a plan with values of the wrong type")
     plan = Plan(**raw)
@@ -201,6 +205,7 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
             max_copy_distance=plan.max_copy_distance,
             prior=plan.prior,
             group_temperatures=plan.group_temperatures,
+            pixel_temperature=plan.pixel_temperature,
         )
     except UserError as exc:
         raise bad(f"plans impossible values ({exc})") from None

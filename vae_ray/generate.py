@@ -116,6 +116,7 @@ class Generation(ShardedJob):
             filters,
             mixture,
             o.group_temperatures,
+            o.pixel_temperature,
         )
         self.state = destination_state(self.out, self.plan, o.overwrite)
         self.actors, self.gpu, self.overwrite = o.actors, o.gpu, o.overwrite

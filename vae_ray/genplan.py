@@ -35,7 +35,8 @@ COPY_PERCENTILE = 1.0  # --max-copy-distance auto: closer than 99% of real test 
 FILTER_KEYS = ("candidates", "unmet", "copies")  # a filtered set's per-shard counts (markers and manifest)
 FILTER_FIELDS = ("min_confidence", "judge_sha256", "max_copy_distance", "reference_sha256")  # Plan's, newer
 PRIOR_FIELDS = ("prior", "prior_sha256")  # Plan's, newer still
-SAMPLING_FIELDS = ("group_temperatures",)  # Plan's, newest
+SAMPLING_FIELDS = ("group_temperatures", "pixel_temperature")  # Plan's, newest
+MIN_PIXEL_TEMPERATURE = 0.05
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Plan:
     prior: str = "normal"  # where z comes from (vae_ray/prior.py): N(0, I), or "gmm"
     prior_sha256: str = ""  # the fitted mixture's file, for "gmm"
     group_temperatures: str = ""  # each latent group's factor on `temperature`, top first ("" = all 1)
+    pixel_temperature: float = 1.0  # Bernoulli decoders: each pixel's likelihood tempered (< 1: sharper)
 
     @property
     def layout(self) -> SetFormat:
@@ -124,10 +126,13 @@ class Plan:
         if self.prior == "normal":  # likewise before priors were a choice
             for name in PRIOR_FIELDS:
                 del fields_[name]
-        if not self.group_temperatures:  # and before groups had temperatures of their own
-            for name in SAMPLING_FIELDS:
+        for name in SAMPLING_FIELDS:  # and each sampling setting at its default, before it existed
+            if fields_[name] == _PLAN_DEFAULTS[name]:
                 del fields_[name]
         return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_PLAN_DEFAULTS = {f.name: f.default for f in fields(Plan)}
 
 
 def labels_for(plan: Plan, indices: np.ndarray, num_classes: int) -> np.ndarray:
@@ -187,6 +192,7 @@ def make_plan(
     filters: dict[str, Any] | None = None,
     prior: tuple[str, str] = ("normal", ""),
     group_temperatures: str = "",
+    pixel_temperature: float = 1.0,
 ) -> Plan:
     """The plan of a run; `filters` holds the Plan's FILTER_FIELDS (resolved by
     Generation), `prior` its prior and the fitted mixture's SHA-256."""
@@ -203,6 +209,7 @@ def make_plan(
         per_class=per_class,
         min_confidence=filters.get("min_confidence", 0.0),
         max_copy_distance=filters.get("max_copy_distance", 0.0),
+        pixel_temperature=pixel_temperature,
     )
     classes = blob["dataset"]["classes"]
     if (label is not None or per_class) and not blob["config"]["conditional"]:
@@ -215,14 +222,17 @@ def make_plan(
     # classes take turns (as with --per-class).
     balanced = per_class or (label is None and blob["config"]["conditional"])
     labels = "per-class" if balanced else ("none" if label is None else str(label))
+    from .spec import ModelSpec
+
+    spec = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"])
     if group_temperatures:  # one factor per group of this model
         from .prior import group_scales
-        from .spec import ModelSpec
 
-        group_scales(
-            ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"]).groups,
-            group_temperatures,
-            blob["path"],
+        group_scales(spec.groups, group_temperatures, blob["path"])
+    if pixel_temperature != 1.0 and spec.loss != "bernoulli":
+        raise UserError(
+            f"{blob['path']}: --pixel-temperature tempers a Bernoulli decoder's pixels, and this model's "
+            f"likelihood is {spec.loss} (train with --loss bernoulli, the default for grey images)"
         )
     return Plan(
         num=num,
@@ -236,6 +246,7 @@ def make_plan(
         prior=prior[0],
         prior_sha256=prior[1],
         group_temperatures=group_temperatures,
+        pixel_temperature=float(pixel_temperature),
         **filters,
     )
 
@@ -277,11 +288,17 @@ def check_options(
     max_copy_distance: float | str = 0.0,
     prior: str = "normal",
     group_temperatures: str | None = "",
+    pixel_temperature: float = 1.0,
 ) -> None:
     """Every check that needs no files: run before anything else, and before --submit."""
     from .prior import PRIORS
 
     canonical_group_temperatures(group_temperatures)
+    if not (is_number(pixel_temperature) and MIN_PIXEL_TEMPERATURE <= pixel_temperature <= MAX_TEMPERATURE):
+        raise UserError(
+            f"--pixel-temperature must be a number in [{MIN_PIXEL_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+            f"(got {pixel_temperature})"
+        )
 
     if prior not in PRIORS:
         raise UserError(f"--prior must be one of {', '.join(PRIORS)} (got {storage.printable(str(prior))[:40]!r})")
@@ -340,6 +357,7 @@ class GenerateOptions:
     judge_seed: int = FILTER_JUDGE_SEED
     prior: str = "normal"
     group_temperatures: str | None = None
+    pixel_temperature: float = 1.0
 
     @property
     def chunk(self) -> int:
@@ -360,6 +378,7 @@ class GenerateOptions:
             self.max_copy_distance,
             self.prior,
             self.group_temperatures,
+            self.pixel_temperature,
         )
         return self
 

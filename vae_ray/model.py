@@ -121,10 +121,17 @@ class VAE(nn.Module):
             raise ValueError("this is a class-conditional model: pass labels")
         return F.one_hot(y.long(), self.num_classes).to(like.dtype)
 
-    def mean_image(self, logits: torch.Tensor) -> torch.Tensor:
-        """The decoder's mean in [0, 1] for every likelihood used here."""
+    def mean_image(self, logits: torch.Tensor, pixel_temperature: float = 1.0) -> torch.Tensor:
+        """The decoder's mean in [0, 1] for every likelihood used here. For a
+        Bernoulli decoder, `pixel_temperature` T < 1 gives the mean of each
+        pixel's likelihood raised to 1/T (renormalised): sigmoid(logit / T),
+        sharper strokes than the plain mean, which averages over where an
+        edge may fall (genplan.check_pixel_temperature allows it for
+        Bernoulli decoders only)."""
         if LIKELIHOODS[self.loss].mixture:
             return logistic_mixture_mean(logits.float(), self.shape[2])
+        if pixel_temperature != 1.0:
+            return torch.sigmoid(logits.float() / pixel_temperature)
         return torch.sigmoid(logits.float())
 
     @torch.no_grad()

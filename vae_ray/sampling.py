@@ -1,7 +1,8 @@
 """`vae-ray tune-sampling`: tune how to sample a trained model, not how to train it.
 
 A Ray Tune grid over `generate`'s sampling settings (temperature, prior,
-minimum confidence), every trial a small set drawn exactly as `generate`
+minimum confidence, pixel temperature, each latent group's temperature),
+every trial a small set drawn exactly as `generate`
 would draw it with those settings (the same plan, the same images), scored
 against real images of the training split in the features of the dataset's
 judge (seed 0):
@@ -45,10 +46,10 @@ STEPS = 450  # batches each tstr classifier trains on (the judge's own)
 MAX_GRID = 64
 
 
-def parse_grid(text: str, name: str, cast: Callable[[str], Any]) -> list[Any]:
-    """A comma-separated grid, each value once, in the order given."""
+def parse_grid(text: str, name: str, cast: Callable[[str], Any], sep: str = ",") -> list[Any]:
+    """A comma-separated grid (`sep`), each value once, in the order given."""
     values: list[Any] = []
-    for part in str(text).split(","):
+    for part in str(text).split(sep):
         if not part.strip():
             continue
         try:
@@ -62,22 +63,23 @@ def parse_grid(text: str, name: str, cast: Callable[[str], Any]) -> list[Any]:
     return values
 
 
-def check_options(temperatures: list[float], priors: list[str], confidences: list[float], num: int, metric: str):
+def check_options(grid: dict[str, list], num: int, metric: str) -> None:
     from .genplan import check_options as check_generate
 
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)} (got {storage.printable(metric)[:40]!r})")
     if not 100 <= num <= 10_000:
         raise UserError(f"--num must be between 100 and 10000 images a trial (got {num})")
-    for t in temperatures:
-        check_generate(temperature=t)
-    for p in priors:
-        check_generate(prior=p)
-    for c in confidences:
-        check_generate(min_confidence=c)
-    trials = len(temperatures) * len(priors) * len(confidences)
+    for name, values in grid.items():
+        for value in values:
+            check_generate(**{name: value})
+    trials = grid_size(grid)
     if trials > MAX_GRID:
         raise UserError(f"the grid has {trials} trials; at most {MAX_GRID}")
+
+
+def grid_size(grid: dict[str, list]) -> int:
+    return math.prod(len(values) for values in grid.values())
 
 
 def check_grid(
@@ -86,15 +88,25 @@ def check_grid(
     min_confidences: str = "0",
     num: int = 2000,
     metric: str = "fd",
+    pixel_temperatures: str = "1",
+    group_temperatures: str = "",
     **_: Any,
 ) -> dict[str, list]:
-    """The grid, once every check that needs no files has passed (before a job is sent)."""
+    """The grid, once every check that needs no files has passed (before a job
+    is sent). Each group-temperature setting is itself a comma-separated list,
+    so the settings are separated by semicolons ("" = every group at 1)."""
+    from .genplan import canonical_group_temperatures
+
     grid = {
         "temperature": parse_grid(temperatures, "temperatures", float),
         "prior": parse_grid(priors, "priors", str),
         "min_confidence": parse_grid(min_confidences, "min-confidences", float),
+        "pixel_temperature": parse_grid(pixel_temperatures, "pixel-temperatures", float),
+        "group_temperatures": [""]
+        if not str(group_temperatures or "").strip()
+        else parse_grid(group_temperatures, "group-temperatures", canonical_group_temperatures, sep=";"),
     }
-    check_options(grid["temperature"], grid["prior"], grid["min_confidence"], num, metric)
+    check_options(grid, num, metric)
     return grid
 
 
@@ -114,6 +126,8 @@ def search(
     min_confidences: str = "0",
     num: int = 2000,
     metric: str = "fd",
+    pixel_temperatures: str = "1",
+    group_temperatures: str = "",
     max_copy_distance: float | str = 0.0,
     seed: int = 0,
     judge_seed: int = 1,
@@ -127,7 +141,7 @@ def search(
     from .data import dataset_read_lock, read_arrays, read_meta
     from .swap import check_destination
 
-    grid = check_grid(temperatures, priors, min_confidences, num, metric)
+    grid = check_grid(temperatures, priors, min_confidences, num, metric, pixel_temperatures, group_temperatures)
     target = storage.check_uri(out)
     check_destination(target, _not_search_files, WHAT)
     say = progress or (lambda *_: None)
@@ -151,15 +165,17 @@ def search(
         "metric": metric,
         "steps": steps,
     }
-    # Everything a trial can get wrong, once, here: the strongest settings of
-    # the grid (a gmm prior is fitted now, on the cluster, and kept in the run).
+    # Everything a trial can get wrong, once, here: every pixel and group
+    # temperature against this model (cheap plans first), then the strongest
+    # settings of the grid (a gmm prior is fitted now, on the cluster, and
+    # kept in the run).
     say("checking the settings", 0, 1)
-    _generation(
-        job,
-        {"temperature": 1.0, "prior": _strongest_prior(grid), "min_confidence": max(grid["min_confidence"])},
-        address,
-        say,
-    )
+    plain = {name: values[0] for name, values in grid.items()} | {"prior": "normal", "min_confidence": 0.0}
+    for name in ("pixel_temperature", "group_temperatures"):
+        for value in grid[name]:
+            _generation(job, plain | {name: value})
+    strongest = plain | {"prior": _strongest_prior(grid), "min_confidence": max(grid["min_confidence"])}
+    _generation(job, strongest, address, say)
     with dataset_read_lock(meta["root"]):
         train, labels = read_arrays(meta["root"], "train", meta=meta)
     pick = np.random.default_rng(seed).choice(len(train), min(num, len(train)), replace=False)
@@ -194,6 +210,10 @@ def _metric_key(metric: str) -> str:
 
 def _command(checkpoint: str, best: dict[str, Any], judge_seed: int, max_copy_distance: float | str) -> str:
     parts = ["vae-ray generate", checkpoint, f"--temperature {best['temperature']:g}", f"--prior {best['prior']}"]
+    if best["group_temperatures"]:
+        parts.append(f"--group-temperatures {best['group_temperatures']}")
+    if best["pixel_temperature"] != 1.0:
+        parts.append(f"--pixel-temperature {best['pixel_temperature']:g}")
     if best["min_confidence"]:
         parts.append(f"--min-confidence {best['min_confidence']:g} --judge-seed {judge_seed}")
     if max_copy_distance:
@@ -215,6 +235,8 @@ def _generation(job: dict[str, Any], config: dict[str, Any], address: str | None
         temperature=config["temperature"],
         prior=config["prior"],
         min_confidence=config["min_confidence"],
+        pixel_temperature=config.get("pixel_temperature", 1.0),
+        group_temperatures=config.get("group_temperatures", ""),
         max_copy_distance=job["max_copy_distance"],
         data=job["data"],
         judge_seed=job["judge_seed"],
@@ -264,7 +286,7 @@ def _run_grid(job: dict[str, Any], grid: dict[str, list], address: str | None, s
     from .cluster import connect
 
     connect(address, cpus_needed=1, dashboard=False)
-    total = len(grid["temperature"]) * len(grid["prior"]) * len(grid["min_confidence"])
+    total = grid_size(grid)
 
     class Progress(tune.Callback):
         """Counts finished trials for the display; Tune saves its callbacks,
@@ -344,4 +366,8 @@ def _label(row: dict[str, Any], grid: dict[str, list]) -> str:
         parts.append(row["prior"])
     if len(grid["min_confidence"]) > 1:
         parts.append(f"c={row['min_confidence']:g}")
+    if len(grid["pixel_temperature"]) > 1:
+        parts.append(f"pixel T={row['pixel_temperature']:g}")
+    if len(grid["group_temperatures"]) > 1:
+        parts.append(f"groups {row['group_temperatures'] or '1'}")
     return "\n".join(parts) or "the one setting"

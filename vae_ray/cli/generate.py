@@ -88,6 +88,15 @@ def generate(
             "shapes the digit, the lower groups its strokes; docs/benchmarks.md measures the trade-off).",
         ),
     ] = None,
+    pixel_temperature: Annotated[
+        float,
+        typer.Option(
+            "--pixel-temperature",
+            help="Bernoulli decoders (grey images): write the mean of each pixel's likelihood tempered to T, "
+            "sigmoid(logit / T); below 1 the strokes are sharper than the plain mean's (0.7 is the README's "
+            "recipe), in [0.05, 100].",
+        ),
+    ] = 1.0,
     prior: Annotated[
         str,
         typer.Option(
@@ -194,6 +203,7 @@ def generate(
         judge_seed=judge_seed,
         prior=prior,
         group_temperatures=group_temperatures,
+        pixel_temperature=pixel_temperature,
     )
     spec = {"command": "generate", "kwargs": {"options": options}}
     if submit:

@@ -58,6 +58,16 @@ def tune_sampling(
     min_confidences: Annotated[
         str, typer.Option("--min-confidences", help="Grid of --min-confidence values (0 = unfiltered).")
     ] = "0",
+    pixel_temperatures: Annotated[
+        str, typer.Option("--pixel-temperatures", help="Grid of --pixel-temperature values (Bernoulli decoders).")
+    ] = "1",
+    group_temperatures: Annotated[
+        str,
+        typer.Option(
+            "--group-temperatures",
+            help="Grid of --group-temperatures settings, separated by semicolons: '1,1,1;1,1.3,1.3' (hvae).",
+        ),
+    ] = "",
     num: Annotated[int, typer.Option("--num", "-n", help="Images each trial draws and scores.")] = 2000,
     metric: Annotated[
         str,
@@ -80,7 +90,7 @@ def tune_sampling(
     driver_gpus: opt.DriverGpus = 0.0,
     as_json: opt.Json = False,
 ) -> None:
-    """Search how to sample a trained model (temperature, prior, confidence filter), without retraining.
+    """Search how to sample a trained model (temperature, prior, confidence filter, pixel and group temperatures), without retraining.
 
     A Ray Tune grid: every trial draws a set as `generate` would and scores it against real training images."""
     import json
@@ -95,6 +105,8 @@ def tune_sampling(
         temperatures=temperatures,
         priors=priors,
         min_confidences=min_confidences,
+        pixel_temperatures=pixel_temperatures,
+        group_temperatures=group_temperatures,
         num=num,
         metric=metric,
         max_copy_distance=copy_distance(max_copy_distance),
@@ -111,7 +123,8 @@ def tune_sampling(
         return
     key = "tstr_accuracy" if summary["metric"] == "tstr" else "fd"
     table = Table(title=f"{len(summary['trials'])} sampling settings, {summary['images_per_trial']:,} images each")
-    columns = ["temperature", "prior", "min_confidence", "fd", "precision", "recall", "acceptance_rate"]
+    columns = ["temperature", "prior", "min_confidence", "pixel_temperature", "group_temperatures"]
+    columns += ["fd", "precision", "recall", "acceptance_rate"]
     columns += ["tstr_accuracy"] if key == "tstr_accuracy" else []
     for column in columns:
         table.add_column(column, justify="right")
