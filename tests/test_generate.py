@@ -566,6 +566,54 @@ def test_pixel_temperature_sharpens_a_bernoulli_decoders_images(tmp_path):
         generate(str(matlab), 40, str(tmp_path / "never"), pixel_temperature=0.7)
     with pytest.raises(UserError, match="needs a Bernoulli decoder"):
         vae_ray.load(str(matlab)).sample(4, pixel_temperature=0.7)
+    with pytest.raises(UserError, match="auto is generate's"):
+        model.sample(4, pixel_temperature="auto")
+    assert not (tmp_path / "never").exists()
+
+
+def test_pixel_temperature_auto_matches_the_training_pixels(tiny_data, tmp_path):
+    """--pixel-temperature auto: the ladder's temperature whose images' pixel
+    values are distributed most like the training images', written into the
+    plan as a number, so the same command resumes and finds the set complete
+    (and so does the number itself); it needs a Bernoulli decoder and the
+    model's dataset."""
+    from vae_ray.data import read_arrays
+    from vae_ray.genplan import PIXEL_LADDER
+
+    run = make_checkpoint(tmp_path / "bernoulli", loss="bernoulli", seed=3)
+    first = generate(str(run), 20, str(tmp_path / "auto"), pixel_temperature="auto", data=str(tiny_data))
+    plan = json.loads((tmp_path / "auto" / MANIFEST).read_text())["plan"]
+    chosen = plan["pixel_temperature"]
+    assert chosen in PIXEL_LADDER and not first.get("already_complete")
+    # the choice, made again by hand: the plain mean's logits at every temperature of the ladder
+    import torch
+
+    import vae_ray
+
+    model = vae_ray.load(str(run))
+    real = read_arrays(tiny_data, "train")[0]
+    quantiles = np.linspace(0, 1, 201)
+    target = np.quantile(real[:2000], quantiles)
+    with torch.no_grad():
+        from vae_ray.prior import draw_latents
+
+        logits = model.torch_module.decode(torch.from_numpy(draw_latents(0, np.arange(2000), 4, 1.0))).float()
+    distance = {
+        t: np.abs(np.quantile(np.round(torch.sigmoid(logits / t).numpy() * 255), quantiles) - target).mean()
+        for t in PIXEL_LADDER
+    }
+    assert distance[chosen] <= min(distance.values()) + 0.01
+    again = generate(str(run), 20, str(tmp_path / "auto"), pixel_temperature="auto", data=str(tiny_data))
+    same = generate(str(run), 20, str(tmp_path / "auto"), pixel_temperature=chosen)
+    assert again["already_complete"] and same["already_complete"]
+    with pytest.raises(UserError, match="tempers a Bernoulli decoder"):
+        generate(str(make_checkpoint(tmp_path / "matlab")), 20, str(tmp_path / "never"), pixel_temperature="auto")
+    with pytest.raises(UserError, match="auto compares with the model's training images: pass --data"):
+        generate(str(run), 20, str(tmp_path / "never"), pixel_temperature="auto")
+    with pytest.raises(UserError, match="--pixel-temperature must be auto or a number"):
+        generate(str(run), 20, str(tmp_path / "never"), pixel_temperature="sharp")
+    typed = ["generate", str(run), "--num", "5", "--out", str(tmp_path / "never"), "--pixel-temperature", "sharp"]
+    assert_one_error_line(CliRunner().invoke(app, typed), "--pixel-temperature must be auto or a number")
     assert not (tmp_path / "never").exists()
 
 

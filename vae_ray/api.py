@@ -120,6 +120,8 @@ class Model:
     def _check_pixel_temperature(self, value: float) -> None:
         from .genplan import check_options
 
+        if value == "auto":  # it compares with the training images: generate's, with its --data
+            raise UserError("pixel_temperature must be a number here (auto is generate's: it reads the dataset)")
         check_options(pixel_temperature=value)
         if value != 1.0 and self.spec.loss != "bernoulli":
             raise UserError(

@@ -102,6 +102,8 @@ def generate(options: dict[str, Any], *, show: bool = False, address: str | None
         manifest = job.run(address, lambda done, total: stages("generating", done, total))
     return {k: manifest.get(k) for k in ("count", "seconds", "image_format", "already_complete", "filter")} | {
         "prior": job.plan.prior,
+        "pixel_temperature": job.plan.pixel_temperature,
+        "pixel_distances": job.pixel_distances,
         "out": job.out,
         "path": job.path_taken,
         "checkpoint": describe_checkpoint(options["checkpoint"], job.blob["path"]),

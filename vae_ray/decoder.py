@@ -18,6 +18,7 @@ from .genplan import (
     CANDIDATE_STRIDE,
     FILTER_KEYS,
     MAX_CANDIDATES,
+    PIXEL_LADDER,
     Plan,
     class_folders,
     labels_for,
@@ -25,6 +26,8 @@ from .genplan import (
 )
 from .images import to_float, to_uint8, to_uint8_tensor
 from .shardstore import store_shard
+
+AUTO_PIXEL_VALUES = 2_000_000  # pixel values each side of --pixel-temperature auto's comparison
 
 
 class ShardWriter:
@@ -132,6 +135,37 @@ class ShardWriter:
             logits = self.model.decode(z[c : c + size], part)
             pixels.append(to_uint8_tensor(self.model.mean_image(logits, self.plan.pixel_temperature)))
         return torch.cat(pixels).cpu().numpy(), np.concatenate(labels)
+
+    @torch.no_grad()
+    def closest_pixel_temperature(self, real: np.ndarray) -> tuple[float, dict[float, float]]:
+        """--pixel-temperature auto: of PIXEL_LADDER, the temperature whose images
+        (the plan's first images, decoded once, whatever --num is) have pixel
+        values distributed most like the training images `real`: the mean
+        distance between 201 quantiles, in [0, 1] units. Deterministic given
+        the plan and `real`; a tie keeps the higher temperature, the one nearer
+        the plain mean."""
+        plan, model = self.plan, self.model
+        per_image = int(np.prod(real.shape[1:]))
+        n = max(64, min(2000, AUTO_PIXEL_VALUES // per_image))
+        idx = np.arange(n)
+        labels = labels_for(plan, idx, len(self.classes))
+        conditional = bool(model.num_classes)
+        z = torch.from_numpy(self._latents(idx, labels if conditional else None)).to(self.device)
+        y = torch.from_numpy(labels).to(self.device) if conditional else None
+        logits = torch.cat(
+            [
+                model.decode(z[c : c + plan.chunk], y[c : c + plan.chunk] if y is not None else None).float()
+                for c in range(0, len(idx), plan.chunk)
+            ]
+        )
+        quantiles = np.linspace(0, 1, 201)
+        target = np.quantile(real[:n], quantiles)
+        distances = {}
+        for temperature in PIXEL_LADDER:
+            pixels = to_uint8_tensor(torch.sigmoid(logits / temperature)).cpu().numpy()
+            distances[temperature] = round(float(np.abs(np.quantile(pixels, quantiles) - target).mean()) / 255.0, 6)
+        best = min(PIXEL_LADDER, key=lambda t: distances[t])
+        return best, distances
 
     def _latents(self, keys: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
         from .prior import draw_latents

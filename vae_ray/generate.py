@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -116,8 +116,11 @@ class Generation(ShardedJob):
             filters,
             mixture,
             o.group_temperatures,
-            o.pixel_temperature,
+            1.0 if o.pixel_temperature == "auto" else o.pixel_temperature,
         )
+        self.pixel_distances: dict[float, float] | None = None  # --pixel-temperature auto's comparison
+        if o.pixel_temperature == "auto":
+            self.plan = replace(self.plan, pixel_temperature=self._auto_pixel_temperature(o.data))
         self.state = destination_state(self.out, self.plan, o.overwrite)
         self.actors, self.gpu, self.overwrite = o.actors, o.gpu, o.overwrite
         self.path_taken = ""
@@ -131,6 +134,27 @@ class Generation(ShardedJob):
     def decoder(self, threads: int = 1) -> ShardWriter:
         """This run's images without writing them (`decoder().decode(start, end)`), on the CPU."""
         return ShardWriter(self.blob, **self._writer_options("", "cpu", threads))
+
+    def _auto_pixel_temperature(self, data: str | None) -> float:
+        """--pixel-temperature auto, against the training images of `data`
+        (default: the run's dataset)."""
+        from .data import read_arrays, read_meta
+        from .decoder import AUTO_PIXEL_VALUES
+        from .genplan import check_pixel_temperature
+        from .spec import ModelSpec
+
+        blob = self.blob
+        check_pixel_temperature(ModelSpec.from_config(blob["config"], blob["dataset"]).loss, "auto", blob["path"])
+        data = data or blob["config"].get("data")
+        if not data:
+            raise UserError("--pixel-temperature auto compares with the model's training images: pass --data")
+        meta = read_meta(data)
+        if list(meta["shape"]) != list(blob["dataset"]["shape"]):
+            raise UserError(f"{data}: holds other image shapes than the model {blob['path']} takes")
+        h, w, c = meta["shape"]
+        real, _ = read_arrays(data, "train", limit=max(64, AUTO_PIXEL_VALUES // (h * w * c)), meta=meta)
+        chosen, self.pixel_distances = self.decoder().closest_pixel_temperature(real)
+        return chosen
 
     def _load_filters(
         self, data: str, min_confidence: float, max_copy_distance: float | str, judge_seed: int

@@ -37,6 +37,7 @@ FILTER_FIELDS = ("min_confidence", "judge_sha256", "max_copy_distance", "referen
 PRIOR_FIELDS = ("prior", "prior_sha256")  # Plan's, newer still
 SAMPLING_FIELDS = ("group_temperatures", "pixel_temperature")  # Plan's, newest
 MIN_PIXEL_TEMPERATURE = 0.05
+PIXEL_LADDER = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)  # --pixel-temperature auto's choices
 
 
 @dataclass(frozen=True)
@@ -229,11 +230,7 @@ def make_plan(
         from .prior import group_scales
 
         group_scales(spec.groups, group_temperatures, blob["path"])
-    if pixel_temperature != 1.0 and spec.loss != "bernoulli":
-        raise UserError(
-            f"{blob['path']}: --pixel-temperature tempers a Bernoulli decoder's pixels, and this model's "
-            f"likelihood is {spec.loss} (train with --loss bernoulli, the default for grey images)"
-        )
+    check_pixel_temperature(spec.loss, pixel_temperature, blob["path"])
     return Plan(
         num=num,
         seed=seed,
@@ -249,6 +246,15 @@ def make_plan(
         pixel_temperature=float(pixel_temperature),
         **filters,
     )
+
+
+def check_pixel_temperature(loss: str, value: float | str, where: str) -> None:
+    """--pixel-temperature (a number or auto) against the model's likelihood."""
+    if value != 1.0 and loss != "bernoulli":
+        raise UserError(
+            f"{where}: --pixel-temperature tempers a Bernoulli decoder's pixels, and this model's "
+            f"likelihood is {loss} (train with --loss bernoulli, the default for grey images)"
+        )
 
 
 def group_values(text: str) -> tuple[float, ...]:
@@ -288,15 +294,17 @@ def check_options(
     max_copy_distance: float | str = 0.0,
     prior: str = "normal",
     group_temperatures: str | None = "",
-    pixel_temperature: float = 1.0,
+    pixel_temperature: float | str = 1.0,
 ) -> None:
     """Every check that needs no files: run before anything else, and before --submit."""
     from .prior import PRIORS
 
     canonical_group_temperatures(group_temperatures)
-    if not (is_number(pixel_temperature) and MIN_PIXEL_TEMPERATURE <= pixel_temperature <= MAX_TEMPERATURE):
+    if pixel_temperature != "auto" and not (
+        is_number(pixel_temperature) and MIN_PIXEL_TEMPERATURE <= pixel_temperature <= MAX_TEMPERATURE
+    ):
         raise UserError(
-            f"--pixel-temperature must be a number in [{MIN_PIXEL_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+            f"--pixel-temperature must be auto or a number in [{MIN_PIXEL_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
             f"(got {pixel_temperature})"
         )
 
@@ -357,7 +365,7 @@ class GenerateOptions:
     judge_seed: int = FILTER_JUDGE_SEED
     prior: str = "normal"
     group_temperatures: str | None = None
-    pixel_temperature: float = 1.0
+    pixel_temperature: float | str = 1.0  # or "auto", resolved into the plan by Generation
 
     @property
     def chunk(self) -> int:

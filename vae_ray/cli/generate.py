@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
     app.command("encode", epilog=ENCODE_EPILOG)(encode)
 
 
-def copy_distance(text: str) -> float | str:
-    """--max-copy-distance: auto, or a number (checked with the other options)."""
+def copy_distance(text: str, option: str = "--max-copy-distance") -> float | str:
+    """--max-copy-distance (or `option`): auto, or a number (checked with the other options)."""
     from ..errors import UserError
 
     if text.strip().lower() == "auto":
@@ -30,7 +30,7 @@ def copy_distance(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        raise UserError(f"--max-copy-distance must be auto or a number (got {text!r})") from None
+        raise UserError(f"{option} must be auto or a number (got {text!r})") from None
 
 
 @handles_errors
@@ -89,14 +89,15 @@ def generate(
         ),
     ] = None,
     pixel_temperature: Annotated[
-        float,
+        str,
         typer.Option(
             "--pixel-temperature",
             help="Bernoulli decoders (grey images): write the mean of each pixel's likelihood tempered to T, "
-            "sigmoid(logit / T); below 1 the strokes are sharper than the plain mean's (0.7 is the README's "
-            "recipe), in [0.05, 100].",
+            "sigmoid(logit / T), in [0.05, 100]; below 1 the strokes are sharper than the plain mean's. auto: "
+            "of 1, 0.9, ..., 0.5, the one whose pixel values are distributed most like the training images' "
+            "(of --data).",
         ),
-    ] = 1.0,
+    ] = "1",
     prior: Annotated[
         str,
         typer.Option(
@@ -203,7 +204,7 @@ def generate(
         judge_seed=judge_seed,
         prior=prior,
         group_temperatures=group_temperatures,
-        pixel_temperature=pixel_temperature,
+        pixel_temperature=copy_distance(pixel_temperature, "--pixel-temperature"),
     )
     spec = {"command": "generate", "kwargs": {"options": options}}
     if submit:
@@ -229,6 +230,13 @@ def generate(
             f"filter: {found['acceptance_rate']:.1%} of {found['candidates']:,} candidates passed; "
             f"{found['copies_dropped']:,} near-copies dropped; {found['unmet']:,} images are the nearest to "
             f"passing of {found['max_candidates']}"
+        )
+    if summary.get("pixel_distances"):
+        distances = summary["pixel_distances"]
+        say(
+            f"pixel temperature: {summary['pixel_temperature']:g}, chosen by auto (its pixel values' quantiles "
+            f"{distances[summary['pixel_temperature']]:.4f} from the training images'; the plain mean's "
+            f"{distances[1.0]:.4f})"
         )
     say(f"checkpoint: {summary['checkpoint']}")
     result(out_uri)
