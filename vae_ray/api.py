@@ -105,7 +105,7 @@ class Model:
         if not (np.isfinite(temperature) and temperature > 0):
             raise UserError(f"temperature must be a positive finite number (got {temperature})")
         scales = group_scales(self.spec.groups, group_temperatures)  # checked before anything is drawn
-        self._check_pixel_temperature(pixel_temperature)
+        pixel_temperature = self._check_pixel_temperature(pixel_temperature)
         idx = np.arange(int(n))
         if label is None and self.spec.num_classes:
             label = list(idx % self.spec.num_classes)
@@ -117,16 +117,22 @@ class Model:
         z = draw_latents(int(seed), idx, self.latent_dim, float(temperature), scales, mixture, classes)
         return self.decode(z, label=label, pixel_temperature=pixel_temperature)
 
-    def _check_pixel_temperature(self, value: float) -> None:
+    def _check_pixel_temperature(self, value: float) -> float:
+        import numbers
+
         from .genplan import check_options
 
-        if value == "auto":  # it compares with the training images: generate's, with its --data
+        if isinstance(value, str):  # auto compares with the training images: generate's, with its --data
             raise UserError("pixel_temperature must be a number here (auto is generate's: it reads the dataset)")
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise UserError(f"pixel_temperature must be a number (got {value!r})")
+        value = float(value)
         check_options(pixel_temperature=value)
         if value != 1.0 and self.spec.loss != "bernoulli":
             raise UserError(
                 f"pixel_temperature needs a Bernoulli decoder (this model's likelihood is {self.spec.loss})"
             )
+        return value
 
     def _mixture(self, prior: str):
         """The fitted mixture of this checkpoint (vae_ray/prior.py)."""
@@ -159,7 +165,7 @@ class Model:
 
         from .images import to_uint8
 
-        self._check_pixel_temperature(pixel_temperature)
+        pixel_temperature = self._check_pixel_temperature(pixel_temperature)
 
         z = torch.as_tensor(np.asarray(z, dtype=np.float32)).to(self.device)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:

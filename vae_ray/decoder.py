@@ -138,34 +138,30 @@ class ShardWriter:
 
     @torch.no_grad()
     def closest_pixel_temperature(self, real: np.ndarray) -> tuple[float, dict[float, float]]:
-        """--pixel-temperature auto: of PIXEL_LADDER, the temperature whose images
-        (the plan's first images, decoded once, whatever --num is) have pixel
+        """--pixel-temperature auto: of PIXEL_LADDER, the temperature whose
+        images (the plan's first candidates: up to 2,000, or fewer large ones,
+        AUTO_PIXEL_VALUES pixel values in all, whatever --num is) have pixel
         values distributed most like the training images `real`: the mean
-        distance between 201 quantiles, in [0, 1] units. Deterministic given
-        the plan and `real`; a tie keeps the higher temperature, the one nearer
-        the plain mean."""
+        distance between 201 quantiles, in [0, 1] units. Decoded chunk by
+        chunk into counts of the 256 values, so memory stays one chunk's.
+        Deterministic given the plan and `real`; a tie keeps the higher
+        temperature, the one nearer the plain mean."""
         plan, model = self.plan, self.model
-        per_image = int(np.prod(real.shape[1:]))
-        n = max(64, min(2000, AUTO_PIXEL_VALUES // per_image))
-        idx = np.arange(n)
-        labels = labels_for(plan, idx, len(self.classes))
+        n = max(1, min(2000, AUTO_PIXEL_VALUES // int(np.prod(real.shape[1:]))))
+        counts = {t: np.zeros(256, dtype=np.int64) for t in PIXEL_LADDER}
         conditional = bool(model.num_classes)
-        z = torch.from_numpy(self._latents(idx, labels if conditional else None)).to(self.device)
-        y = torch.from_numpy(labels).to(self.device) if conditional else None
-        logits = torch.cat(
-            [
-                model.decode(z[c : c + plan.chunk], y[c : c + plan.chunk] if y is not None else None).float()
-                for c in range(0, len(idx), plan.chunk)
-            ]
-        )
-        quantiles = np.linspace(0, 1, 201)
-        target = np.quantile(real[:n], quantiles)
-        distances = {}
-        for temperature in PIXEL_LADDER:
-            pixels = to_uint8_tensor(torch.sigmoid(logits / temperature)).cpu().numpy()
-            distances[temperature] = round(float(np.abs(np.quantile(pixels, quantiles) - target).mean()) / 255.0, 6)
-        best = min(PIXEL_LADDER, key=lambda t: distances[t])
-        return best, distances
+        for first in range(0, n, plan.chunk):
+            idx = np.arange(first, min(first + plan.chunk, n))
+            labels = labels_for(plan, idx, len(self.classes))
+            z = torch.from_numpy(self._latents(idx, labels if conditional else None)).to(self.device)
+            y = torch.from_numpy(labels).to(self.device) if conditional else None
+            logits = model.decode(z, y).float()
+            for t in PIXEL_LADDER:
+                pixels = to_uint8_tensor(torch.sigmoid(logits / t)).cpu().numpy()
+                counts[t] += np.bincount(pixels.reshape(-1), minlength=256)
+        target = value_quantiles(np.bincount(real[:n].reshape(-1), minlength=256))
+        distances = {t: round(float(np.abs(value_quantiles(c) - target).mean()) / 255.0, 6) for t, c in counts.items()}
+        return min(PIXEL_LADDER, key=lambda t: distances[t]), distances
 
     def _latents(self, keys: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
         from .prior import draw_latents
@@ -278,3 +274,10 @@ def _keep_freed_memory() -> None:
         libc.mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD: do not give it back between batches
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         pass
+
+
+def value_quantiles(counts: np.ndarray, points: int = 201) -> np.ndarray:
+    """The 0..1 quantiles (`points` of them) of 8-bit values given their
+    counts: the lowest value whose cumulative share reaches each."""
+    cumulative = np.cumsum(counts) / counts.sum()
+    return np.searchsorted(cumulative, np.linspace(0, 1, points), side="left").astype(np.float64)

@@ -54,7 +54,9 @@ from .genplan import (
     FILTER_FIELDS,
     MAX_CANDIDATES,
     MAX_REFERENCE_BYTES,
+    PIXEL_LADDER,
     GenerateOptions,
+    Plan,
     class_folders,
     make_plan,
 )
@@ -91,6 +93,7 @@ class Generation(ShardedJob):
         self.blob = load_blob(checkpoint)
         if self.blob["path"].rstrip("/").startswith(self.out.rstrip("/") + "/") or self.blob["path"] == self.out:
             raise UserError(f"{out}: holds the checkpoint being sampled; choose another --out")
+        self._check_model_options(o)  # before a mixture is fitted or a dataset read
         filters: dict[str, Any] = {}
         if o.min_confidence or o.max_copy_distance:
             filters = self._load_filters(
@@ -120,7 +123,8 @@ class Generation(ShardedJob):
         )
         self.pixel_distances: dict[float, float] | None = None  # --pixel-temperature auto's comparison
         if o.pixel_temperature == "auto":
-            self.plan = replace(self.plan, pixel_temperature=self._auto_pixel_temperature(o.data))
+            chosen = self._earlier_pixel_temperature()
+            self.plan = replace(self.plan, pixel_temperature=chosen or self._auto_pixel_temperature(o.data))
         self.state = destination_state(self.out, self.plan, o.overwrite)
         self.actors, self.gpu, self.overwrite = o.actors, o.gpu, o.overwrite
         self.path_taken = ""
@@ -135,16 +139,46 @@ class Generation(ShardedJob):
         """This run's images without writing them (`decoder().decode(start, end)`), on the CPU."""
         return ShardWriter(self.blob, **self._writer_options("", "cpu", threads))
 
-    def _auto_pixel_temperature(self, data: str | None) -> float:
-        """--pixel-temperature auto, against the training images of `data`
-        (default: the run's dataset)."""
-        from .data import read_arrays, read_meta
-        from .decoder import AUTO_PIXEL_VALUES
-        from .genplan import check_pixel_temperature
+    def _check_model_options(self, o: GenerateOptions) -> None:
+        """The options a model's likelihood and latent groups decide, checked
+        before anything costly (make_plan checks them again)."""
+        from .genplan import canonical_group_temperatures, check_pixel_temperature
+        from .prior import group_scales
         from .spec import ModelSpec
 
         blob = self.blob
-        check_pixel_temperature(ModelSpec.from_config(blob["config"], blob["dataset"]).loss, "auto", blob["path"])
+        spec = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"])
+        check_pixel_temperature(spec.loss, o.pixel_temperature, blob["path"])
+        group_scales(spec.groups, canonical_group_temperatures(o.group_temperatures), blob["path"])
+
+    def _earlier_pixel_temperature(self) -> float | None:
+        """The temperature --pixel-temperature auto chose when the set at --out
+        began, when it is this plan in every other field: a rerun or a resume
+        finds the set it started, whatever another machine's rounding would
+        choose (and needs no decoding)."""
+        try:
+            existing = read_set(self.out)
+        except UserError:
+            return None  # destination_state says what is wrong with it
+        if existing is None:
+            return None
+        try:
+            earlier = Plan(**existing[0]["plan"])
+        except TypeError:
+            return None
+        if earlier.pixel_temperature in PIXEL_LADDER and replace(earlier, pixel_temperature=1.0) == self.plan:
+            return earlier.pixel_temperature
+        return None
+
+    def _auto_pixel_temperature(self, data: str | None) -> float:
+        """--pixel-temperature auto, against the training images of `data`
+        (default: the run's dataset), of the set's one class with --label."""
+        import torch
+
+        from .data import read_arrays, read_meta
+        from .decoder import AUTO_PIXEL_VALUES
+
+        blob = self.blob
         data = data or blob["config"].get("data")
         if not data:
             raise UserError("--pixel-temperature auto compares with the model's training images: pass --data")
@@ -152,8 +186,21 @@ class Generation(ShardedJob):
         if list(meta["shape"]) != list(blob["dataset"]["shape"]):
             raise UserError(f"{data}: holds other image shapes than the model {blob['path']} takes")
         h, w, c = meta["shape"]
-        real, _ = read_arrays(data, "train", limit=max(64, AUTO_PIXEL_VALUES // (h * w * c)), meta=meta)
-        chosen, self.pixel_distances = self.decoder().closest_pixel_temperature(real)
+        wanted = max(1, min(2000, AUTO_PIXEL_VALUES // (h * w * c)))
+        label = int(self.plan.labels) if self.plan.labels not in ("none", "per-class") else None
+        real, labels = read_arrays(data, "train", limit=None if label is not None else wanted, meta=meta)
+        if label is not None:
+            real = real[labels == label]
+        if not len(real):
+            raise UserError(f"{data}: holds no training images to compare with for --pixel-temperature auto")
+        # The first candidates, unfiltered: no judge or training split in this decoder.
+        light = replace(self.plan, min_confidence=0.0, judge_sha256="", max_copy_distance=0.0, reference_sha256="")
+        threads = torch.get_num_threads()
+        try:
+            writer = ShardWriter(self.blob, **{**self._writer_options("", "cpu", threads), "plan": asdict(light)})
+            chosen, self.pixel_distances = writer.closest_pixel_temperature(real[:wanted])
+        finally:
+            torch.set_num_threads(threads)
         return chosen
 
     def _load_filters(

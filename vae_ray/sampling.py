@@ -166,15 +166,12 @@ def search(
         "steps": steps,
     }
     # Everything a trial can get wrong, once, here: every pixel and group
-    # temperature against this model (cheap plans first), then the strongest
-    # settings of the grid (a gmm prior is fitted now, on the cluster, and
-    # kept in the run).
+    # temperature against this model, then the strongest settings of the grid
+    # (a gmm prior is fitted now, on the cluster, and kept in the run).
     say("checking the settings", 0, 1)
-    plain = {name: values[0] for name, values in grid.items()} | {"prior": "normal", "min_confidence": 0.0}
-    for name in ("pixel_temperature", "group_temperatures"):
-        for value in grid[name]:
-            _generation(job, plain | {name: value})
-    strongest = plain | {"prior": _strongest_prior(grid), "min_confidence": max(grid["min_confidence"])}
+    _check_model_settings(blob, grid)
+    strongest = {name: values[0] for name, values in grid.items()}
+    strongest |= {"prior": _strongest_prior(grid), "min_confidence": max(grid["min_confidence"])}
     _generation(job, strongest, address, say)
     with dataset_read_lock(meta["root"]):
         train, labels = read_arrays(meta["root"], "train", meta=meta)
@@ -200,6 +197,19 @@ def search(
     return summary | {"out": target}
 
 
+def _check_model_settings(blob: dict[str, Any], grid: dict[str, list]) -> None:
+    """The grid's pixel and group temperatures against the model's likelihood and latent groups."""
+    from .genplan import check_pixel_temperature
+    from .prior import group_scales
+    from .spec import ModelSpec
+
+    spec = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"])
+    for value in grid["pixel_temperature"]:
+        check_pixel_temperature(spec.loss, value, blob["path"])
+    for value in grid["group_temperatures"]:
+        group_scales(spec.groups, value, blob["path"])
+
+
 def _strongest_prior(grid: dict[str, list]) -> str:
     return "gmm" if "gmm" in grid["prior"] else grid["prior"][0]
 
@@ -209,13 +219,14 @@ def _metric_key(metric: str) -> str:
 
 
 def _command(checkpoint: str, best: dict[str, Any], judge_seed: int, max_copy_distance: float | str) -> str:
-    parts = ["vae-ray generate", checkpoint, f"--temperature {best['temperature']:g}", f"--prior {best['prior']}"]
+    # repr: the shortest text that reads back as the same number, so the command makes the plan the trial scored
+    parts = ["vae-ray generate", checkpoint, f"--temperature {best['temperature']!r}", f"--prior {best['prior']}"]
     if best["group_temperatures"]:
         parts.append(f"--group-temperatures {best['group_temperatures']}")
     if best["pixel_temperature"] != 1.0:
-        parts.append(f"--pixel-temperature {best['pixel_temperature']:g}")
+        parts.append(f"--pixel-temperature {best['pixel_temperature']!r}")
     if best["min_confidence"]:
-        parts.append(f"--min-confidence {best['min_confidence']:g} --judge-seed {judge_seed}")
+        parts.append(f"--min-confidence {best['min_confidence']!r} --judge-seed {judge_seed}")
     if max_copy_distance:
         parts.append(f"--max-copy-distance {max_copy_distance}")
     return " ".join(parts) + " --num N --out OUT"
