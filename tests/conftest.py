@@ -99,7 +99,44 @@ def ray_cluster():
     finally:
         os.environ.pop("RAY_OVERRIDE_RESOURCES", None)
     yield cluster.resources
+    workers = _local_ray_workers()
     shutdown()
+    end_stragglers(workers)
+
+
+def _local_ray_workers() -> list[int]:
+    """The worker processes of the local cluster this process started: what
+    its raylet spawned (they have process groups of their own, and a worker
+    has outlived `ray.shutdown()`)."""
+    raylets = []
+    for pid in descendants(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/raylet"):
+                raylets.append(pid)
+        except OSError:
+            continue
+    return [pid for raylet in raylets for pid in descendants(raylet)]
+
+
+def end_stragglers(pids: list[int], patience: float = 10) -> None:
+    """SIGKILL those of `pids` still alive after `patience` seconds."""
+    deadline = time.monotonic() + patience
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        time.sleep(0.2)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 @pytest.fixture(scope="session")
