@@ -120,7 +120,7 @@ class Model:
     def _check_pixel_temperature(self, value: float) -> float:
         import numbers
 
-        from .genplan import check_options
+        from .genplan import check_options, check_pixel_temperature
 
         if isinstance(value, str):  # auto compares with the training images: generate's, with its --data
             raise UserError("pixel_temperature must be a number here (auto is generate's: it reads the dataset)")
@@ -128,10 +128,7 @@ class Model:
             raise UserError(f"pixel_temperature must be a number (got {value!r})")
         value = float(value)
         check_options(pixel_temperature=value)
-        if value != 1.0 and self.spec.loss != "bernoulli":
-            raise UserError(
-                f"pixel_temperature needs a Bernoulli decoder (this model's likelihood is {self.spec.loss})"
-            )
+        check_pixel_temperature(self.spec.loss, value, self.path)
         return value
 
     def _mixture(self, prior: str):

@@ -139,15 +139,15 @@ class ShardWriter:
     @torch.no_grad()
     def closest_pixel_temperature(self, real: np.ndarray) -> tuple[float, dict[float, float]]:
         """--pixel-temperature auto: of PIXEL_LADDER, the temperature whose
-        images (the plan's first candidates: up to 2,000, or fewer large ones,
-        AUTO_PIXEL_VALUES pixel values in all, whatever --num is) have pixel
-        values distributed most like the training images `real`: the mean
+        images (the plan's first candidates, as many as `real` holds: see
+        auto_pixel_images; whatever --num is) have pixel values distributed
+        most like the training images `real`: the mean
         distance between 201 quantiles, in [0, 1] units. Decoded chunk by
         chunk into counts of the 256 values, so memory stays one chunk's.
         Deterministic given the plan and `real`; a tie keeps the higher
         temperature, the one nearer the plain mean."""
         plan, model = self.plan, self.model
-        n = max(1, min(2000, AUTO_PIXEL_VALUES // int(np.prod(real.shape[1:]))))
+        n = len(real)
         counts = {t: np.zeros(256, dtype=np.int64) for t in PIXEL_LADDER}
         conditional = bool(model.num_classes)
         for first in range(0, n, plan.chunk):
@@ -159,7 +159,7 @@ class ShardWriter:
             for t in PIXEL_LADDER:
                 pixels = to_uint8_tensor(torch.sigmoid(logits / t)).cpu().numpy()
                 counts[t] += np.bincount(pixels.reshape(-1), minlength=256)
-        target = value_quantiles(np.bincount(real[:n].reshape(-1), minlength=256))
+        target = value_quantiles(np.bincount(real.reshape(-1), minlength=256))
         distances = {t: round(float(np.abs(value_quantiles(c) - target).mean()) / 255.0, 6) for t, c in counts.items()}
         return min(PIXEL_LADDER, key=lambda t: distances[t]), distances
 
@@ -274,6 +274,12 @@ def _keep_freed_memory() -> None:
         libc.mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD: do not give it back between batches
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         pass
+
+
+def auto_pixel_images(shape) -> int:
+    """How many images --pixel-temperature auto compares on each side: 2,000,
+    or fewer large ones (AUTO_PIXEL_VALUES pixel values in all)."""
+    return max(1, min(2000, AUTO_PIXEL_VALUES // int(np.prod(shape))))
 
 
 def value_quantiles(counts: np.ndarray, points: int = 201) -> np.ndarray:

@@ -57,6 +57,7 @@ from .genplan import (
     PIXEL_LADDER,
     GenerateOptions,
     Plan,
+    check_model_options,
     class_folders,
     make_plan,
 )
@@ -93,7 +94,7 @@ class Generation(ShardedJob):
         self.blob = load_blob(checkpoint)
         if self.blob["path"].rstrip("/").startswith(self.out.rstrip("/") + "/") or self.blob["path"] == self.out:
             raise UserError(f"{out}: holds the checkpoint being sampled; choose another --out")
-        self._check_model_options(o)  # before a mixture is fitted or a dataset read
+        check_model_options(self.blob, o.group_temperatures, o.pixel_temperature)  # before a fit or a read
         filters: dict[str, Any] = {}
         if o.min_confidence or o.max_copy_distance:
             filters = self._load_filters(
@@ -139,18 +140,6 @@ class Generation(ShardedJob):
         """This run's images without writing them (`decoder().decode(start, end)`), on the CPU."""
         return ShardWriter(self.blob, **self._writer_options("", "cpu", threads))
 
-    def _check_model_options(self, o: GenerateOptions) -> None:
-        """The options a model's likelihood and latent groups decide, checked
-        before anything costly (make_plan checks them again)."""
-        from .genplan import canonical_group_temperatures, check_pixel_temperature
-        from .prior import group_scales
-        from .spec import ModelSpec
-
-        blob = self.blob
-        spec = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"])
-        check_pixel_temperature(spec.loss, o.pixel_temperature, blob["path"])
-        group_scales(spec.groups, canonical_group_temperatures(o.group_temperatures), blob["path"])
-
     def _earlier_pixel_temperature(self) -> float | None:
         """The temperature --pixel-temperature auto chose when the set at --out
         began, when it is this plan in every other field: a rerun or a resume
@@ -176,7 +165,7 @@ class Generation(ShardedJob):
         import torch
 
         from .data import read_arrays, read_meta
-        from .decoder import AUTO_PIXEL_VALUES
+        from .decoder import auto_pixel_images
 
         blob = self.blob
         data = data or blob["config"].get("data")
@@ -185,8 +174,7 @@ class Generation(ShardedJob):
         meta = read_meta(data)
         if list(meta["shape"]) != list(blob["dataset"]["shape"]):
             raise UserError(f"{data}: holds other image shapes than the model {blob['path']} takes")
-        h, w, c = meta["shape"]
-        wanted = max(1, min(2000, AUTO_PIXEL_VALUES // (h * w * c)))
+        wanted = auto_pixel_images(meta["shape"])
         label = int(self.plan.labels) if self.plan.labels not in ("none", "per-class") else None
         real, labels = read_arrays(data, "train", limit=None if label is not None else wanted, meta=meta)
         if label is not None:

@@ -196,7 +196,8 @@ def make_plan(
     pixel_temperature: float = 1.0,
 ) -> Plan:
     """The plan of a run; `filters` holds the Plan's FILTER_FIELDS (resolved by
-    Generation), `prior` its prior and the fitted mixture's SHA-256."""
+    Generation), `prior` its prior and the fitted mixture's SHA-256. The
+    options the model decides were checked first (check_model_options)."""
     filters = filters or {}
     group_temperatures = canonical_group_temperatures(group_temperatures)
     check_options(
@@ -223,14 +224,6 @@ def make_plan(
     # classes take turns (as with --per-class).
     balanced = per_class or (label is None and blob["config"]["conditional"])
     labels = "per-class" if balanced else ("none" if label is None else str(label))
-    from .spec import ModelSpec
-
-    spec = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"])
-    if group_temperatures:  # one factor per group of this model
-        from .prior import group_scales
-
-        group_scales(spec.groups, group_temperatures, blob["path"])
-    check_pixel_temperature(spec.loss, pixel_temperature, blob["path"])
     return Plan(
         num=num,
         seed=seed,
@@ -248,12 +241,23 @@ def make_plan(
     )
 
 
+def check_model_options(blob: dict[str, Any], group_temperatures: str | None, pixel_temperature: float | str) -> None:
+    """The options a model's latent groups and likelihood decide, one line
+    each: checked before anything costly (a mixture's fit, a dataset read)."""
+    from .prior import group_scales
+    from .spec import ModelSpec
+
+    spec = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"])
+    group_scales(spec.groups, group_temperatures, blob["path"])
+    check_pixel_temperature(spec.loss, pixel_temperature, blob["path"])
+
+
 def check_pixel_temperature(loss: str, value: float | str, where: str) -> None:
     """--pixel-temperature (a number or auto) against the model's likelihood."""
     if value != 1.0 and loss != "bernoulli":
         raise UserError(
-            f"{where}: --pixel-temperature tempers a Bernoulli decoder's pixels, and this model's "
-            f"likelihood is {loss} (train with --loss bernoulli, the default for grey images)"
+            f"{where}: --pixel-temperature tempers a Bernoulli decoder's pixels: it needs a Bernoulli decoder, "
+            f"and this model's likelihood is {loss} (train with --loss bernoulli, the default for grey images)"
         )
 
 

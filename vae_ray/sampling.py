@@ -139,6 +139,7 @@ def search(
     from . import judge
     from .checkpoint import load_blob
     from .data import dataset_read_lock, read_arrays, read_meta
+    from .genplan import check_model_options
     from .swap import check_destination
 
     grid = check_grid(temperatures, priors, min_confidences, num, metric, pixel_temperatures, group_temperatures)
@@ -169,7 +170,9 @@ def search(
     # temperature against this model, then the strongest settings of the grid
     # (a gmm prior is fitted now, on the cluster, and kept in the run).
     say("checking the settings", 0, 1)
-    _check_model_settings(blob, grid)
+    for pixel_temperature in grid["pixel_temperature"]:
+        for group_temperatures in grid["group_temperatures"]:
+            check_model_options(blob, group_temperatures, pixel_temperature)
     strongest = {name: values[0] for name, values in grid.items()}
     strongest |= {"prior": _strongest_prior(grid), "min_confidence": max(grid["min_confidence"])}
     _generation(job, strongest, address, say)
@@ -195,19 +198,6 @@ def search(
     }
     _write(target, summary, grid)
     return summary | {"out": target}
-
-
-def _check_model_settings(blob: dict[str, Any], grid: dict[str, list]) -> None:
-    """The grid's pixel and group temperatures against the model's likelihood and latent groups."""
-    from .genplan import check_pixel_temperature
-    from .prior import group_scales
-    from .spec import ModelSpec
-
-    spec = ModelSpec.from_config(blob["config"], blob["dataset"], blob["path"])
-    for value in grid["pixel_temperature"]:
-        check_pixel_temperature(spec.loss, value, blob["path"])
-    for value in grid["group_temperatures"]:
-        group_scales(spec.groups, value, blob["path"])
 
 
 def _strongest_prior(grid: dict[str, list]) -> str:
