@@ -3,7 +3,8 @@
     python benchmarks/quality_synthetic.py                           # --loss bernoulli, 10 epochs, 20,000 images
     python benchmarks/quality_synthetic.py --loss matlab             # the MATLAB example's loss
     python benchmarks/quality_synthetic.py --epochs 2 --num 2000 --limit 6000   # a quick look
-    python benchmarks/quality_synthetic.py --arch hvae --min-confidence 0.9     # the README's recipe
+    python benchmarks/quality_synthetic.py --arch hvae --prior gmm --group-temperatures 1,1.2,1.2,1.2 \
+        --pixel-temperature 0.7 --min-confidence auto --max-copy-distance auto   # the README's recipe
     python benchmarks/quality_synthetic.py --arch hvae --prior gmm              # z from a fitted mixture
 
 Runs, as a user would:
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=20_000)
     parser.add_argument("--limit", type=int, help="prepare only the first N images of each split")
     parser.add_argument("--temperature", type=float, default=1.0, help="generate --temperature")
-    parser.add_argument("--min-confidence", type=float, default=0.0, help="generate --min-confidence (judge seed 1)")
+    parser.add_argument("--min-confidence", default="0", help="generate --min-confidence: auto or P (judge seed 1)")
     parser.add_argument("--max-copy-distance", default="0", help="generate --max-copy-distance")
     parser.add_argument("--prior", default="normal", help="generate --prior (gmm: fitted once, kept in the run)")
     parser.add_argument("--group-temperatures", default="", help="generate --group-temperatures (hvae)")
@@ -61,7 +62,7 @@ def main() -> None:
         recipe = f"{args.arch}-{args.loss}-{args.epochs}"
         sampling = [
             *(["--temperature", str(args.temperature)] if args.temperature != 1.0 else []),
-            *(["--min-confidence", str(args.min_confidence)] if args.min_confidence else []),
+            *(["--min-confidence", args.min_confidence] if args.min_confidence != "0" else []),
             *(["--max-copy-distance", args.max_copy_distance] if args.max_copy_distance != "0" else []),
             *(["--prior", args.prior] if args.prior != "normal" else []),
             *(["--group-temperatures", args.group_temperatures] if args.group_temperatures else []),
@@ -73,7 +74,7 @@ def main() -> None:
         run("data", "prepare", "mnist", "--source", args.source or mnist_source(), "--out", str(data), *limit)
         if not (data / "classifier" / "info.json").is_file():  # a kept folder's judge is reused
             run("classifier", "train", "--data", str(data))
-        if args.min_confidence and not (data / "classifier" / "seed-1" / "info.json").is_file():
+        if args.min_confidence != "0" and not (data / "classifier" / "seed-1" / "info.json").is_file():
             run("classifier", "train", "--data", str(data), "--seed", "1")  # the filter's judge: not the scorer
         train_s = run(
             "train",

@@ -19,6 +19,7 @@ from vae_ray.cli import app
 from vae_ray.destination import MANIFEST, verify
 from vae_ray.errors import UserError
 from vae_ray.generate import generate
+from vae_ray.genplan import GenerateOptions
 from vae_ray.keyed_random import latent_normals
 from vae_ray.sharded import actor_plan
 from vae_ray.shardstore import write_folder
@@ -316,7 +317,9 @@ def test_a_filtered_set_keeps_confident_images_exactly_once(ray_cluster, conditi
     import shutil
 
     from vae_ray import judge as judges
-    from vae_ray.data import read_meta
+    from vae_ray.card import dataset_card
+    from vae_ray.data import read_arrays, read_meta
+    from vae_ray.genplan import CONFIDENCE_PERCENTILE
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -374,6 +377,29 @@ def test_a_filtered_set_keeps_confident_images_exactly_once(ray_cluster, conditi
     resumed = generate(str(conditional_run), 60, str(cut), shard_size=20, actors=1, **options)
     assert _by_index(cut) == kept and resumed["filter"] == found and resumed["shards"] == filtered["shards"]
     assert json.loads((cut / MANIFEST).read_text())["status"] == "complete"
+
+    # auto, from the command line: per class, what the judge gives 95% of that class's real test images.
+    test, test_labels = read_arrays(data, "test")
+    real = judges.features_and_probs(judge, test)[1][np.arange(len(test)), test_labels]
+    q = CONFIDENCE_PERCENTILE
+    overall = np.percentile(real, q)
+    expected = [np.percentile(real[test_labels == k], q) if (test_labels == k).any() else overall for k in range(10)]
+    refused = runner.invoke(app, [*cli, "--out", str(tmp_path / "x"), "--min-confidence", "often"])
+    assert_one_error_line(refused, "--min-confidence must be auto or a number")
+    cli[cli.index("0.3")] = "auto"
+    made = runner.invoke(app, [*cli, "--out", str(tmp_path / "auto"), "--shard-size", "30", "--json"])
+    assert made.exit_code == 0, made.output
+    found = json.loads(made.output)["filter"]
+    thresholds = [float(v) for v in found["class_confidences"].split(",")]
+    assert thresholds == pytest.approx(expected, abs=2e-6) and found["min_confidence"] == min(thresholds)
+    kept = _by_index(tmp_path / "auto")
+    below = label_probability(kept) < np.array(thresholds)[np.arange(60) % 10]
+    assert int(below.sum()) == found["unmet"] < 60
+    assert "of that class's real test images (--min-confidence auto" in dataset_card(
+        json.loads((tmp_path / "auto" / MANIFEST).read_text())
+    )
+    again = runner.invoke(app, [*cli, "--out", str(tmp_path / "auto"), "--shard-size", "30", "--json"])
+    assert json.loads(again.output)["already_complete"] and _by_index(tmp_path / "auto") == kept
 
 
 def test_near_copies_of_the_training_split_are_redrawn(ray_cluster, model_run, tiny_data, tmp_path):
@@ -515,6 +541,32 @@ def test_generate_options_are_one_checked_object():
         GenerateOptions.of({"num": 1, "batch_size": 0})  # 0 is not "the default" anywhere
     with pytest.raises(UserError, match="--label and --per-class"):
         GenerateOptions.of({"num": 1, "label": 3, "per_class": True})
+
+
+def test_min_confidence_auto_is_a_percentile_of_real_images_per_class():
+    """--min-confidence auto: per class, the judge's probability of the label
+    that 95% of that class's real test images reach; a class without test
+    images takes all classes' figure; a plan without it keeps its digest."""
+    from vae_ray.genplan import CONFIDENCE_PERCENTILE, Plan, auto_class_confidences, confidence_values
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    probs = np.concatenate([rng.uniform(0.9, 1.0, 200), rng.uniform(0.1, 1.0, 200)])  # an easy and a hard class
+    values = confidence_values(auto_class_confidences(probs, labels, 3))
+    q = CONFIDENCE_PERCENTILE
+    expected = [np.percentile(probs[:200], q), np.percentile(probs[200:], q), np.percentile(probs, q)]
+    assert values == pytest.approx(expected, abs=1e-6) and values[0] > 0.9 > 0.2 > values[1]
+    never = confidence_values(auto_class_confidences(np.zeros(10), np.zeros(10, dtype=np.int64), 1))
+    assert never == [1e-6]  # a class the judge never reads still has a threshold to divide by
+    plan = Plan(num=1, seed=0, format="png", temperature=1.0, labels="none", checkpoint_sha256="x")
+    assert plan.confidence_thresholds() is None
+    assert plan.digest() == "8740dade7d21"  # the digest of this plan before class_confidences existed
+    with pytest.raises(UserError, match="--min-confidence must be auto or a probability"):
+        GenerateOptions.of({"num": 1, "min_confidence": "often"})
+    assert GenerateOptions.of({"num": 1, "min_confidence": "auto"}).min_confidence == "auto"
+    for bad in ("", "0.5,x", "0.5,1", "0,0.5"):
+        with pytest.raises(UserError, match="class confidences"):
+            confidence_values(bad)
 
 
 def test_pixel_temperature_sharpens_a_bernoulli_decoders_images(tmp_path):

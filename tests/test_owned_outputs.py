@@ -266,6 +266,10 @@ HOSTILE_MANIFESTS = {
     "a count as text": lambda m: m["plan"].update(num="5"),
     "classes as a number": lambda m: m["dataset"].update(classes=5),
     "a plan as a list": lambda m: m.update(plan=[1, 2]),
+    "class confidences as a list": lambda m: m["plan"].update(min_confidence=0.5, class_confidences=[0.5]),
+    "class confidences beyond 1": lambda m: m["plan"].update(min_confidence=0.5, class_confidences="0.5,7"),
+    "class confidences without a threshold": lambda m: m["plan"].update(class_confidences="0.5"),
+    "class confidences for other classes": lambda m: m["plan"].update(min_confidence=0.5, class_confidences="0.5,0.6"),
 }
 
 

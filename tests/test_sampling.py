@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from vae_ray.cli import app
 from vae_ray.errors import UserError
-from vae_ray.sampling import parse_grid, search
+from vae_ray.sampling import _command, parse_grid, search
 
 from conftest import assert_one_error_line, make_checkpoint
 
@@ -25,6 +25,11 @@ def test_grids_and_options_are_checked_before_anything_runs(tmp_path):
     grid = check_grid(temperatures="1", priors="normal", pixel_temperatures="1,0.7", group_temperatures="1,1;1,1.30;")
     assert grid["pixel_temperature"] == [1.0, 0.7] and grid["group_temperatures"] == ["", "1,1.3"]
     assert check_grid()["group_temperatures"] == [""] and check_grid()["pixel_temperature"] == [1.0]
+    assert check_grid(min_confidences="0,Auto,0.9")["min_confidence"] == [0.0, "auto", 0.9]
+    best = {"temperature": 0.9, "prior": "gmm", "group_temperatures": "", "pixel_temperature": 1.0}
+    command = _command("run", best | {"min_confidence": "auto"}, 1, "auto")
+    assert "--min-confidence auto --judge-seed 1 --max-copy-distance auto" in command
+    assert "--min-confidence 0.9 " in _command("run", best | {"min_confidence": 0.9}, 1, 0)
     for bad, match in (
         ({"pixel_temperatures": "0.7,0"}, "--pixel-temperature must be"),
         ({"group_temperatures": "1,1;1,x"}, "--group-temperatures must be"),

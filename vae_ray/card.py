@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from .formats import hf_features
+from .genplan import CONFIDENCE_PERCENTILE
 
 
 def dataset_card(manifest: dict[str, Any]) -> str:
@@ -109,7 +110,14 @@ def _filter_row(manifest: dict[str, Any]) -> str:
     if not found:
         return ""
     rules = []
-    if found["min_confidence"]:
+    if found.get("class_confidences"):
+        per_class = ", ".join(found["class_confidences"].split(","))
+        rules.append(
+            f"a judge classifier (weights SHA-256 `{found['judge_sha256'][:16]}...`) was as sure of its label "
+            f"(unlabelled: its likeliest class) as of {100 - CONFIDENCE_PERCENTILE:g}% of that class's real test "
+            f"images (--min-confidence auto; per class: {per_class})"
+        )
+    elif found["min_confidence"]:
         rules.append(
             f"a judge classifier (weights SHA-256 `{found['judge_sha256'][:16]}...`) gave its label (unlabelled: "
             f"any class) probability >= {found['min_confidence']:g}"

@@ -50,6 +50,7 @@ class ShardWriter:
         # outputs stay byte-identical.
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.judge = _filter_judge(model_blob, self.device) if self.plan.min_confidence else None
+        self.thresholds = self.plan.confidence_thresholds()  # --min-confidence auto: one per class
         self.reference = None  # the training split's pixels, for --max-copy-distance
         if self.plan.max_copy_distance:
             held = model_blob["reference"]
@@ -210,7 +211,7 @@ class ShardWriter:
         score = np.full(len(images), np.inf)
         copy = np.zeros(len(images), dtype=bool)
         if self.judge is not None:
-            score = np.minimum(score, self._confidence(images, labels) / self.plan.min_confidence)
+            score = np.minimum(score, self._confidence_ratio(images, labels))
         if self.reference is not None:
             distance = self._nearest_training_distance(images)
             copy = distance <= self.plan.max_copy_distance
@@ -225,10 +226,15 @@ class ShardWriter:
             best = torch.minimum(best, torch.cdist(q, self.reference[start : start + 8192]).min(dim=1).values)
         return best.cpu().numpy().astype(np.float64)
 
-    def _confidence(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """The judge's probability of each image's label (of its likeliest class when unlabelled)."""
+    def _confidence_ratio(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The judge's probability of each image's label (of its likeliest class
+        when unlabelled) over that class's threshold: >= 1 passes."""
         probs = torch.softmax(self.judge(to_float(images).to(self.device))[1].float(), dim=1).cpu().numpy()
-        return probs.max(1) if labels[0] < 0 else probs[np.arange(len(labels)), labels]
+        read = probs.argmax(1) if labels[0] < 0 else labels
+        confidence = probs[np.arange(len(read)), read]
+        if self.thresholds is None:
+            return confidence / self.plan.min_confidence
+        return confidence / self.thresholds[read]
 
     def write_shard(self, shard: int) -> tuple[int, str]:
         args = self.decode_shard(shard)

@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 from . import storage
 from .errors import UserError
 from .genplan import (
+    CLASS_FIELDS,
     FILTER_FIELDS,
     FILTER_KEYS,
     MAX_CANDIDATES,
@@ -50,6 +51,7 @@ from .genplan import (
     Plan,
     check_options,
     class_folders,
+    confidence_values,
     is_int,
     is_number,
     shard_files,
@@ -167,7 +169,7 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
 
     raw = manifest.get("plan")
     names = {f.name for f in fields(Plan)}
-    optional = {"shard_size", "chunk", *FILTER_FIELDS, *PRIOR_FIELDS, *SAMPLING_FIELDS}  # fields later versions added
+    optional = {"shard_size", "chunk", *FILTER_FIELDS, *PRIOR_FIELDS, *SAMPLING_FIELDS, *CLASS_FIELDS}  # added later
     if not isinstance(raw, dict) or not set(raw) <= names or not names - optional <= set(raw):
         raise bad("holds no valid plan")
     if not (
@@ -182,6 +184,7 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
                 "reference_sha256",
                 *PRIOR_FIELDS,
                 "group_temperatures",
+                "class_confidences",
             )
             if k in raw
         )
@@ -207,6 +210,8 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
             group_temperatures=plan.group_temperatures,
             pixel_temperature=plan.pixel_temperature,
         )
+        if plan.class_confidences:
+            confidence_values(plan.class_confidences)
     except UserError as exc:
         raise bad(f"plans impossible values ({exc})") from None
     if manifest.get("count") != plan.num or manifest.get("image_format") != plan.format:
@@ -223,6 +228,10 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
         raise bad("holds no valid list of classes")
     if plan.labels == "per-class" and not classes:
         raise bad("plans images per class but lists no classes")
+    if plan.class_confidences and (
+        not plan.min_confidence or len(confidence_values(plan.class_confidences)) != len(classes)
+    ):
+        raise bad("holds class confidences that are not one per class")
     if plan.labels not in ("none", "per-class") and not (
         re.fullmatch(r"[0-9]{1,6}", plan.labels) and int(plan.labels) < len(classes)
     ):

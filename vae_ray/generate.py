@@ -50,15 +50,18 @@ from .destination import (
 )
 from .errors import UserError
 from .genplan import (
+    AUTO_CONFIDENCE_IMAGES,
     COPY_PERCENTILE,
-    FILTER_FIELDS,
     MAX_CANDIDATES,
     MAX_REFERENCE_BYTES,
     PIXEL_LADDER,
     GenerateOptions,
     Plan,
+    auto_class_confidences,
     check_model_options,
     class_folders,
+    confidence_values,
+    filter_fields,
     make_plan,
 )
 from .sharded import ShardedJob
@@ -192,7 +195,7 @@ class Generation(ShardedJob):
         return chosen
 
     def _load_filters(
-        self, data: str, min_confidence: float, max_copy_distance: float | str, judge_seed: int
+        self, data: str, min_confidence: float | str, max_copy_distance: float | str, judge_seed: int
     ) -> dict[str, Any]:
         """What the filters need, from the dataset `data` (of the model's
         classes and image shape), into the blob the writers get; returns the
@@ -207,10 +210,11 @@ class Generation(ShardedJob):
             raise UserError(f"{data}: holds other classes or image shapes than the model {self.blob['path']} takes")
         filters: dict[str, Any] = {}
         if min_confidence:
-            filters |= {
-                "min_confidence": float(min_confidence),
-                "judge_sha256": self._load_judge(data, meta, judge_seed),
-            }
+            judge, filters["judge_sha256"] = self._load_judge(data, meta, judge_seed)
+            if min_confidence == "auto":
+                filters["class_confidences"] = self._auto_confidences(judge, data, meta)
+                min_confidence = min(confidence_values(filters["class_confidences"]))
+            filters["min_confidence"] = float(min_confidence)
         if max_copy_distance:
             filters |= self._load_reference(data, meta, max_copy_distance)
         return filters
@@ -240,10 +244,23 @@ class Generation(ShardedJob):
         self.blob = self.blob | {"reference": train}
         return {"max_copy_distance": round(float(max_copy_distance), 6), "reference_sha256": dataset_digest(meta)}
 
-    def _load_judge(self, data: str, meta: dict[str, Any], seed: int) -> str:
+    @staticmethod
+    def _auto_confidences(judge: Any, data: str, meta: dict[str, Any]) -> str:
+        """--min-confidence auto: per class, the filtering judge's probability of
+        the label that 95% of that class's real test images reach."""
+        from .data import read_arrays
+        from .judge import features_and_probs
+
+        test, labels = read_arrays(data, "test", limit=AUTO_CONFIDENCE_IMAGES, meta=meta)
+        if not len(test):
+            raise UserError(f"{data}: --min-confidence auto needs real test images; give a probability")
+        probs = features_and_probs(judge, test)[1]
+        return auto_class_confidences(probs[np.arange(len(labels)), labels], labels, len(meta["classes"]))
+
+    def _load_judge(self, data: str, meta: dict[str, Any], seed: int) -> tuple[Any, str]:
         """The filtering judge (a classifier of the model's dataset and classes,
         of a seed other than the evaluation judge's), into the blob the
-        writers get; returns the SHA-256 of its weights."""
+        writers get; returns it and the SHA-256 of its weights."""
         from . import judge
 
         found = judge.load(data, meta, seed)
@@ -256,7 +273,7 @@ class Generation(ShardedJob):
         self.blob = self.blob | {
             "judge": {"state": model.state_dict(), "channels": info["channels"], "num_classes": info["num_classes"]}
         }
-        return judge.weights_digest(data, seed)
+        return model, judge.weights_digest(data, seed)
 
     def _summarise(self, manifest: dict[str, Any]) -> None:
         if "filter" in manifest:  # acceptance: images kept over candidates decoded
@@ -292,7 +309,7 @@ class Generation(ShardedJob):
             "image_format": plan.format,
             "temperature": plan.temperature,
             "checkpoint": blob["path"],
-            **({"filter": {name: getattr(plan, name) for name in FILTER_FIELDS}} if plan.filtered else {}),
+            **({"filter": filter_fields(plan)} if plan.filtered else {}),
             "checkpoint_sha256": blob["sha256"],
             "class_folders": dict(zip(classes, class_folders(classes), strict=True)) if plan.labels != "none" else {},
             "config": blob["config"],

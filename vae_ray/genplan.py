@@ -32,10 +32,16 @@ FILTER_JUDGE_SEED = 1  # the evaluation judge is seed 0: a set is never judged b
 MAX_COPY_DISTANCE = 1e4  # pixel L2 in [0, 1] units; 1024x1024x3 images are at most ~1774 apart
 MAX_REFERENCE_BYTES = 4 << 30  # --max-copy-distance holds the training split in every writer
 COPY_PERCENTILE = 1.0  # --max-copy-distance auto: closer than 99% of real test images are
+# --min-confidence auto: per class, the judge's probability of the label that 95% of that class's real
+# test images reach; a hard class (a judge at 90% on shirts) keeps its images, an easy one stays strict.
+CONFIDENCE_PERCENTILE = 5.0
+AUTO_CONFIDENCE_IMAGES = 10_000  # real test images it reads at most
+MIN_CLASS_CONFIDENCE = 1e-6  # a class whose real images the judge rarely reads still filters something
 FILTER_KEYS = ("candidates", "unmet", "copies")  # a filtered set's per-shard counts (markers and manifest)
 FILTER_FIELDS = ("min_confidence", "judge_sha256", "max_copy_distance", "reference_sha256")  # Plan's, newer
 PRIOR_FIELDS = ("prior", "prior_sha256")  # Plan's, newer still
-SAMPLING_FIELDS = ("group_temperatures", "pixel_temperature")  # Plan's, newest
+SAMPLING_FIELDS = ("group_temperatures", "pixel_temperature")  # Plan's, newer still
+CLASS_FIELDS = ("class_confidences",)  # Plan's, newest
 MIN_PIXEL_TEMPERATURE = 0.05
 PIXEL_LADDER = (1.0, 0.9, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)  # --pixel-temperature auto's choices
 
@@ -102,6 +108,9 @@ class Plan:
     prior_sha256: str = ""  # the fitted mixture's file, for "gmm"
     group_temperatures: str = ""  # each latent group's factor on `temperature`, top first ("" = all 1)
     pixel_temperature: float = 1.0  # Bernoulli decoders: each pixel's likelihood tempered (< 1: sharper)
+    # --min-confidence auto: each class's threshold, comma-separated ("" = min_confidence for every class,
+    # which then holds the least of these)
+    class_confidences: str = ""
 
     @property
     def layout(self) -> SetFormat:
@@ -110,6 +119,10 @@ class Plan:
     @property
     def filtered(self) -> bool:
         return bool(self.min_confidence or self.max_copy_distance)
+
+    def confidence_thresholds(self) -> np.ndarray | None:
+        """--min-confidence per class index (None: the one min_confidence for every class)."""
+        return np.array(confidence_values(self.class_confidences)) if self.class_confidences else None
 
     @property
     def num_shards(self) -> int:
@@ -127,7 +140,7 @@ class Plan:
         if self.prior == "normal":  # likewise before priors were a choice
             for name in PRIOR_FIELDS:
                 del fields_[name]
-        for name in SAMPLING_FIELDS:  # and each sampling setting at its default, before it existed
+        for name in (*SAMPLING_FIELDS, *CLASS_FIELDS):  # and each later setting at its default, before it existed
             if fields_[name] == _PLAN_DEFAULTS[name]:
                 del fields_[name]
         return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:12]
@@ -261,6 +274,36 @@ def check_pixel_temperature(loss: str, value: float | str, where: str) -> None:
         )
 
 
+def filter_fields(plan: Plan) -> dict[str, Any]:
+    """A filtered set's filter settings, as its manifest and card hold them."""
+    found = {name: getattr(plan, name) for name in FILTER_FIELDS}
+    return found | ({"class_confidences": plan.class_confidences} if plan.class_confidences else {})
+
+
+def confidence_values(text: str) -> list[float]:
+    """Plan.class_confidences as numbers, each checked (a manifest's plan is data)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or len(values) > MAX_CLASSES or not all(MIN_CLASS_CONFIDENCE <= v < 1 for v in values):
+        raise UserError(f"class confidences must be probabilities in [{MIN_CLASS_CONFIDENCE:g}, 1) (got a bad list)")
+    return values
+
+
+def auto_class_confidences(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> str:
+    """--min-confidence auto from the judge's probability of each real test
+    image's label: per class, the CONFIDENCE_PERCENTILE-th percentile (a class
+    without test images takes all classes' figure), as Plan.class_confidences."""
+    overall = float(np.percentile(probabilities, CONFIDENCE_PERCENTILE))
+    values = []
+    for k in range(num_classes):
+        mine = probabilities[labels == k]
+        value = float(np.percentile(mine, CONFIDENCE_PERCENTILE)) if len(mine) else overall
+        values.append(min(max(round(value, 6), MIN_CLASS_CONFIDENCE), 0.999999))
+    return ",".join(f"{v:g}" for v in values)
+
+
 def group_values(text: str) -> tuple[float, ...]:
     """--group-temperatures as numbers ("" = none)."""
     return tuple(float(part) for part in text.split(",")) if text else ()
@@ -294,7 +337,7 @@ def check_options(
     label: int | None = None,
     per_class: bool = False,
     actors: int | None = None,
-    min_confidence: float = 0.0,
+    min_confidence: float | str = 0.0,
     max_copy_distance: float | str = 0.0,
     prior: str = "normal",
     group_temperatures: str | None = "",
@@ -314,8 +357,8 @@ def check_options(
 
     if prior not in PRIORS:
         raise UserError(f"--prior must be one of {', '.join(PRIORS)} (got {storage.printable(str(prior))[:40]!r})")
-    if not (is_number(min_confidence) and 0 <= min_confidence < 1):
-        raise UserError(f"--min-confidence must be a probability in [0, 1) (got {min_confidence})")
+    if min_confidence != "auto" and not (is_number(min_confidence) and 0 <= min_confidence < 1):
+        raise UserError(f"--min-confidence must be auto or a probability in [0, 1) (got {min_confidence})")
     if max_copy_distance != "auto" and not (
         is_number(max_copy_distance) and 0 <= max_copy_distance <= MAX_COPY_DISTANCE
     ):
@@ -363,7 +406,7 @@ class GenerateOptions:
     overwrite: bool = False
     batch_size: int | None = None
     shard_size: int = SHARD
-    min_confidence: float = 0.0
+    min_confidence: float | str = 0.0  # or "auto", resolved per class into the plan by Generation
     max_copy_distance: float | str = 0.0
     data: str | None = None
     judge_seed: int = FILTER_JUDGE_SEED

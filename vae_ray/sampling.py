@@ -63,6 +63,21 @@ def parse_grid(text: str, name: str, cast: Callable[[str], Any], sep: str = ",")
     return values
 
 
+def auto_or_float(text: str) -> float | str:
+    """A grid value that may be auto (--min-confidences)."""
+    return "auto" if text.lower() == "auto" else float(text)
+
+
+def _strictest_confidence(values: list[float | str]) -> float | str:
+    """The grid's filter that needs the most (auto also reads the test split)."""
+    return "auto" if "auto" in values else max(values)
+
+
+def _shown(value: float | str) -> str:
+    """A number as the text that reads back as it (repr), auto as auto."""
+    return value if isinstance(value, str) else repr(value)
+
+
 def check_options(grid: dict[str, list], num: int, metric: str) -> None:
     from .genplan import check_options as check_generate
 
@@ -100,7 +115,7 @@ def check_grid(
     grid = {
         "temperature": parse_grid(temperatures, "temperatures", float),
         "prior": parse_grid(priors, "priors", str),
-        "min_confidence": parse_grid(min_confidences, "min-confidences", float),
+        "min_confidence": parse_grid(min_confidences, "min-confidences", auto_or_float),
         "pixel_temperature": parse_grid(pixel_temperatures, "pixel-temperatures", float),
         "group_temperatures": [""]
         if not str(group_temperatures or "").strip()
@@ -174,7 +189,7 @@ def search(
         for group_temperatures in grid["group_temperatures"]:
             check_model_options(blob, group_temperatures, pixel_temperature)
     strongest = {name: values[0] for name, values in grid.items()}
-    strongest |= {"prior": _strongest_prior(grid), "min_confidence": max(grid["min_confidence"])}
+    strongest |= {"prior": _strongest_prior(grid), "min_confidence": _strictest_confidence(grid["min_confidence"])}
     _generation(job, strongest, address, say)
     with dataset_read_lock(meta["root"]):
         train, labels = read_arrays(meta["root"], "train", meta=meta)
@@ -216,7 +231,7 @@ def _command(checkpoint: str, best: dict[str, Any], judge_seed: int, max_copy_di
     if best["pixel_temperature"] != 1.0:
         parts.append(f"--pixel-temperature {best['pixel_temperature']!r}")
     if best["min_confidence"]:
-        parts.append(f"--min-confidence {best['min_confidence']!r} --judge-seed {judge_seed}")
+        parts.append(f"--min-confidence {_shown(best['min_confidence'])} --judge-seed {judge_seed}")
     if max_copy_distance:
         parts.append(f"--max-copy-distance {max_copy_distance}")
     return " ".join(parts) + " --num N --out OUT"
@@ -366,7 +381,9 @@ def _label(row: dict[str, Any], grid: dict[str, list]) -> str:
     if len(grid["prior"]) > 1:
         parts.append(row["prior"])
     if len(grid["min_confidence"]) > 1:
-        parts.append(f"c={row['min_confidence']:g}")
+        parts.append(
+            f"c={row['min_confidence'] if row['min_confidence'] == 'auto' else format(row['min_confidence'], 'g')}"
+        )
     if len(grid["pixel_temperature"]) > 1:
         parts.append(f"pixel T={row['pixel_temperature']:g}")
     if len(grid["group_temperatures"]) > 1:

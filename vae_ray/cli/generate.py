@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
     app.command("encode", epilog=ENCODE_EPILOG)(encode)
 
 
-def copy_distance(text: str, option: str = "--max-copy-distance") -> float | str:
-    """--max-copy-distance (or `option`): auto, or a number (checked with the other options)."""
+def auto_or_number(text: str, option: str) -> float | str:
+    """An option that takes auto or a number (checked with the other options)."""
     from ..errors import UserError
 
     if text.strip().lower() == "auto":
@@ -123,14 +123,15 @@ def generate(
         ),
     ] = False,
     min_confidence: Annotated[
-        float,
+        str,
         typer.Option(
             "--min-confidence",
             help="Keep an image only when a judge classifier gives its label (unlabelled sets: any class) at "
             "least this probability, drawing further candidates until one passes (at most 64, then the judge's "
-            "favourite); the set still has exactly --num images. 0 = off.",
+            "favourite); the set still has exactly --num images. auto = per class, the probability the judge "
+            "gives 95% of that class's real test images. 0 = off.",
         ),
-    ] = 0.0,
+    ] = "0",
     max_copy_distance: Annotated[
         str,
         typer.Option(
@@ -198,13 +199,13 @@ def generate(
         overwrite=overwrite,
         batch_size=batch_size,
         shard_size=shard_size,
-        min_confidence=min_confidence,
-        max_copy_distance=copy_distance(max_copy_distance),
+        min_confidence=auto_or_number(min_confidence, "--min-confidence"),
+        max_copy_distance=auto_or_number(max_copy_distance, "--max-copy-distance"),
         data=data,
         judge_seed=judge_seed,
         prior=prior,
         group_temperatures=group_temperatures,
-        pixel_temperature=copy_distance(pixel_temperature, "--pixel-temperature"),
+        pixel_temperature=auto_or_number(pixel_temperature, "--pixel-temperature"),
     )
     spec = {"command": "generate", "kwargs": {"options": options}}
     if submit:
@@ -231,6 +232,8 @@ def generate(
             f"{found['copies_dropped']:,} near-copies dropped; {found['unmet']:,} images are the nearest to "
             f"passing of {found['max_candidates']}"
         )
+        if found.get("class_confidences"):
+            say(f"min confidence per class, chosen by auto: {found['class_confidences'].replace(',', ', ')}")
     if summary.get("pixel_distances"):
         distances = summary["pixel_distances"]
         say(

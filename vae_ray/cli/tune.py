@@ -56,7 +56,8 @@ def tune_sampling(
     temperatures: Annotated[str, typer.Option("--temperatures", help="Grid of --temperature values.")] = "0.8,0.9,1.0",
     priors: Annotated[str, typer.Option("--priors", help="Grid of --prior values (normal, gmm).")] = "normal,gmm",
     min_confidences: Annotated[
-        str, typer.Option("--min-confidences", help="Grid of --min-confidence values (0 = unfiltered).")
+        str,
+        typer.Option("--min-confidences", help="Grid of --min-confidence values (0 = unfiltered, auto = per class)."),
     ] = "0",
     pixel_temperatures: Annotated[
         str, typer.Option("--pixel-temperatures", help="Grid of --pixel-temperature values (Bernoulli decoders).")
@@ -96,7 +97,7 @@ def tune_sampling(
     import json
 
     from .. import commands
-    from .generate import copy_distance
+    from .generate import auto_or_number
 
     options = dict(
         checkpoint=checkpoint,
@@ -109,7 +110,7 @@ def tune_sampling(
         group_temperatures=group_temperatures,
         num=num,
         metric=metric,
-        max_copy_distance=copy_distance(max_copy_distance),
+        max_copy_distance=auto_or_number(max_copy_distance, "--max-copy-distance"),
         seed=seed,
         judge_seed=judge_seed,
     )
