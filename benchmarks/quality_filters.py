@@ -33,7 +33,7 @@ def main() -> None:
 
     from vae_ray import judge
     from vae_ray.data import read_arrays, read_meta
-    from vae_ray.genplan import auto_class_confidences, confidence_values
+    from vae_ray.genplan import CONFIDENCE_PERCENTILE, auto_class_confidences, confidence_values
     from vae_ray.metrics import frechet_distance, precision_recall
     from vae_ray.quality import read_generated
 
@@ -59,9 +59,9 @@ def main() -> None:
     rules = {"none": np.zeros(classes), "0.9": np.full(classes, 0.9), "0.99": np.full(classes, 0.99)}
     for q in (float(v) for v in args.percentiles.split(",")):
         rules[f"all classes, p{q:g} ({np.percentile(real, q):.3f})"] = np.full(classes, np.percentile(real, q))
-        if q == 5:
+        if q == CONFIDENCE_PERCENTILE:
             per_class = confidence_values(auto_class_confidences(real, test_labels, classes))
-            rules["per class, p5 (--min-confidence auto)"] = np.array(per_class)
+            rules[f"per class, p{q:g} (--min-confidence auto)"] = np.array(per_class)
         else:
             rules[f"per class, p{q:g}"] = np.array([np.percentile(real[test_labels == k], q) for k in range(classes)])
     print(f"{args.gen}: {len(fake):,} images; each rule scored on {args.num:,} of what it keeps")

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--pixel-temperature", type=float, default=1.0, help="generate --pixel-temperature")
     parser.add_argument("--keep", help="keep the work folders here (and reuse its dataset and judge)")
     args = parser.parse_args()
+    filtering = args.min_confidence.strip().lower() == "auto" or float(args.min_confidence) > 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         # One dataset and judge for every recipe kept in the same folder (prepare and classifier
@@ -62,7 +63,7 @@ def main() -> None:
         recipe = f"{args.arch}-{args.loss}-{args.epochs}"
         sampling = [
             *(["--temperature", str(args.temperature)] if args.temperature != 1.0 else []),
-            *(["--min-confidence", args.min_confidence] if args.min_confidence != "0" else []),
+            *(["--min-confidence", args.min_confidence] if filtering else []),
             *(["--max-copy-distance", args.max_copy_distance] if args.max_copy_distance != "0" else []),
             *(["--prior", args.prior] if args.prior != "normal" else []),
             *(["--group-temperatures", args.group_temperatures] if args.group_temperatures else []),
@@ -74,7 +75,7 @@ def main() -> None:
         run("data", "prepare", "mnist", "--source", args.source or mnist_source(), "--out", str(data), *limit)
         if not (data / "classifier" / "info.json").is_file():  # a kept folder's judge is reused
             run("classifier", "train", "--data", str(data))
-        if args.min_confidence != "0" and not (data / "classifier" / "seed-1" / "info.json").is_file():
+        if filtering and not (data / "classifier" / "seed-1" / "info.json").is_file():
             run("classifier", "train", "--data", str(data), "--seed", "1")  # the filter's judge: not the scorer
         train_s = run(
             "train",

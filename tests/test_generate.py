@@ -310,7 +310,9 @@ def _by_index(root: Path) -> dict[int, bytes]:
     return {int(p.stem): p.read_bytes() for p in root.rglob("*.png")}
 
 
-def test_a_filtered_set_keeps_confident_images_exactly_once(ray_cluster, conditional_run, tiny_data, tmp_path):
+def test_a_filtered_set_keeps_confident_images_exactly_once(
+    ray_cluster, conditional_run, model_run, tiny_data, tmp_path
+):
     """--min-confidence: a judge of seed 1 (kept apart from the evaluation
     judge), candidates keyed by index, the same bytes from actors, from this
     process and after a resume; every image passes or is counted."""
@@ -400,6 +402,23 @@ def test_a_filtered_set_keeps_confident_images_exactly_once(ray_cluster, conditi
     )
     again = runner.invoke(app, [*cli, "--out", str(tmp_path / "auto"), "--shard-size", "30", "--json"])
     assert json.loads(again.output)["already_complete"] and _by_index(tmp_path / "auto") == kept
+    # Thresholds another machine would round otherwise: a rerun keeps the ones its set was made with.
+    manifest = json.loads((tmp_path / "auto" / MANIFEST).read_text())
+    nudged = ",".join(f"{v * 0.999999:.6g}" for v in thresholds)
+    assert nudged != found["class_confidences"]
+    manifest["plan"] |= {"class_confidences": nudged, "min_confidence": min(float(v) for v in nudged.split(","))}
+    manifest["filter"] |= {"class_confidences": nudged}
+    (tmp_path / "auto" / MANIFEST).write_text(json.dumps(manifest))
+    again = runner.invoke(app, [*cli, "--out", str(tmp_path / "auto"), "--shard-size", "30", "--json"])
+    assert json.loads(again.output)["already_complete"], again.output
+    assert json.loads(again.output)["filter"]["class_confidences"] == nudged
+    # An unlabelled set is judged by the class the judge reads: its thresholds come from real images the same way.
+    reading = judges.features_and_probs(judge, test)[1]
+    read, sure = reading.argmax(1), reading.max(1)
+    expected = [np.percentile(sure[read == k], q) if (read == k).any() else np.percentile(sure, q) for k in range(10)]
+    unlabelled = generate(str(model_run), 20, str(tmp_path / "u"), shard_size=20, min_confidence="auto", data=str(data))
+    thresholds = [float(v) for v in unlabelled["filter"]["class_confidences"].split(",")]
+    assert thresholds == pytest.approx(expected, abs=2e-6)
 
 
 def test_near_copies_of_the_training_split_are_redrawn(ray_cluster, model_run, tiny_data, tmp_path):

@@ -270,6 +270,12 @@ HOSTILE_MANIFESTS = {
     "class confidences beyond 1": lambda m: m["plan"].update(min_confidence=0.5, class_confidences="0.5,7"),
     "class confidences without a threshold": lambda m: m["plan"].update(class_confidences="0.5"),
     "class confidences for other classes": lambda m: m["plan"].update(min_confidence=0.5, class_confidences="0.5,0.6"),
+    "a least class confidence that is not the threshold": lambda m: m["plan"].update(
+        min_confidence=0.4, class_confidences=",".join(["0.5"] * 10)
+    ),
+    "a filter summary as text": lambda m: m.update(filter="all of them"),
+    "a filter summary of other thresholds": lambda m: m.update(filter={"class_confidences": "0.5"}),
+    "a filter summary counting in words": lambda m: m.update(filter={"acceptance_rate": "most"}),
 }
 
 

@@ -158,6 +158,18 @@ def _valid_filter_counts(entry: dict[str, Any], plan: Plan) -> bool:
     )
 
 
+def _valid_filter_summary(found: Any, plan: Plan) -> bool:
+    """A filtered set's summary in its manifest: its thresholds are the plan's, its counts numbers."""
+    if found is None:
+        return True
+    counts = ("candidates", "acceptance_rate", "unmet", "copies_dropped", "max_candidates")
+    return (
+        isinstance(found, dict)
+        and found.get("class_confidences", "") == plan.class_confidences
+        and all(is_number(found[k]) for k in counts if k in found)
+    )
+
+
 def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
     """The layout a manifest read back describes, once every value it is built
     from has been checked: types, bounds (no list is built from a count that
@@ -229,9 +241,12 @@ def check_manifest(root: str, manifest: dict[str, Any]) -> Layout:
     if plan.labels == "per-class" and not classes:
         raise bad("plans images per class but lists no classes")
     if plan.class_confidences and (
-        not plan.min_confidence or len(confidence_values(plan.class_confidences)) != len(classes)
+        len(confidence_values(plan.class_confidences)) != len(classes)
+        or plan.min_confidence != min(confidence_values(plan.class_confidences))
     ):
-        raise bad("holds class confidences that are not one per class")
+        raise bad("holds class confidences that are not one per class, the least its --min-confidence")
+    if not _valid_filter_summary(manifest.get("filter"), plan):
+        raise bad("holds a filter summary that disagrees with its plan")
     if plan.labels not in ("none", "per-class") and not (
         re.fullmatch(r"[0-9]{1,6}", plan.labels) and int(plan.labels) < len(classes)
     ):

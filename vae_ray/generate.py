@@ -56,7 +56,6 @@ from .genplan import (
     MAX_REFERENCE_BYTES,
     PIXEL_LADDER,
     GenerateOptions,
-    Plan,
     auto_class_confidences,
     check_model_options,
     class_folders,
@@ -126,9 +125,11 @@ class Generation(ShardedJob):
             1.0 if o.pixel_temperature == "auto" else o.pixel_temperature,
         )
         self.pixel_distances: dict[float, float] | None = None  # --pixel-temperature auto's comparison
-        if o.pixel_temperature == "auto":
-            chosen = self._earlier_pixel_temperature()
-            self.plan = replace(self.plan, pixel_temperature=chosen or self._auto_pixel_temperature(o.data))
+        chosen = self._earlier_choices(o)
+        if chosen is not None:
+            self.plan = replace(self.plan, **chosen)
+        elif o.pixel_temperature == "auto":
+            self.plan = replace(self.plan, pixel_temperature=self._auto_pixel_temperature(o.data))
         self.state = destination_state(self.out, self.plan, o.overwrite)
         self.actors, self.gpu, self.overwrite = o.actors, o.gpu, o.overwrite
         self.path_taken = ""
@@ -143,24 +144,30 @@ class Generation(ShardedJob):
         """This run's images without writing them (`decoder().decode(start, end)`), on the CPU."""
         return ShardWriter(self.blob, **self._writer_options("", "cpu", threads))
 
-    def _earlier_pixel_temperature(self) -> float | None:
-        """The temperature --pixel-temperature auto chose when the set at --out
-        began, when it is this plan in every other field: a rerun or a resume
-        finds the set it started, whatever another machine's rounding would
-        choose (and needs no decoding)."""
+    def _earlier_choices(self, o: GenerateOptions) -> dict[str, Any] | None:
+        """What each `auto` chose when the set at --out began, when that plan is
+        this one in every other field: a rerun or a resume finds the set it
+        started, whatever another machine's rounding would choose now (and
+        --pixel-temperature auto needs no decoding)."""
+        auto = [name for name in ("pixel_temperature", "max_copy_distance") if getattr(o, name) == "auto"]
+        auto += ["min_confidence", "class_confidences"] if o.min_confidence == "auto" else []
+        if not auto:
+            return None
         try:
             existing = read_set(self.out)
         except UserError:
             return None  # destination_state says what is wrong with it
         if existing is None:
             return None
-        try:
-            earlier = Plan(**existing[0]["plan"])
-        except TypeError:
+        earlier = existing[1].plan
+        chosen = {name: getattr(earlier, name) for name in auto}
+        if "pixel_temperature" in chosen and earlier.pixel_temperature not in PIXEL_LADDER:
             return None
-        if earlier.pixel_temperature in PIXEL_LADDER and replace(earlier, pixel_temperature=1.0) == self.plan:
-            return earlier.pixel_temperature
-        return None
+        if "max_copy_distance" in chosen and not earlier.max_copy_distance:
+            return None
+        if "class_confidences" in chosen and not earlier.class_confidences:
+            return None
+        return chosen if replace(self.plan, **chosen) == earlier else None
 
     def _auto_pixel_temperature(self, data: str | None) -> float:
         """--pixel-temperature auto, against the training images of `data`
@@ -185,7 +192,14 @@ class Generation(ShardedJob):
         if not len(real):
             raise UserError(f"{data}: holds no training images to compare with for --pixel-temperature auto")
         # The first candidates, unfiltered: no judge or training split in this decoder.
-        light = replace(self.plan, min_confidence=0.0, judge_sha256="", max_copy_distance=0.0, reference_sha256="")
+        light = replace(
+            self.plan,
+            min_confidence=0.0,
+            judge_sha256="",
+            class_confidences="",
+            max_copy_distance=0.0,
+            reference_sha256="",
+        )
         threads = torch.get_num_threads()
         try:
             writer = ShardWriter(self.blob, **{**self._writer_options("", "cpu", threads), "plan": asdict(light)})
@@ -212,7 +226,8 @@ class Generation(ShardedJob):
         if min_confidence:
             judge, filters["judge_sha256"] = self._load_judge(data, meta, judge_seed)
             if min_confidence == "auto":
-                filters["class_confidences"] = self._auto_confidences(judge, data, meta)
+                by_reading = not self.blob["config"]["conditional"]  # an unlabelled set: the judge's reading
+                filters["class_confidences"] = self._auto_confidences(judge, data, meta, by_reading)
                 min_confidence = min(confidence_values(filters["class_confidences"]))
             filters["min_confidence"] = float(min_confidence)
         if max_copy_distance:
@@ -245,9 +260,11 @@ class Generation(ShardedJob):
         return {"max_copy_distance": round(float(max_copy_distance), 6), "reference_sha256": dataset_digest(meta)}
 
     @staticmethod
-    def _auto_confidences(judge: Any, data: str, meta: dict[str, Any]) -> str:
+    def _auto_confidences(judge: Any, data: str, meta: dict[str, Any], by_reading: bool) -> str:
         """--min-confidence auto: per class, the filtering judge's probability of
-        the label that 95% of that class's real test images reach."""
+        the label that 95% of that class's real test images reach. For an
+        unlabelled set (`by_reading`), whose images are judged by the class the
+        judge reads, the same of the real images it reads as that class."""
         from .data import read_arrays
         from .judge import features_and_probs
 
@@ -255,6 +272,8 @@ class Generation(ShardedJob):
         if not len(test):
             raise UserError(f"{data}: --min-confidence auto needs real test images; give a probability")
         probs = features_and_probs(judge, test)[1]
+        if by_reading:
+            labels = probs.argmax(1)
         return auto_class_confidences(probs[np.arange(len(labels)), labels], labels, len(meta["classes"]))
 
     def _load_judge(self, data: str, meta: dict[str, Any], seed: int) -> tuple[Any, str]:
