@@ -455,6 +455,15 @@ def test_near_copies_of_the_training_split_are_redrawn(ray_cluster, model_run, t
     expected = float(np.percentile(nearest_distances(flat(test), flat(train)), 1.0))
     assert card["filter"]["max_copy_distance"] == pytest.approx(expected, abs=1e-5)
     assert "near-copies" in (tmp_path / "hf" / "README.md").read_text()
+    # A rerun keeps the distance its set began with, whatever this machine's rounding gives now.
+    manifest = json.loads((tmp_path / "hf" / MANIFEST).read_text())
+    nudged = round(card["filter"]["max_copy_distance"] * 0.9999, 6)
+    manifest["plan"]["max_copy_distance"] = manifest["filter"]["max_copy_distance"] = nudged
+    (tmp_path / "hf" / MANIFEST).write_text(json.dumps(manifest))
+    again = generate(
+        str(model_run), 40, str(tmp_path / "hf"), fmt="hf", shard_size=40, max_copy_distance="auto", data=str(tiny_data)
+    )
+    assert again["already_complete"] and again["filter"]["max_copy_distance"] == nudged
     refused = CliRunner().invoke(
         app, ["generate", str(model_run), "--out", str(tmp_path / "x"), "--max-copy-distance", "near"]
     )
