@@ -311,11 +311,15 @@ def _start_node(cluster: LoopbackCluster, args: list[str]) -> Node:
     return Node(process)
 
 
-def _wait_for_nodes(cluster: LoopbackCluster, count: int, timeout: float = 180) -> None:
+def _wait_for_nodes(cluster: LoopbackCluster, count: int, timeout: float = 180, watch: Node | None = None) -> bool:
+    """Until `count` nodes are alive (True); False as soon as the `watch`ed
+    node's `ray start` has exited instead."""
     import json
 
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if watch is not None and watch.process.poll() is not None:
+            return False
         request = urllib.request.Request(
             f"{cluster.dashboard}/nodes?view=summary", headers={"Authorization": f"Bearer {TOKEN}"}
         )
@@ -324,7 +328,7 @@ def _wait_for_nodes(cluster: LoopbackCluster, count: int, timeout: float = 180) 
                 summary = json.loads(response.read())["data"]["summary"]
             alive = [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
             if len(alive) >= count:
-                return
+                return True
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(1)
@@ -353,23 +357,29 @@ def cluster(wheel_env, s3_bucket):
     # the CLI's Jobs and state clients at that cluster's dashboard instead.
     env.pop("RAY_API_SERVER_ADDRESS", None)
     env.pop("VIRTUAL_ENV", None)
-    port, dash = _free_port(), _free_port()
-    loopback = LoopbackCluster(wheel_env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp, env)
-    head = _start_node(
-        loopback,
-        [
-            "--head",
-            f"--port={port}",
-            "--num-cpus=1",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--ray-client-server-port={_free_port()}",
-        ],
-    )
-    loopback.nodes.append(head)
+    for _ in range(3):  # a port taken between _free_port() and the head's bind ends `ray start`: new ports
+        port, dash = _free_port(), _free_port()
+        loopback = LoopbackCluster(wheel_env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp, env)
+        head = _start_node(
+            loopback,
+            [
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={_free_port()}",
+            ],
+        )
+        loopback.nodes.append(head)
+        if _wait_for_nodes(loopback, 1, watch=head):
+            break
+        stop_nodes(loopback.nodes)
+    else:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise AssertionError("the loopback cluster's head did not start in three tries")
     try:
-        _wait_for_nodes(loopback, 1)
         for count in (2, 3):  # one at a time: on 2 cores, starting nodes together only slows each down
             loopback.nodes.append(_start_node(loopback, ["--address", loopback.gcs, "--num-cpus=1"]))
             _wait_for_nodes(loopback, count)
