@@ -1,4 +1,5 @@
-"""Ray Tune searches on the shared local cluster, each trial a real TorchTrainer."""
+"""Ray Tune searches on the shared local cluster: one-worker trials trained in
+their trial actors, several-worker trials by a real TorchTrainer each."""
 
 import csv
 import json
@@ -18,7 +19,7 @@ from vae_ray.cli import app
 from vae_ray.config import TrainConfig
 from vae_ray.errors import UserError
 from vae_ray.trials import GPU_RESOURCE_ENV
-from vae_ray.tune import SearchSpec, search
+from vae_ray.tune import TRIAL_DRIVER_MEMORY, SearchSpec, search
 
 from conftest import REHEARSAL_GPU, vae_ray_exe
 
@@ -64,11 +65,14 @@ def test_grid_runs_to_completion_with_early_stopping(ray_cluster, finished_searc
     assert (out / "curves.png").stat().st_size > 5000
     for row in rows:  # each trial is a full run folder, as `vae-ray train` leaves
         assert os.path.isdir(row["checkpoint"]) and (Path(ckpt.resolve(row["checkpoint"])) / "config.json").is_file()
-    # Each trial's worker asked for half a GPU (here the rehearsal resource) and trained on its CPU.
+    # Each one-worker trial trained in its own trial actor (no Train worker's
+    # placement group), which asked for half a GPU (here the rehearsal
+    # resource) and one CPU, and trained on that CPU.
     shares = [
         b for pg in ray.util.placement_group_table().values() for b in pg["bundles"].values() if REHEARSAL_GPU in b
     ]
-    assert len(shares) >= 4 and all(b == {"CPU": 1.0, REHEARSAL_GPU: 0.5} for b in shares), shares
+    trial_actor = {"CPU": 1.0, REHEARSAL_GPU: 0.5, "memory": float(TRIAL_DRIVER_MEMORY)}
+    assert len(shares) >= 4 and all(b == trial_actor for b in shares), shares
     assert all(ckpt.load(r["checkpoint"]).config.gpu is False for r in rows)
     # Stopped trials gave their workers and GPU shares back.
     deadline = time.time() + 30
@@ -106,6 +110,51 @@ def test_resume_reruns_no_finished_trial(ray_cluster, tiny_data, finished_search
         search(base, SearchSpec(latent_dims=[2], lrs=[1e-3]), out, show=False)
 
 
+def test_a_trial_whose_actor_dies_is_restarted_from_its_latest_checkpoint(ray_cluster, tiny_data, tmp_path):
+    """A one-worker trial trains in its trial actor; killed there (a node lost,
+    the OOM killer), Tune starts it again and it continues from its checkpoint."""
+    import threading
+
+    out = tmp_path / "s"
+    base = TrainConfig(data=str(tiny_data), out=str(out), epochs=6, batch_size=64, seed=0).validate()
+    killed = []
+
+    def kill_the_trial_after_its_first_epoch() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("trials/*/checkpoint_epoch_0001")):
+            time.sleep(0.1)
+        found = subprocess.run(["pgrep", "-f", "^ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+        for pid in found:
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_the_trial_after_its_first_epoch, daemon=True)
+    killer.start()
+    rows = search(base, SearchSpec(latent_dims=[2], lrs=[3e-3]), out, grace_period=6, show=False)
+    killer.join(10)
+    assert len(killed) == 1, killed
+    assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["epochs"] == 6, rows
+    history = [json.loads(line) for line in next(out.glob("trials/*/metrics.jsonl")).read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # each epoch once
+    assert max(h["started_at_epoch"] for h in history) > 1, history  # restarted from a checkpoint, not from scratch
+
+
+def test_one_worker_trials_train_in_their_actors_on_a_machine_of_their_own():
+    from vae_ray.trials import TrialPlan
+    from vae_ray.tune import trial_engine, trial_resources
+
+    base = TrainConfig(data="d", out="o")
+    assert trial_engine(base, "memory", private=True) == "actor"
+    assert trial_engine(base, "memory", private=False) == "ray"  # a cluster the search joined: as `train` does
+    assert trial_engine(base, "stream", private=True) == "ray"  # Ray Data streams the split to Train workers
+    assert trial_engine(base.replace(workers=2), "memory", private=True) == "ray"
+    assert trial_engine(base.replace(workers=2, min_workers=1), "memory", private=True) == "ray"
+    # The actor holds the worker's share when it trains; else only the TorchTrainer's workers hold CPUs.
+    plan = TrialPlan(0.25, 3, 4, "GPU")
+    assert trial_resources({"engine": "actor"}, plan) == {"CPU": 3, "GPU": 0.25, "memory": TRIAL_DRIVER_MEMORY}
+    assert trial_resources({"engine": "ray"}, plan) == {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+
+
 def test_random_search_space():
     from ray import tune
 
@@ -140,6 +189,7 @@ def test_invalid_search_specs_exit_2(tiny_data, tmp_path, args, words):
 
 
 def test_study_latent_dims_writes_its_pictures(ray_cluster, tiny_data, tmp_path):
+    """Trials of two workers each: every trial a TorchTrainer of its own."""
     import json
 
     from typer.testing import CliRunner
@@ -159,10 +209,14 @@ def test_study_latent_dims_writes_its_pictures(ray_cluster, tiny_data, tmp_path)
             "--epochs",
             "1",
             "--max-concurrent",
+            "1",  # two workers fill this machine's two cores
+            "--workers-per-trial",
             "2",
         ],
     )
     assert result.exit_code == 0, result.output
+    histories = [[json.loads(line) for line in f.read_text().splitlines()] for f in out.glob("trials/*/metrics.jsonl")]
+    assert len(histories) == 2 and all(h and all(row["workers"] == 2 for row in h) for h in histories), histories
     summary = json.loads((out / "study.json").read_text())
     assert set(summary["results"]) == {"2", "4"}
     for k in ("2", "4"):  # every trial ran with the study's weights

@@ -1,7 +1,7 @@
 """What a training worker asks of whatever runs it: Ray Train, or this process.
 
 `train_loop` (worker.py) asks its session for its rank, device, checkpoint to
-resume from and data shard, and reports each epoch to it. Two sessions:
+resume from and data shard, and reports each epoch to it. Three sessions:
 
 - `RaySession`: a Ray Train worker. Ray Train persists the checkpoints into
   the run folder and calls `RunDirRecorder` on its controller.
@@ -12,6 +12,8 @@ resume from and data shard, and reports each epoch to it. Two sessions:
   callback do: writes each checkpoint into the run, appends the epoch to
   metrics.jsonl, points `latest` (and `best`) at it, and keeps the newest
   --keep-checkpoints. The same files, so either kind of run resumes the other.
+- `TrialSession`: a LocalSession in a search's Tune trial actor (a trial of
+  one worker on the search's own machine), which also reports each epoch to Tune.
 """
 
 from __future__ import annotations
@@ -174,6 +176,11 @@ class LocalSession:
     def report(self, metrics: dict, folder: str | None, name: str) -> bool:
         """Write the checkpoint into the run, then the metrics; the caller
         keeps `folder` (returns False, as RaySession does for a synchronous upload)."""
+        self._write(metrics, folder, name)
+        return False
+
+    def _write(self, metrics: dict, folder: str | None, name: str) -> str | None:
+        """What report() does: the run folder's files; returns the checkpoint's path (or None)."""
         if self._board.stopping.is_set():
             raise Stopped
         if self.lock_token:  # before anything is removed: the run is still this command's
@@ -192,7 +199,7 @@ class LocalSession:
         self.callback.after_report(None, [metrics], SimpleNamespace(path=target) if target else None)
         if target:
             self._prune()
-        return False
+        return target
 
     def _prune(self) -> None:
         """Keep the newest `keep` checkpoints, as Ray Train's num_to_keep does
@@ -210,3 +217,30 @@ class LocalSession:
         if not self.run.remote and os.path.islink(uri):
             raise UserError(f"{uri}: is a link; vae-ray writes checkpoints and their record there, not links")
         storage.delete(uri)
+
+
+TUNE_CHECKPOINT_KEY = "checkpoint_path"  # as ray.tune.integration.ray_train names it
+
+
+class TrialSession(LocalSession):
+    """A search's trial of one worker, trained in its Tune trial actor: no
+    Train controller or worker actor to start (each importing torch) for
+    every trial. The run folder is written as LocalSession writes it, and
+    each epoch is also reported to Tune, as TuneReportCallback reports a Ray
+    Train trial's (the metrics, and the checkpoint's path), so ASHA and the
+    search's display see the same results either way."""
+
+    def __init__(self, run: RunDir, device: torch.device, callback, keep: int, lock_token: str = ""):
+        super().__init__(run, device, LocalBoard(), callback, keep, lock_token)
+
+    def board(self, name: str | None):
+        """The search's progress board (a named actor), as a Ray Train worker finds it."""
+        return RaySession().board(name)
+
+    def report(self, metrics: dict, folder: str | None, name: str) -> bool:
+        import ray.tune
+
+        target = self._write(metrics, folder, name)
+        # Tune may stop this trial while report() waits (ASHA): the checkpoint and its record are written by then.
+        ray.tune.report({**metrics, **({TUNE_CHECKPOINT_KEY: target} if target else {})})
+        return False

@@ -1,6 +1,6 @@
 """What each trial of a search asks of the cluster, and how many run at once.
 
-Every trial is a Ray Train run. The networks here keep a small part of a GPU
+The networks here keep a small part of a GPU
 busy, so on a GPU cluster a one-worker trial asks for a quarter of a GPU by
 default and four trials share each GPU; `--gpus-per-trial` sets the fraction.
 A trial with several workers gets a whole GPU per worker: NCCL cannot place

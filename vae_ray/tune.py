@@ -1,5 +1,5 @@
-"""Hyperparameter search with Ray Tune; every trial is a distributed Ray
-Train run built exactly as `vae-ray train` builds one.
+"""Hyperparameter search with Ray Tune; every trial is a training run that
+leaves the run folder `vae-ray train` leaves.
 
     OUT/search.json            what was searched, and how (and "complete" once it all ran)
     OUT/tune/                  Tune's experiment state, the Optuna searcher's too (what --resume reads)
@@ -15,9 +15,15 @@ log-uniformly), or optuna (Tune's OptunaSearch: --num-samples trials, each
 choosing a latent size, a learning rate and a KL weight from the results so
 far; seeded by --seed). ASHA stops weak trials early in all three.
 
-Trials are Tune *function* trainables that start their own TorchTrainer
-(not the deprecated `Tuner(trainer)` form) and pass `TuneReportCallback`,
-so ASHA sees each epoch's metric and stops weak trials early.
+Trials are Tune *function* trainables (not the deprecated `Tuner(trainer)`
+form). On a machine of its own (no --address), a trial of one worker whose
+split fits in memory trains in its own trial actor, which holds the worker's
+CPUs and GPU share (session.TrialSession): no Train controller and worker
+actor to start per trial, each importing torch. Any other trial (several
+workers, elastic, streamed by Ray Data, or on a cluster the search joined)
+starts its own TorchTrainer, built as `vae-ray train` builds one, and passes
+`TuneReportCallback`. Either way ASHA sees each epoch's metric and stops weak
+trials early, and either kind of trial resumes from the run folder.
 
 Ctrl-C or SIGTERM stops the search gracefully (Tune saves its state), writes
 results.csv with the trials' status and no `best`, and exits 130 or 143;
@@ -211,7 +217,7 @@ def parse_list(text: str | None, kind: type, option: str) -> list | None:
 # One trial (runs in a Tune trial actor)
 # ---------------------------------------------------------------------------
 def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """A Tune function trainable: one TorchTrainer for this trial's config."""
+    """A Tune function trainable: this trial's run, trained here or by a TorchTrainer (trial_engine)."""
     trial_id = ray.tune.get_context().get_trial_id()
     run = RunDir(storage.join(setup["trials_dir"], trial_id))  # deterministic: resume finds the same run
     cfg = TrainConfig.from_dict({**setup["base"], **trial_params(config), "out": run.uri})
@@ -235,6 +241,9 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
             job_type="trial",
         )
         info = tracking.start(cfg, run)
+    if setup.get("engine") == "actor":
+        _train_here(cfg, run, trial_id, setup, lock_token, info, tracking)
+        return
     # The share of a GPU the search planned (one whole GPU in searches saved before shares existed).
     placing = trial_plan.TrialPlan(
         setup.get("gpus_per_worker", 1.0) if setup["use_gpu"] else 0.0,
@@ -268,6 +277,51 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
         # actor within seconds of the trial's last report, and a W&B session
         # cut off there would leave an unreadable folder behind.
         tracking.mlflow.finish(run)
+
+
+def _train_here(
+    cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, Any], lock_token: str, info: dict, tracking
+) -> None:
+    """A trial of one worker trains in this trial actor, which holds the
+    worker's CPUs and GPU share (Ray sets CUDA_VISIBLE_DEVICES to its GPU)."""
+    import torch
+
+    from .session import TrialSession
+    from .trainer import RunDirRecorder, forget_eval_cache, loop_config, train_loop
+
+    device = torch.device("cuda", 0) if cfg.gpu else torch.device("cpu")
+    recorder = RunDirRecorder(run.uri, lock_token, cfg.keep_best)
+    session = TrialSession(run, device, recorder, cfg.keep_checkpoints, lock_token)
+    config = loop_config(cfg, setup["dataset"], run, "memory", setup["board"], trial_id, info) | {"trial": True}
+    try:
+        train_loop(config, session)
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(run, status="FAILED")
+        raise
+    finally:
+        forget_eval_cache()  # a later trial in this process reads its own test split
+    if tracking is not None and tracking.mlflow is not None:
+        tracking.mlflow.finish(run)  # (not the W&B run, as below)
+
+
+def trial_engine(base: TrainConfig, ingest: str, private: bool) -> str:
+    """Where a trial trains: "actor", in its Tune trial actor, else "ray", a
+    TorchTrainer of its own. The rule `vae-ray train` follows for one process
+    (trainer.one_process): one worker, not elastic, its split in memory, and
+    a machine of its own (the search's private cluster, not one it joined)."""
+    one = base.workers == 1 and not base.min_workers and ingest == "memory"
+    return "actor" if one and private else "ray"
+
+
+def trial_resources(setup: dict[str, Any], placing: trial_plan.TrialPlan) -> dict[str, float]:
+    """What each trial actor reserves. Training in the actor, it holds the
+    worker's CPUs and GPU share. Driving a TorchTrainer (which reserves the
+    workers'), it reserves memory but no CPU: even a fraction of one would
+    leave Ray Data's whole-CPU read tasks unschedulable (Tune refuses an empty request)."""
+    if setup["engine"] == "actor":
+        return {**placing.worker_resources(), "memory": TRIAL_DRIVER_MEMORY}
+    return {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
 
 
 # ---------------------------------------------------------------------------
@@ -416,6 +470,7 @@ def _run(
         "ingest": choose_ingest(base.cache, train_bytes, cluster.node_memory),
         "board": board_name,
     }
+    setup["engine"] = trial_engine(base, setup["ingest"], cluster.private)
     storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "running"})
     if uri:
         parent = Tracking(uri, run_name=f"search {storage.name_of(out)}")
@@ -423,10 +478,7 @@ def _run(
     target = wandb_target(base.wandb)
     if target:  # W&B has no parent runs: the trials' runs share a group
         setup |= {"wandb": target, "wandb_group": search_group(RunDir(out))}
-    # The trial actor only drives its TorchTrainer, which reserves the workers'
-    # CPUs. It reserves memory but no CPU: even a fraction of one would leave
-    # Ray Data's whole-CPU read tasks unschedulable (Tune refuses an empty request).
-    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), trial_resources(setup, placing))
     display = SearchDisplay(total=spec.trial_count(), epochs=base.epochs, metric=metric, enabled=show)
     fs, out_path = storage.filesystem(out)
     if resume:
@@ -455,14 +507,18 @@ def _run(
                 storage_path=out_path,
                 storage_filesystem=fs,
                 verbose=0,
+                # Ray Train restarts a failed TorchTrainer's workers; a trial
+                # trained in its actor is restarted by Tune, from its `latest`.
+                failure_config=tune.FailureConfig(max_failures=base.max_failures if setup["engine"] == "actor" else 0),
                 callbacks=[DisplayCallback(display), SealCallback(out)],
             ),
         )
-    # A trial stopped by ASHA is blocked inside trainer.fit(), so it never
-    # returns on its own; Tune force-kills such a trial actor only after this
-    # many seconds (600 by default), and until then its Train workers keep
-    # their CPUs and the search stalls. Killing the trial actor takes its Train
-    # controller with it, and Train's placement-group cleaner frees the workers.
+    # A trial stopped by ASHA is blocked inside trainer.fit() (or, trained in
+    # its actor, inside its report), so it never returns on its own; Tune
+    # force-kills such a trial actor only after this many seconds (600 by
+    # default), and until then its CPUs stay taken and the search stalls.
+    # Killing the trial actor takes its Train controller with it, and Train's
+    # placement-group cleaner frees the workers.
     os.environ["TUNE_FORCE_TRIAL_CLEANUP_S"] = str(STOPPED_TRIAL_GRACE_S)
     # Failed trials are reported in results.csv and the table, with the
     # traceback in the trial's folder; Tune's own logging stays off the terminal.
