@@ -295,6 +295,25 @@ def test_a_holder_taken_over_stops_its_heartbeat_and_is_told(s3_bucket):
     assert not storage.exists(storage.lock_uri(out))
 
 
+def test_a_waiting_writer_takes_over_a_dead_holders_lock_once_it_goes_stale(s3_bucket):
+    """A search's trial restarted after its process was killed finds its own
+    lock on S3 still fresh; it waits (RunDir.lock(as_trial=True)) instead of failing."""
+    out = f"s3://{s3_bucket}/restarted/trial"
+    dead = {"command": "vae-ray dead", "pid": 1, "host": "gone", "since": "now", "token": "dead"}
+    storage.write_json(storage.lock_uri(out), dead | {"heartbeat": time.time()})  # its last beat: just now
+    hasty = storage.Lock(out, "vae-ray tune")
+    hasty.STALE_S = 2.0
+    with pytest.raises(UserError, match="in use by `vae-ray dead`"):
+        hasty.__enter__()
+    patient = storage.Lock(out, "vae-ray tune", wait_s=10)
+    patient.STALE_S, patient.POLL_S = 2.0, 0.25
+    started = time.monotonic()
+    with patient:
+        assert time.monotonic() - started >= 1.0  # it waited for the dead holder's heartbeat to age
+        assert storage.read_json(storage.lock_uri(out))["token"] == patient.token
+    assert not storage.exists(storage.lock_uri(out))
+
+
 def _wait_until_lost(lock: storage.Lock) -> UserError:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -93,6 +93,14 @@ def test_a_search_is_one_mlflow_parent_run_with_a_child_per_trial(finished_searc
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(r["trial_id"] for r in rows)
     assert all(client.get_metric_history(r.info.run_id, "test_matlab_elbo") for r in children)
+    # A trial that ran all its epochs ends on its own, its run finished with its checkpoint; none failed.
+    status = {r.data.tags["mlflow.runName"]: r for r in children}
+    for row in rows:
+        child = status[row["trial_id"]]
+        if row["status"] == "completed":
+            assert child.info.status == "FINISHED"
+            assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["checkpoint"]
+        assert child.info.status != "FAILED"
 
 
 def test_resume_reruns_no_finished_trial(ray_cluster, tiny_data, finished_search):
@@ -153,6 +161,21 @@ def test_one_worker_trials_train_in_their_actors_on_a_machine_of_their_own():
     plan = TrialPlan(0.25, 3, 4, "GPU")
     assert trial_resources({"engine": "actor"}, plan) == {"CPU": 3, "GPU": 0.25, "memory": TRIAL_DRIVER_MEMORY}
     assert trial_resources({"engine": "ray"}, plan) == {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+
+
+def test_a_trial_whose_loss_diverges_ends_alone_and_the_search_goes_on(ray_cluster, tiny_data, tmp_path):
+    """A trial that stops itself (a non-finite loss) reports no metric, which
+    Tune would answer by ending the whole search."""
+    from vae_ray.rundir import RunDir
+
+    out = tmp_path / "s"
+    base = TrainConfig(data=str(tiny_data), out=str(out), epochs=2, batch_size=64, seed=0).validate()
+    rows = search(base, SearchSpec(latent_dims=[2], lrs=[3e-3, 1e6]), out, grace_period=2, show=False)
+    by_lr = {r["lr"]: r for r in rows}
+    assert by_lr[3e-3]["status"] == "completed", rows
+    assert by_lr[1e6]["status"] == "stopped early", rows
+    assert "non-finite loss" in RunDir(str(out / "trials" / by_lr[1e6]["trial_id"])).stopped()["stopped"]
+    assert json.loads((out / "search.json").read_text())["engine"] == "actor"  # what a resume keeps
 
 
 def test_random_search_space():

@@ -311,11 +311,11 @@ def test_a_search_is_a_wandb_group_with_a_run_per_trial(optuna_search):
     assert len(trials) == 2
     for trial in trials:
         run_id = json.loads((trial / RECORD).read_text())["wandb_run_id"]
-        # The trial's driver opens the run and closes its session before training; rank 0 then logs
-        # the epochs, but Tune ends a trial's processes within seconds of its last report, which can
-        # cut rank 0's last W&B write short (README: W&B), so only the driver's session is read here.
-        # A train run's per-epoch history is checked against metrics.jsonl above. The driver's
-        # closing session (the third) is there only when Tune lets the trial get that far.
+        # The trial opens the run and closes its session before training; its training loop (rank 0)
+        # then logs the epochs, but Tune ends a trial's processes within seconds of its last report,
+        # which can cut that last W&B write short (README: W&B), so only the first session is read
+        # here. A train run's per-epoch history is checked against metrics.jsonl above. A third
+        # session is there only when a trial failed and closed its run as failed.
         folders = sorted((root / "wandb").glob(f"offline-run-*-{run_id}*"))
         assert 2 <= len(folders) <= 3
         opened = next(first(records, "run") for records in (read_wandb_run(f) for f in folders[:1]))

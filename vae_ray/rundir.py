@@ -112,12 +112,14 @@ class RunDir:
         search's trial belongs to that search while it runs: a command outside
         it (`train --resume`, `evaluate`) also takes the search's lock, so it
         fails at once while `vae-ray tune` holds it; the search's own trials
-        pass `as_trial`."""
+        pass `as_trial`. A trial on S3 waits for its run's lock until a holder
+        that died (a trial process Tune restarts) would have gone stale."""
+        wait = storage.Lock.STALE_S + storage.Lock.HEARTBEAT_S if as_trial else 0
         with contextlib.ExitStack() as held:
             search = None if as_trial else self.search()
             if search is not None:
                 held.enter_context(storage.Lock(search, command))
-            yield held.enter_context(storage.Lock(self.uri, command))
+            yield held.enter_context(storage.Lock(self.uri, command, wait_s=wait))
 
     # -- what is there ------------------------------------------------------
     def check_folder(self) -> None:

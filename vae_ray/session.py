@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -220,6 +221,16 @@ class LocalSession:
 
 
 TUNE_CHECKPOINT_KEY = "checkpoint_path"  # as ray.tune.integration.ray_train names it
+SEARCH_METRICS = ("test_matlab_elbo", "test_neg_elbo_nats")  # what a search ranks trials by (lower is better)
+
+
+def tune_result(metrics: dict) -> dict:
+    """What Tune is told of an epoch. The report of a run that stopped itself
+    (a non-finite loss) has no test figures, and Tune answers a result without
+    its metric by ending the whole search: they are reported as the worst."""
+    if "stopped" in metrics:
+        return {**{k: math.inf for k in SEARCH_METRICS}, **metrics}
+    return metrics
 
 
 class TrialSession(LocalSession):
@@ -242,5 +253,5 @@ class TrialSession(LocalSession):
 
         target = self._write(metrics, folder, name)
         # Tune may stop this trial while report() waits (ASHA): the checkpoint and its record are written by then.
-        ray.tune.report({**metrics, **({TUNE_CHECKPOINT_KEY: target} if target else {})})
+        ray.tune.report(tune_result({**metrics, **({TUNE_CHECKPOINT_KEY: target} if target else {})}))
         return False

@@ -540,14 +540,20 @@ class Lock:
     Writers call `ensure_held()` before each output they write (a shard, an
     epoch's records, the manifest): it raises the one-line UserError once the
     lock is lost. A writer in another process checks with `ensure_lock_held(uri, lock.token)`.
+
+    `wait_s`: on S3, wait up to that long for a held lock (checked every
+    POLL_S) before failing. A search's trial that Tune restarts after its
+    process was killed waits so for its own dead predecessor's lock to go
+    stale; locally the kernel has released it already.
     """
 
     STALE_S = 120
     HEARTBEAT_S = 30
+    POLL_S = 5
 
-    def __init__(self, uri: str, command: str = "", shared: bool = False):
+    def __init__(self, uri: str, command: str = "", shared: bool = False, wait_s: float = 0):
         self.uri, self.path = uri, lock_uri(uri)
-        self.shared = shared
+        self.shared, self.wait_s = shared, wait_s
         self.command = command or " ".join(["vae-ray", *sys.argv[1:2]])
         self.token = ""  # set once held; the holder record carries it
         self._fd: int | None = None  # local: the locked file ...
@@ -715,7 +721,10 @@ class Lock:
     # -- S3 ---------------------------------------------------------------
     def _acquire_remote(self) -> None:
         self._stop.clear()
-        for _ in range(3):
+        deadline = time.monotonic() + self.wait_s
+        tries = 0
+        while tries < 3:
+            tries += 1
             me = self.holder()
             body = json.dumps(me).encode()
             version = _s3_create(self.path, body)
@@ -725,7 +734,11 @@ class Lock:
                     continue  # released meanwhile: try again
                 holder, seen = found
                 if time.time() - _heartbeat_of(holder) <= self.STALE_S:
-                    raise UserError(f"{self.uri}: {self._describe(holder)}")
+                    if time.monotonic() + self.POLL_S > deadline:
+                        raise UserError(f"{self.uri}: {self._describe(holder)}")
+                    time.sleep(self.POLL_S)
+                    tries = 0  # waiting on a live-looking holder is not a failed try
+                    continue
                 warn_user(
                     f"{self.uri}: taking over a stale lock of {printable(holder.get('command'))} "
                     f"(pid {printable(holder.get('pid'))} on {printable(holder.get('host'))}, "

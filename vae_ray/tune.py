@@ -65,10 +65,11 @@ from .ingest import choose_ingest
 from .plots import trial_curves
 from .progress import SearchDisplay
 from .rundir import RunDir, check_ray_state
+from .session import SEARCH_METRICS, tune_result
 from .tracking import Tracking, mlflow_uri, search_group, wandb_target
 from .trainer import build_trainer, private_cluster_cpus, resolve
 
-METRICS = ("test_matlab_elbo", "test_neg_elbo_nats")
+METRICS = SEARCH_METRICS
 SEARCHED = ("latent_dim", "lr", "beta", "recon_weight")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 STOPPED_TRIAL_GRACE_S = 5
@@ -76,6 +77,7 @@ SEARCH_FILE = "search.json"
 SEAL_FILE = "tune.seal.json"
 SEAL_EVERY_S = 2.0  # at most this often while Tune runs (a step of its loop is much shorter)
 STRATEGIES = ("grid", "random", "optuna")
+ENGINES = ("actor", "ray")  # where a search's trials train (trial_engine)
 
 
 @dataclass
@@ -226,6 +228,12 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             run.write_config(cfg.to_dict(), setup["dataset"])
         else:
             check_ray_state(run)  # a resumed trial: Ray will read its snapshot
+        if run.last_epoch() >= cfg.epochs:
+            # It ended before Tune recorded so (the search was stopped right
+            # after its last report): nothing to train, and a trial that
+            # reports nothing ends the search; its last epoch, once more.
+            ray.tune.report(tune_result(run.history()[-1]))
+            return
         _run_trial(cfg, run, trial_id, setup, lock.token)
 
 
@@ -258,7 +266,7 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
         setup["ingest"],
         placing.on_device,
         resources=placing.worker_resources(),
-        callbacks=[TuneReportCallback()],
+        callbacks=[TrialReport()],
         board=setup["board"],
         board_key=trial_id,
         tracking=info,
@@ -279,6 +287,15 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
         tracking.mlflow.finish(run)
 
 
+class TrialReport(TuneReportCallback):
+    """TuneReportCallback, with the worst figures in the report of a run that
+    stopped itself (session.tune_result): Tune ends the whole search on a
+    result without its metric. The run folder records the stop."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        super().after_report(run_context, [tune_result(m) for m in metrics], checkpoint)
+
+
 def _train_here(
     cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, Any], lock_token: str, info: dict, tracking
 ) -> None:
@@ -295,14 +312,20 @@ def _train_here(
     config = loop_config(cfg, setup["dataset"], run, "memory", setup["board"], trial_id, info) | {"trial": True}
     try:
         train_loop(config, session)
+    except SystemExit:
+        # Tune stopped the trial while its report waited (ASHA): not a failure.
+        # Not the W&B run: rank 0 closed it after the epoch (see _run_trial).
+        if tracking is not None and tracking.mlflow is not None:
+            tracking.mlflow.finish(run, status="KILLED")
+        raise
     except BaseException:
         if tracking is not None:
             tracking.finish(run, status="FAILED")
         raise
     finally:
-        forget_eval_cache()  # a later trial in this process reads its own test split
+        forget_eval_cache()
     if tracking is not None and tracking.mlflow is not None:
-        tracking.mlflow.finish(run)  # (not the W&B run, as below)
+        tracking.mlflow.finish(run)  # not the W&B run, as in _run_trial
 
 
 def trial_engine(base: TrainConfig, ingest: str, private: bool) -> str:
@@ -390,7 +413,7 @@ def search(
 def _same_search(saved: dict, identity: dict) -> bool:
     """Whether search.json describes this search. A setting added since it
     was written (absent there) counts as its default: the search it ran."""
-    saved = {k: v for k, v in saved.items() if k != "status"}
+    saved = {k: v for k, v in saved.items() if k not in ("status", "engine")}
     if isinstance(saved.get("base"), dict):
         defaults = TrainConfig().to_dict()
         added = {k: defaults[k] for k in identity["base"] if k not in saved["base"] and k in defaults}
@@ -470,8 +493,14 @@ def _run(
         "ingest": choose_ingest(base.cache, train_bytes, cluster.node_memory),
         "board": board_name,
     }
-    setup["engine"] = trial_engine(base, setup["ingest"], cluster.private)
-    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "running"})
+    # A resumed search keeps where its trials train: Tune restores each trial's
+    # resources and failure settings as they were saved.
+    saved = _read_json(storage.join(out, SEARCH_FILE)).get("engine") if resume else None
+    if resume:
+        setup["engine"] = saved if saved in ENGINES else "ray"  # (absent: saved before trials trained in actors)
+    else:
+        setup["engine"] = trial_engine(base, setup["ingest"], cluster.private)
+    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "running", "engine": setup["engine"]})
     if uri:
         parent = Tracking(uri, run_name=f"search {storage.name_of(out)}")
         setup |= {"mlflow_uri": uri, "mlflow_parent": parent.start(base, RunDir(out))["mlflow_run_id"]}
@@ -490,7 +519,15 @@ def _run(
             storage_filesystem=fs,
         )
     else:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=grace_period, reduction_factor=2)
+        # A trial that reaches its last epoch ends on its own (its tracking
+        # runs close as finished), instead of being stopped after its last report.
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=base.epochs,
+            grace_period=grace_period,
+            reduction_factor=2,
+            stop_last_trials=False,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=spec.param_space(),
@@ -513,12 +550,13 @@ def _run(
                 callbacks=[DisplayCallback(display), SealCallback(out)],
             ),
         )
-    # A trial stopped by ASHA is blocked inside trainer.fit() (or, trained in
-    # its actor, inside its report), so it never returns on its own; Tune
-    # force-kills such a trial actor only after this many seconds (600 by
-    # default), and until then its CPUs stay taken and the search stalls.
-    # Killing the trial actor takes its Train controller with it, and Train's
-    # placement-group cleaner frees the workers.
+    # A trial stopped by ASHA while its TorchTrainer runs is blocked inside
+    # trainer.fit(), so it never returns on its own; Tune force-kills such a
+    # trial actor only after this many seconds (600 by default), and until
+    # then its workers keep their CPUs and the search stalls. Killing the trial
+    # actor takes its Train controller with it, and Train's placement-group
+    # cleaner frees the workers. (A trial trained in its actor waits in its
+    # report, which Tune's stop ends at once.)
     os.environ["TUNE_FORCE_TRIAL_CLEANUP_S"] = str(STOPPED_TRIAL_GRACE_S)
     # Failed trials are reported in results.csv and the table, with the
     # traceback in the trial's folder; Tune's own logging stays off the terminal.
@@ -550,7 +588,7 @@ def _run(
             f"no progress for {base.stall_timeout} s: {clusters.diagnose_stall(base, use_gpu, placing.worker_resources())}; "
             f"the search's state is kept: continue it with --resume"
         )
-    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "complete"})
+    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "complete", "engine": setup["engine"]})
     if rows and all(r["status"] == "error" for r in rows):
         raise RunFailed(f"search failed: all {len(rows)} trials errored; first error: {rows[0]['error']}")
     return SearchRows(rows)
