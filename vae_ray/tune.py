@@ -1,7 +1,7 @@
 """Hyperparameter search with Ray Tune; every trial is a training run that
 leaves the run folder `vae-ray train` leaves.
 
-    OUT/search.json            what was searched, and how (and "complete" once it all ran)
+    OUT/search.json            what was searched, and how, where its trials train (and "complete" once it all ran)
     OUT/tune/                  Tune's experiment state, the Optuna searcher's too (what --resume reads)
     OUT/tune.seal.json         proof that this user's vae-ray wrote that state (seal.py)
     OUT/trials/<trial id>/     each trial's run folder (config, metrics.jsonl, checkpoints, latest)
@@ -493,11 +493,12 @@ def _run(
         "ingest": choose_ingest(base.cache, train_bytes, cluster.node_memory),
         "board": board_name,
     }
-    # A resumed search keeps where its trials train: Tune restores each trial's
-    # resources and failure settings as they were saved.
-    saved = _read_json(storage.join(out, SEARCH_FILE)).get("engine") if resume else None
     if resume:
-        setup["engine"] = saved if saved in ENGINES else "ray"  # (absent: saved before trials trained in actors)
+        # Where its trials train, as the search began: Tune restores each
+        # trial's resources and failure settings as they were saved. (No
+        # record: a search from before trials trained in their actors.)
+        saved = _read_json(storage.join(out, SEARCH_FILE)).get("engine")
+        setup["engine"] = saved if saved in ENGINES else "ray"
     else:
         setup["engine"] = trial_engine(base, setup["ingest"], cluster.private)
     storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "running", "engine": setup["engine"]})
