@@ -711,7 +711,7 @@ def collect(results, trials_dir: str, metric: str, epochs: int) -> list[dict[str
         history = run.history()
         values = [h[metric] for h in history if metric in h]
         latest = run.latest()
-        status = "error" if result.error else ("completed" if len(history) >= epochs else "stopped early")
+        status = _status(result, run, len(history), epochs)
         if result.error:
             storage.write_text(run.path("error.txt"), f"{result.error!r}\n")
         rows.append(
@@ -730,6 +730,16 @@ def collect(results, trials_dir: str, metric: str, epochs: int) -> list[dict[str
         )
     rows.sort(key=lambda r: (r[f"final_{metric}"] is None, r[f"final_{metric}"] or 0.0))
     return rows
+
+
+def _status(result, run: RunDir, epochs_run: int, epochs: int) -> str:
+    if result.error:
+        return "error"
+    if epochs_run >= epochs:
+        return "completed"
+    if run.stopped():  # it stopped itself (a non-finite loss); RUN/stopped.json says where
+        return "diverged"
+    return "stopped early"  # by ASHA, or by the search's end
 
 
 def write_outputs(rows: list[dict[str, Any]], out: str, metric: str, best: bool = True) -> None:
