@@ -1,6 +1,7 @@
 """The driver side of training: `fit` checks the data, the run folder and the
-cluster, builds the `TorchTrainer` (`build_trainer`, which a Tune trial
-that is not trained in its actor uses too) and follows it until it ends. The per-worker side is `worker.py`.
+cluster, builds the `TorchTrainer` (`build_trainer`, which a Tune trial not
+trained in its actor uses too) and follows it until it ends. The per-worker
+side is `worker.py`.
 
 Order matters for the user's files: every check that can fail runs before
 anything is written, and the run folder is locked for the whole command.
@@ -222,8 +223,9 @@ def build_trainer(
     trial: bool = False,
 ) -> TorchTrainer:
     """The TorchTrainer for one run: `vae-ray train` and the Tune trials
-    that start one (tune.trial_engine) use this. `lock_token` is the run lock's (storage.Lock.token): the Train
-    controller checks it before each write into the run. `resources` are
+    that start one (tune.trial_engine) use this. `lock_token` is the run
+    lock's (storage.Lock.token): the Train controller checks it before each
+    write into the run. `resources` are
     each worker's (default: its CPUs and, with `use_gpu`, one GPU); a trial
     sharing a GPU asks for a fraction of one. A `trial` logs each epoch
     before its report (a search may end the trial's workers right after it)."""

@@ -1,10 +1,10 @@
 """What each trial of a search asks of the cluster, and how many run at once.
 
-The networks here keep a small part of a GPU
-busy, so on a GPU cluster a one-worker trial asks for a quarter of a GPU by
-default and four trials share each GPU; `--gpus-per-trial` sets the fraction.
-A trial with several workers gets a whole GPU per worker: NCCL cannot place
-two ranks of one process group on the same device. CPUs are split between
+The networks here keep a small part of a GPU busy, so on a GPU cluster a
+one-worker trial asks for a quarter of a GPU by default and four trials
+share each GPU; `--gpus-per-trial` sets the fraction. A trial with several
+workers gets a whole GPU per worker: NCCL cannot place two ranks of one
+process group on the same device. CPUs are split between
 the workers that fit on a node, one CPU per node left for Ray Data's reads.
 
 GPU scheduling can be rehearsed on a CPU cluster: a cluster that declares a

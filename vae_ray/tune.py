@@ -249,9 +249,31 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
             job_type="trial",
         )
         info = tracking.start(cfg, run)
-    if setup.get("engine") == "actor":
-        _train_here(cfg, run, trial_id, setup, lock_token, info, tracking)
-        return
+    train = _train_here if setup.get("engine") == "actor" else _train_with_ray
+    try:
+        train(cfg, run, trial_id, setup, lock_token, info)
+    except SystemExit:
+        # Tune stopped the trial while its report waited (ASHA): not a
+        # failure. ASHA's last rung is at the last epoch, so a trial stopped
+        # there has run all its epochs: finished, with its checkpoint.
+        if tracking is not None and tracking.mlflow is not None:
+            tracking.mlflow.finish(run, status="FINISHED" if run.last_epoch() >= cfg.epochs else "KILLED")
+        raise
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(run, status="FAILED")
+        raise
+    if tracking is not None and tracking.mlflow is not None:
+        # Not the W&B run: it ends with rank 0's last epoch. Tune stops this
+        # actor within seconds of the trial's last report, and a W&B session
+        # cut off there would leave an unreadable folder behind.
+        tracking.mlflow.finish(run)
+
+
+def _train_with_ray(
+    cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, Any], lock_token: str, info: dict
+) -> None:
+    """A TorchTrainer of the trial's own, built as `vae-ray train` builds one."""
     # The share of a GPU the search planned (one whole GPU in searches saved before shares existed).
     placing = trial_plan.TrialPlan(
         setup.get("gpus_per_worker", 1.0) if setup["use_gpu"] else 0.0,
@@ -259,7 +281,7 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
         1,
         setup.get("gpu_resource", "GPU"),
     )
-    trainer = build_trainer(
+    build_trainer(
         cfg,
         setup["dataset"],
         run,
@@ -273,18 +295,7 @@ def _run_trial(cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, An
         lock_token=lock_token,
         resume_from=run.latest(),  # when Ray Train's record lacks it (a `train --resume` of the trial in one process)
         trial=True,
-    )
-    try:
-        trainer.fit()
-    except BaseException:
-        if tracking is not None:
-            tracking.finish(run, status="FAILED")
-        raise
-    if tracking is not None and tracking.mlflow is not None:
-        # Not the W&B run: it ends with rank 0's last epoch. Tune stops this
-        # actor within seconds of the trial's last report, and a W&B session
-        # cut off there would leave an unreadable folder behind.
-        tracking.mlflow.finish(run)
+    ).fit()
 
 
 class TrialReport(TuneReportCallback):
@@ -297,7 +308,7 @@ class TrialReport(TuneReportCallback):
 
 
 def _train_here(
-    cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, Any], lock_token: str, info: dict, tracking
+    cfg: TrainConfig, run: RunDir, trial_id: str, setup: dict[str, Any], lock_token: str, info: dict
 ) -> None:
     """A trial of one worker trains in this trial actor, which holds the
     worker's CPUs and GPU share (Ray sets CUDA_VISIBLE_DEVICES to its GPU)."""
@@ -312,20 +323,8 @@ def _train_here(
     config = loop_config(cfg, setup["dataset"], run, "memory", setup["board"], trial_id, info) | {"trial": True}
     try:
         train_loop(config, session)
-    except SystemExit:
-        # Tune stopped the trial while its report waited (ASHA): not a failure.
-        # Not the W&B run: rank 0 closed it after the epoch (see _run_trial).
-        if tracking is not None and tracking.mlflow is not None:
-            tracking.mlflow.finish(run, status="KILLED")
-        raise
-    except BaseException:
-        if tracking is not None:
-            tracking.finish(run, status="FAILED")
-        raise
     finally:
         forget_eval_cache()
-    if tracking is not None and tracking.mlflow is not None:
-        tracking.mlflow.finish(run)  # not the W&B run, as in _run_trial
 
 
 def trial_engine(base: TrainConfig, ingest: str, private: bool) -> str:
