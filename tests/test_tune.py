@@ -341,6 +341,37 @@ def test_ctrl_c_stops_a_search_that_resume_continues(tiny_data, tmp_path, reques
     assert ckpt.load(out / "best").state["epoch"] >= 1
 
 
+@pytest.mark.subprocess
+def test_ctrl_c_as_a_search_begins_leaves_a_search_that_resume_runs(tiny_data, tmp_path):
+    """Ctrl-C as soon as the Tuner has pickled itself: before Tune saved any
+    state (resume begins the search) or before its first trial reported (the
+    trial's row still names its settings)."""
+    out = tmp_path / "s"
+    args = ["--latent-dims", "2,3", "--epochs", "1", "--batch-size", "64", "--max-concurrent", "1"]
+    proc = subprocess.Popen(
+        [vae_ray_exe(), "tune", "--data", str(tiny_data), "--out", str(out), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "tune" / "tuner.pkl").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=180) == 130, proc.stderr.read()[-3000:]
+    assert "Traceback" not in proc.stderr.read()
+    resumed = subprocess.run(
+        [vae_ray_exe(), "tune", "--out", str(out), "--resume"], capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(out / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert sorted(r["latent_dim"] for r in table) == ["2", "3"]  # the searched space, not a trial without settings
+    assert all(r["epochs"] == "1" and r["status"] == "completed" for r in table)
+
+
 def test_a_search_written_before_a_setting_existed_is_still_the_same_search():
     from vae_ray.config import TrainConfig
     from vae_ray.tune import _same_search

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -75,6 +76,9 @@ TRIAL_DRIVER_MEMORY = 256 * 1024**2
 STOPPED_TRIAL_GRACE_S = 5
 SEARCH_FILE = "search.json"
 SEAL_FILE = "tune.seal.json"
+# All a search stopped before Tune began holds: our search.json and seal,
+# the Tuner's pickle and Ray's storage check (a new Tuner writes them again).
+NEVER_BEGAN = {SEARCH_FILE, SEAL_FILE, "tune/", "tune/tuner.pkl", "tune/.validate_storage_marker"}
 SEAL_EVERY_S = 2.0  # at most this often while Tune runs (a step of its loop is much shorter)
 STRATEGIES = ("grid", "random", "optuna")
 ENGINES = ("actor", "ray")  # where a search's trials train (trial_engine)
@@ -403,7 +407,7 @@ def search(
             metric,
             max_concurrent,
             gpus_per_trial,
-            resume or state == "resume",
+            state == "resume",
             show,
             address,
         )
@@ -423,6 +427,14 @@ def _same_search(saved: dict, identity: dict) -> bool:
 def _check_folder(out: str, identity: dict, resume: bool) -> str:
     tune_dir = storage.join(out, "tune")
     saved = _read_json(storage.join(out, SEARCH_FILE))
+    if saved and set(storage.leaves(out)) <= NEVER_BEGAN:
+        # Stopped before Tune saved its first state: nothing of the search ran,
+        # and Tune would restore its trials from no state (with no settings).
+        if resume or _same_search(saved, identity):
+            return "new"
+        raise UserError(
+            f"{out}: holds a search that never began, with other settings; pass --resume to begin it or choose a new --out"
+        )
     if resume:
         if not storage.is_dir(tune_dir):
             raise UserError(f"{out}: no search to resume (no tune/ folder)")
@@ -665,12 +677,15 @@ class _GracefulStop:
         self.stalled: str | None = None
         self._done = threading.Event()
         self._saved: dict = {}
+        self._pending = False  # a stop Tune has not heard yet
 
     def __enter__(self) -> _GracefulStop:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours below, forwarded as Tune's own graceful stop
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._saved[sig] = signal.signal(sig, self._on_signal)
+            # Until Tune listens for its stop, a SIGUSR1 would end the process.
+            self._saved[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._before_tune)
         threading.Thread(target=self._watch, daemon=True, name="vae-ray-watchdog").start()
         return self
 
@@ -683,11 +698,26 @@ class _GracefulStop:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        os.kill(os.getpid(), signal.SIGUSR1)
+        self._stop_tune()
+
+    def _before_tune(self, signum, frame) -> None:
+        self._pending = True  # asked before Tune listened: _watch asks again once it does
+
+    def _stop_tune(self) -> None:
+        """Tune's graceful stop, asked now if Tune listens for it, else as soon as it does."""
+        handler = signal.getsignal(signal.SIGUSR1)
+        if callable(handler) and handler != self._before_tune:
+            self._pending = False
+            os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            self._pending = True
 
     def _watch(self) -> None:
         last_seen = None
-        while not self._done.wait(1.0):
+        while not self._done.wait(0.5 if self._pending else 1.0):
+            if self._pending:
+                self._stop_tune()
+                continue
             try:
                 state = ray.get(self.board.get.remote(), timeout=5)
                 mark = max((v.get("at", 0) for v in state.values()), default=None)
@@ -696,16 +726,20 @@ class _GracefulStop:
             if mark != last_seen:
                 last_seen = mark
                 self.display.touch()
-            if time.monotonic() - self.display.last_change > self.stall_timeout and self.signum is None:
+            quiet_s = time.monotonic() - self.display.last_change
+            if quiet_s > self.stall_timeout and self.signum is None and self.stalled is None:
                 self.stalled = "no progress"
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
+                self._stop_tune()
 
 
 def collect(results, trials_dir: str, metric: str, epochs: int) -> list[dict[str, Any]]:
-    rows = []
+    rows, saved = [], None
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[-2]
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
+        config = result.config
+        if not config:
+            saved = _saved_configs(results) if saved is None else saved
+            config = saved.get(trial_id, {})
         run = RunDir(storage.join(trials_dir, str(trial_id)))
         history = run.history()
         values = [h[metric] for h in history if metric in h]
@@ -717,7 +751,7 @@ def collect(results, trials_dir: str, metric: str, epochs: int) -> list[dict[str
             {
                 "trial_id": trial_id,
                 **{k: None for k in SEARCHED},
-                **trial_params(result.config),
+                **trial_params(config),
                 f"final_{metric}": values[-1] if values else None,
                 f"best_{metric}": min(values) if values else None,
                 "epochs": len(history),
@@ -729,6 +763,24 @@ def collect(results, trials_dir: str, metric: str, epochs: int) -> list[dict[str
         )
     rows.sort(key=lambda r: (r[f"final_{metric}"] is None, r[f"final_{metric}"] or 0.0))
     return rows
+
+
+def _trial_id_of(path: str) -> str:
+    """The trial id in the name of a trial's Tune folder,
+    trial_<experiment>_<index>_<tag>_<date>_<time> (a trial that reported nothing)."""
+    found = re.match(r"[^_]+_([0-9a-f]+_[0-9]+)", Path(path).name)
+    return found.group(1) if found else Path(path).name
+
+
+def _saved_configs(results) -> dict[str, dict[str, Any]]:
+    """Every trial's settings by trial id, from the search's saved state:
+    Tune keeps a trial's settings with its reports, so a trial that reported
+    nothing (a search stopped while it started) has them only there."""
+    try:
+        analysis = tune.ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
+        return analysis.get_all_configs()
+    except (OSError, ValueError):  # no state saved yet: nothing of it ran
+        return {}
 
 
 def _status(result, run: RunDir, epochs_run: int, epochs: int) -> str:
