@@ -5,10 +5,14 @@ whatever else is there is refused with one line."""
 import json
 
 import pytest
+from typer.testing import CliRunner
 
+from vae_ray.cli import app
 from vae_ray.config import TrainConfig
 from vae_ray.errors import UserError
 from vae_ray.tune import SEAL_FILE, SEARCH_FILE, _check_folder, _trial_id_of
+
+from conftest import assert_one_error_line
 
 
 def identity(**search):
@@ -57,3 +61,14 @@ def test_a_foreign_file_beside_a_search_json_is_not_ours_to_reuse(tmp_path):
 def test_a_trial_that_never_reported_is_named_by_its_tune_folder():
     assert _trial_id_of("/s/tune/trial_f55c0_00000_0_2026-12-05_09-40-52") == "f55c0_00000"
     assert _trial_id_of("s3://b/s/tune/trial_ab12_00003_3_latent_dim=2,lr=0.0010_2026-12-05_09-40-52") == "ab12_00003"
+
+
+@pytest.mark.parametrize("content", [None, '{"base": {}}', "[1, 2"])
+def test_resume_without_a_search_to_resume_is_one_line(tmp_path, content):
+    out = tmp_path / "s"
+    if content is not None:
+        (out / "tune").mkdir(parents=True)
+        (out / SEARCH_FILE).write_text(content)
+    result = CliRunner().invoke(app, ["tune", "--out", str(out), "--resume"])
+    assert_one_error_line(result, "no search to resume", "--data")
+    assert content is None or (out / SEARCH_FILE).read_text() == content

@@ -297,6 +297,12 @@ def run_tune(
     if "epochs" not in flags and "epochs" not in base:
         base["epochs"] = 10  # a search's trials are short by default
     settings = load_config(None, **base).to_dict()
+    if not settings.get("data"):
+        if resume:
+            raise UserError(
+                f"{out_dir}: no search to resume (no search.json of a vae-ray search); start one with --data"
+            )
+        raise UserError("--data is required (a folder made by `vae-ray data prepare`)")
     spec = SearchSpec(
         latent_dims=parse_list(latent_dims, int, "--latent-dims"),
         lrs=parse_list(lrs, float, "--lrs"),
