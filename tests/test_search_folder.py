@@ -7,6 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from vae_ray import seal
 from vae_ray.cli import app
 from vae_ray.config import TrainConfig
 from vae_ray.errors import UserError
@@ -24,10 +25,10 @@ def stopped_before_tune_began(out, saved, with_tuner=True):
     out.mkdir()
     (out / SEARCH_FILE).write_text(json.dumps({**saved, "status": "running", "engine": "actor"}))
     if with_tuner:  # Ctrl-C after the Tuner pickled itself, before its first experiment state
-        (out / SEAL_FILE).write_text("{}")
         (out / "tune").mkdir()
         (out / "tune" / "tuner.pkl").write_bytes(b"\x80\x04N.")
         (out / "tune" / ".validate_storage_marker").write_text("")
+        seal.seal(str(out / "tune"), str(out / SEAL_FILE))
     return out
 
 
@@ -41,12 +42,21 @@ def test_a_search_stopped_before_tune_began_begins_again(tmp_path, with_tuner):
     assert (out / SEARCH_FILE).exists()  # nothing was removed by asking
 
 
+def test_a_tuner_pickle_vae_ray_did_not_write_is_not_written_over(tmp_path):
+    out = stopped_before_tune_began(tmp_path / "s", identity())
+    (out / "tune" / "tuner.pkl").write_bytes(b"somebody else's")
+    for resume in (False, True):
+        with pytest.raises(UserError, match="changed since vae-ray sealed it"):
+            _check_folder(str(out), identity(), resume=resume)
+    assert (out / "tune" / "tuner.pkl").read_bytes() == b"somebody else's"
+
+
 def test_a_search_with_saved_state_is_resumed_not_begun_again(tmp_path):
     out = stopped_before_tune_began(tmp_path / "s", identity())
     (out / "tune" / "experiment_state-2026-12-05_09-00-00.json").write_text("{}")
     with pytest.raises(UserError, match="already holds a search"):
         _check_folder(str(out), identity(), resume=False)
-    with pytest.raises(UserError, match="seal"):  # the planted seal is not this user's
+    with pytest.raises(UserError, match="changed since vae-ray sealed it"):  # state no seal covers is never read
         _check_folder(str(out), identity(), resume=True)
 
 

@@ -427,9 +427,13 @@ def _same_search(saved: dict, identity: dict) -> bool:
 def _check_folder(out: str, identity: dict, resume: bool) -> str:
     tune_dir = storage.join(out, "tune")
     saved = _read_json(storage.join(out, SEARCH_FILE))
-    if saved and set(storage.leaves(out)) <= NEVER_BEGAN:
+    held = set(storage.leaves(out))
+    if saved and held <= NEVER_BEGAN:
         # Stopped before Tune saved its first state: nothing of the search ran,
         # and Tune would restore its trials from no state (with no settings).
+        # The new Tuner writes over its pickle: only if this user's vae-ray wrote it.
+        if "tune/tuner.pkl" in held:
+            seal.check(tune_dir, storage.join(out, SEAL_FILE), "a search's saved state")
         if resume or _same_search(saved, identity):
             return "new"
         raise UserError(
@@ -521,6 +525,67 @@ def _run(
         setup |= {"wandb": target, "wandb_group": search_group(RunDir(out))}
     trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), trial_resources(setup, placing))
     display = SearchDisplay(total=spec.trial_count(), epochs=base.epochs, metric=metric, enabled=show)
+    # A trial stopped by ASHA while its TorchTrainer runs is blocked inside
+    # trainer.fit(), so it never returns on its own; Tune force-kills such a
+    # trial actor only after this many seconds (600 by default), and until
+    # then its workers keep their CPUs and the search stalls. Killing the trial
+    # actor takes its Train controller with it, and Train's placement-group
+    # cleaner frees the workers. (A trial trained in its actor waits in its
+    # report, which Tune's stop ends at once.)
+    os.environ["TUNE_FORCE_TRIAL_CLEANUP_S"] = str(STOPPED_TRIAL_GRACE_S)
+    # Failed trials are reported in results.csv and the table, with the
+    # traceback in the trial's folder; Tune's own logging stays off the terminal.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    stop = _GracefulStop(board, display, base.stall_timeout)
+    sealer = SealCallback(out)
+    try:
+        # From before the Tuner pickles itself: a Ctrl-C from here on stops the
+        # search as Tune stops one, with its state saved and sealed for --resume.
+        with stop:
+            tuner = _tuner(trainable, base, spec, placing, setup, out, metric, grace_period, resume, display)
+            sealer.seal()  # the Tuner has written tuner.pkl already
+            with display:
+                results = tuner.fit()
+    finally:
+        sealer.seal()  # whatever Tune saved last, however the search ended
+        try:
+            ray.kill(board)
+        except Exception:  # noqa: BLE001
+            pass
+    rows = collect(results, setup["trials_dir"], metric, base.epochs)
+    finished = stop.signum is None and stop.stalled is None
+    write_outputs(rows, out, metric, best=finished)
+    if parent is not None:
+        parent.finish(RunDir(out), status="FINISHED" if finished else "KILLED", folders=())
+    if stop.signum is not None:
+        raise Interrupted(
+            stop.signum,
+            f"search interrupted; {len(rows)} trial(s) recorded in results.csv, no best; continue it with --resume",
+        )
+    if stop.stalled is not None:
+        raise RunFailed(
+            f"no progress for {base.stall_timeout} s: {clusters.diagnose_stall(base, use_gpu, placing.worker_resources())}; "
+            f"the search's state is kept: continue it with --resume"
+        )
+    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "complete", "engine": setup["engine"]})
+    if rows and all(r["status"] == "error" for r in rows):
+        raise RunFailed(f"search failed: all {len(rows)} trials errored; first error: {rows[0]['error']}")
+    return SearchRows(rows)
+
+
+def _tuner(
+    trainable,
+    base: TrainConfig,
+    spec: SearchSpec,
+    placing: trial_plan.TrialPlan,
+    setup: dict,
+    out: str,
+    metric: str,
+    grace_period: int,
+    resume: bool,
+    display,
+) -> tune.Tuner:
+    """The search's Tuner: restored from its saved state, or a new one."""
     fs, out_path = storage.filesystem(out)
     if resume:
         tuner = tune.Tuner.restore(
@@ -562,48 +627,7 @@ def _run(
                 callbacks=[DisplayCallback(display), SealCallback(out)],
             ),
         )
-    # A trial stopped by ASHA while its TorchTrainer runs is blocked inside
-    # trainer.fit(), so it never returns on its own; Tune force-kills such a
-    # trial actor only after this many seconds (600 by default), and until
-    # then its workers keep their CPUs and the search stalls. Killing the trial
-    # actor takes its Train controller with it, and Train's placement-group
-    # cleaner frees the workers. (A trial trained in its actor waits in its
-    # report, which Tune's stop ends at once.)
-    os.environ["TUNE_FORCE_TRIAL_CLEANUP_S"] = str(STOPPED_TRIAL_GRACE_S)
-    # Failed trials are reported in results.csv and the table, with the
-    # traceback in the trial's folder; Tune's own logging stays off the terminal.
-    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    stop = _GracefulStop(board, display, base.stall_timeout)
-    sealer = SealCallback(out)
-    sealer.seal()  # the Tuner has written tuner.pkl already
-    try:
-        with display, stop:
-            results = tuner.fit()
-    finally:
-        sealer.seal()  # whatever Tune saved last, however the search ended
-        try:
-            ray.kill(board)
-        except Exception:  # noqa: BLE001
-            pass
-    rows = collect(results, setup["trials_dir"], metric, base.epochs)
-    finished = stop.signum is None and stop.stalled is None
-    write_outputs(rows, out, metric, best=finished)
-    if parent is not None:
-        parent.finish(RunDir(out), status="FINISHED" if finished else "KILLED", folders=())
-    if stop.signum is not None:
-        raise Interrupted(
-            stop.signum,
-            f"search interrupted; {len(rows)} trial(s) recorded in results.csv, no best; continue it with --resume",
-        )
-    if stop.stalled is not None:
-        raise RunFailed(
-            f"no progress for {base.stall_timeout} s: {clusters.diagnose_stall(base, use_gpu, placing.worker_resources())}; "
-            f"the search's state is kept: continue it with --resume"
-        )
-    storage.write_json(storage.join(out, SEARCH_FILE), identity | {"status": "complete", "engine": setup["engine"]})
-    if rows and all(r["status"] == "error" for r in rows):
-        raise RunFailed(f"search failed: all {len(rows)} trials errored; first error: {rows[0]['error']}")
-    return SearchRows(rows)
+    return tuner
 
 
 class DisplayCallback(tune.Callback):
