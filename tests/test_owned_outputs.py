@@ -351,8 +351,12 @@ def test_a_report_swap_cut_short_is_settled(model_run, tiny_data, tmp_path, monk
     area.mkdir()
     out = area / "report"
     earlier = ["report.json", "index.html", "samples.png", "latent_tsne.png"]
-    _plant(area / ".report.old", earlier)  # the old report renamed aside ...
-    _plant(area / ".report.new", earlier)  # ... its successor staged, never renamed in: then the power went
+    for name in (
+        ".report.old",
+        ".report.new",
+    ):  # the old report renamed aside, its successor staged: then the power went
+        _plant(area / name, earlier)
+        (area / name / "report.json").write_text(json.dumps({"run": "r", "checkpoint": "r/checkpoint_epoch_0001"}))
     again = _report(model_run, tiny_data, out)
     assert again.exit_code == 0, again.output
     assert json.loads((out / "report.json").read_text())["checkpoint"]  # the new report, not a planted copy
@@ -362,6 +366,18 @@ def test_a_report_swap_cut_short_is_settled(model_run, tiny_data, tmp_path, monk
     _plant(area / ".report.new", ["thesis.tex"])
     assert_one_error_line(_report(model_run, tiny_data, out), ".report.new", "thesis.tex")
     assert (area / ".report.new" / "thesis.tex").read_text() == "their thesis.tex"
+
+
+def test_a_folder_holding_only_names_a_report_uses_is_not_a_report(model_run, tiny_data, tmp_path):
+    """A web site's index.html is not a report's: only its marker, naming
+    the checkpoint it was made from, makes a folder one vae-ray may replace."""
+    site = tmp_path / "site"
+    _plant(site, ["index.html", "samples.png"])
+    assert_one_error_line(_report(model_run, tiny_data, site), "holds other files", "not a vae-ray report")
+    assert (site / "index.html").read_text() == "their index.html"
+    (site / "report.json").write_text('{"run": "somebody"}')  # a marker naming no checkpoint proves nothing either
+    assert_one_error_line(_report(model_run, tiny_data, site), "not a vae-ray report")
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "report.json", "samples.png"]
 
 
 @pytest.mark.parametrize(("fmt", "copies"), [("parquet", 1), ("png", 3)])

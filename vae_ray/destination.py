@@ -307,13 +307,23 @@ class Layout:
         parts = rel.rstrip("/").split("/")
         for depth, part in enumerate(parts):
             if storage.is_temp_name(part):  # a killed writer's file or shard folder, and what is inside it
-                return "/".join(parts[:depth]) in self._written_into()
+                return self.owns_temp("/".join(parts[: depth + 1]))
         if rel.endswith("/"):
             return self._is_folder(rel[:-1])
         if parts[0] == MARKERS:
             match = re.fullmatch(r"[0-9]{5,6}", parts[-1].removesuffix(".json"))
             return bool(match) and rel == f"{MARKERS}/{int(match[0]):05d}.json" and int(match[0]) < self.plan.num_shards
         return self._is_shard_file(rel)
+
+    def owns_temp(self, rel: str) -> bool:
+        """A temporary name of a killed writer, in a folder we write into, of
+        a file or folder this set owns (a look-alike of anything else is not ours)."""
+        parent, _, name = rel.rpartition("/")
+        inner = storage.temp_of(name)
+        if inner is None or parent not in self._written_into():
+            return False
+        target = f"{parent}/{inner}" if parent else inner
+        return self.owns(target) or self.owns(target + "/")
 
     def _written_into(self) -> set[str]:
         return {"", *(fmt.folder for fmt in SET_FORMATS.values()), MARKERS, *self.folders}
@@ -379,6 +389,11 @@ def _other_files(out: str, foreign: list[str], beside_a_set: bool) -> UserError:
     )
 
 
+def first_write_of_manifest(rel: str, manifest: str = MANIFEST) -> bool:
+    """A leftover of our first write into a new folder, the manifest's, cut short."""
+    return storage.temp_of(rel) == manifest
+
+
 def destination_state(out: str, plan: Plan, overwrite: bool) -> str:
     """'new', 'resume', 'complete' or 'replace'; anything else is refused in one line.
 
@@ -388,7 +403,7 @@ def destination_state(out: str, plan: Plan, overwrite: bool) -> str:
     if storage.is_file(out):
         raise UserError(f"{out}: exists and is not a folder")
     found = storage.leaves(out)
-    if all(storage.is_temp_name(rel.split("/")[0]) for rel in found):
+    if all(first_write_of_manifest(rel) for rel in found):
         return "new"
     existing = read_set(out)
     if existing is None:
@@ -464,10 +479,11 @@ def write_root(out: str, plan: Plan, state: str) -> str:
         return out
     check_aside(out)
     staging = staging_folder(out, plan)
+    storage.refuse_link(staging, "--overwrite builds the new set there")
     if storage.is_file(staging):
         raise UserError(f"{staging}: exists and is not a folder; --overwrite builds the new set there: move it")
     found = storage.leaves(staging)
-    if all(storage.is_temp_name(rel.split("/")[0]) for rel in found):
+    if all(first_write_of_manifest(rel) for rel in found):
         return staging
     existing = read_set(staging)
     if existing is None or not same_plan(existing[0]["plan"], plan):
@@ -528,13 +544,15 @@ def clean_leftovers(root: str, plan: Plan, classes: list[str]) -> None:
     if storage.is_remote(root):
         return
     base = Path(storage.filesystem(root)[1])
-    parents = ["", "data"] + (class_folders(classes) if plan.labels != "none" else [])
+    folders = class_folders(classes) if plan.labels != "none" else []
+    layout = Layout(plan, tuple(folders))
+    parents = ["", "data", *folders]
     for parent in parents:
         folder = base / parent
         if folder.is_symlink() or not folder.is_dir():
             continue
         for leftover in folder.iterdir():
-            if storage.is_temp_name(leftover.name):
+            if layout.owns_temp(f"{parent}/{leftover.name}".lstrip("/")):
                 shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
 
 

@@ -74,6 +74,7 @@ from .destination import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     completed_shards,
+    first_write_of_manifest,
     human_size,
     read_json_file,
     staging_folder,
@@ -137,11 +138,14 @@ class Plan:
         set of this plan: its manifest, its parts and markers by their exact
         names, and the temporary names of our own writers beside them."""
         parts = rel.split("/")
+        inner = storage.temp_of(parts[-1])  # a killed writer's file: ours where the file it was writing is
+        if inner is not None:
+            return self.owns("/".join([*parts[:-1], inner]))
         if len(parts) == 1:
-            return rel == MANIFEST or storage.is_temp_name(rel) or self._numbered(rel, PART.pattern, part_name)
+            return rel == MANIFEST or self._numbered(rel, PART.pattern, part_name)
         if len(parts) == 2 and parts[0] == MARKERS:  # "" is the folder itself, when empty
             name = parts[1]
-            return name == "" or storage.is_temp_name(name) or self._numbered(name, MARKER.pattern, marker_name)
+            return name == "" or self._numbered(name, MARKER.pattern, marker_name)
         return False
 
     def _numbered(self, name: str, pattern: str, exact: Callable[[int], str]) -> bool:
@@ -433,7 +437,7 @@ def check_ownership(out: str) -> tuple[dict[str, Any], Plan] | None:
     if storage.is_file(out):
         raise UserError(f"{out}: exists and is not a folder")
     found = storage.leaves(out)
-    if all(storage.is_temp_name(rel) for rel in found):
+    if all(first_write_of_manifest(rel) for rel in found):
         return None
     existing = read_set(out)
     if existing is None:
@@ -566,10 +570,11 @@ class Encoding(ShardedJob):
                 f"one is in: move it"
             )
         staging = staging_folder(self.out, self.plan)
+        storage.refuse_link(staging, "--overwrite builds the new set there")
         if storage.is_file(staging):
             raise UserError(f"{staging}: exists and is not a folder; --overwrite builds the new set there: move it")
         found = storage.leaves(staging)
-        if all(storage.is_temp_name(rel) for rel in found):
+        if all(first_write_of_manifest(rel) for rel in found):
             return staging
         existing = read_set(staging)
         foreign = found if existing is None or existing[1] != self.plan else foreign_in_set(staging)
@@ -625,7 +630,8 @@ class Encoding(ShardedJob):
         if storage.is_remote(root):
             return
         for leftover in Path(storage.filesystem(root)[1]).iterdir():
-            if storage.is_temp_name(leftover.name) and leftover.is_file() and not leftover.is_symlink():
+            ours = storage.temp_of(leftover.name) is not None and self.plan.owns(leftover.name)
+            if ours and leftover.is_file() and not leftover.is_symlink():
                 leftover.unlink()
 
     def _swap_in(self, staging: str) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from . import __version__, storage
 from .errors import UserError, first_line
+from .swap import unproven
 
 SCHEME = "hf://"
 FORMAT = "vae-ray-model"
@@ -103,20 +104,6 @@ def _not_export_files(uri: str) -> list[str]:
     export's (a folder holding just a README.md or config.json of its own is
     not ours to replace)."""
     return storage.foreign_leaves(uri, FILES.__contains__) or unproven(uri, "config.json", "format", FORMAT)
-
-
-def unproven(uri: str, marker: str, key: str, value: str | None = None) -> list[str]:
-    """[] when `uri` is empty or its `marker` JSON holds `key` (equal to
-    `value` when given); else [marker]: names alone prove nothing."""
-    found = storage.leaves(uri)
-    if not found:
-        return []
-    try:
-        held = storage.read_json(storage.join(uri, marker))
-    except (FileNotFoundError, ValueError, OSError):
-        return found
-    ok = isinstance(held, dict) and key in held and (value is None or held[key] == value)
-    return [] if ok else found
 
 
 def export(source: str, out: str, samples_seed: int = 0, repo: str | None = None) -> dict[str, Any]:

@@ -6,12 +6,14 @@ curves and scatter plots use matplotlib's non-interactive Agg backend.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from . import storage
 
 
 def image_grid(
@@ -36,12 +38,11 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    storage.write_local_atomic(path, buffer.getvalue())  # a name of its own: never through a planted link
     return path
 
 
@@ -229,10 +230,8 @@ def recon_and_maps(
 
 def _save_fig(fig, path: str | Path) -> Path:
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    storage.write_local_atomic(Path(path), buffer.getvalue())
+    return Path(path)

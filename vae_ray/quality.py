@@ -515,7 +515,7 @@ OUT_FILES = frozenset({"quality.json", "samples.png", "samples_per_class.png", "
 
 
 def _not_quality_files(uri: str) -> list[str]:
-    from .hub import unproven
+    from .swap import unproven
 
     return storage.foreign_leaves(uri, OUT_FILES.__contains__) or unproven(uri, "quality.json", "fd_ratio")
 

@@ -32,7 +32,7 @@ from .images import to_float, to_uint8
 from .pictures import samples, two_per_class
 from .plots import histogram, image_grid, latent_scatter, loss_curves, pairs_grid, save_png
 from .rundir import RunDir
-from .swap import check_destination, publish_folder, settle_swap
+from .swap import check_destination, publish_folder, settle_swap, unproven
 
 MAP_POINTS = 1000  # points in the PCA / t-SNE maps
 ERROR_IMAGES = 5000  # images in the reconstruction-error histogram
@@ -367,7 +367,8 @@ class Report:
 
 
 def _not_report_files(uri: str) -> list[str]:
-    return storage.foreign_leaves(uri, lambda name: name in FILES or bool(_SET_PICTURE.match(name)))
+    ours = lambda name: name in FILES or bool(_SET_PICTURE.match(name))  # noqa: E731
+    return storage.foreign_leaves(uri, ours) or unproven(uri, MARKER, "checkpoint")
 
 
 def _read_quality(where: str) -> tuple[str, dict]:

@@ -17,7 +17,7 @@ controller (`trainer.RunDirRecorder`) appends metrics and moves `latest`.
 Resume lives here too: whether a command may start, continue or skip a run
 (`check_run`), which settings a resumed run keeps (`merge_for_resume`), and
 which of Ray Train's own files in the folder may be trusted
-(`check_ray_state`).
+(`check_resumable`).
 
 What makes Ray Train hand a worker the run's latest checkpoint: the driver
 builds its `TorchTrainer` with the same `RunConfig(storage_path=RUN's parent,
@@ -36,6 +36,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from . import storage
@@ -243,7 +244,7 @@ def check_run(run: RunDir, cfg: TrainConfig, resume: bool) -> str:
     if resume:
         if saved is None:
             raise UserError(f"{run.uri}: nothing to resume (no config.json); start it without --resume")
-        check_ray_state(run)
+        check_resumable(run)
         return "resume"
     if saved is None:
         if run.holds_run():
@@ -279,6 +280,27 @@ def merge_for_resume(run: RunDir, changes: dict[str, Any]) -> TrainConfig:
                 f"--resume keeps the run's {name} ({getattr(before, name)!r}); start a new run to change it"
             )
     return before.replace(**{k: v for k, v in changes.items() if v is not None and k not in MODEL_FIELDS})
+
+
+def check_resumable(run: RunDir) -> None:
+    """What a resume trusts before it writes: no link planted in the folder
+    (a write or a delete there would reach what it leads to), and Ray's
+    checkpoint record."""
+    _refuse_links(run)
+    check_ray_state(run)
+
+
+def _refuse_links(run: RunDir) -> None:
+    if run.remote:  # objects are not links
+        return
+    root = Path(storage.filesystem(run.uri)[1])
+    for rel in storage.leaves(run.uri):
+        rel = rel.rstrip("/")
+        if rel not in (LATEST, BEST) and os.path.islink(root / rel):  # the pointers are links vae-ray made
+            raise UserError(
+                f"{storage.printable(run.path(rel))}: is a link; vae-ray writes only into files and folders "
+                f"it made (remove the link to resume)"
+            )
 
 
 def check_ray_state(run: RunDir) -> None:

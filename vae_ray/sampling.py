@@ -126,7 +126,7 @@ def check_grid(
 
 
 def _not_search_files(uri: str) -> list[str]:
-    from .hub import unproven
+    from .swap import unproven
 
     return storage.foreign_leaves(uri, FILES.__contains__) or unproven(uri, "best.json", "metric")
 

@@ -147,12 +147,19 @@ def walk_files(uri: str) -> list[str]:
 # The temporary names this module and the writers built on it use. A file or
 # folder left under one of them by a killed writer is ours to remove; nothing
 # else hidden is (`.git/`, `.ssh/`, `.env` are somebody's).
-_TEMP_NAME = re.compile(r"^\.(?:.+\.[0-9a-f]{8}\.tmp|tmp-[0-9a-f]{12}-.+)$")
+_TEMP_NAME = re.compile(r"^\.(?:(?P<file>.+)\.[0-9a-f]{8}\.tmp|tmp-[0-9a-f]{12}-(?P<folder>.+))$")
 
 
 def is_temp_name(name: str) -> bool:
     """True for the names of our own unfinished writes (`.NAME.1234abcd.tmp`, `.tmp-<12 hex>-NAME`)."""
     return bool(_TEMP_NAME.match(name))
+
+
+def temp_of(name: str) -> str | None:
+    """NAME, for a temporary name of an unfinished write of NAME; else None.
+    Anyone can make a file of such a name: it is ours only where NAME is."""
+    found = _TEMP_NAME.match(name)
+    return (found["file"] or found["folder"]) if found else None
 
 
 def leaves(uri: str) -> list[str]:
@@ -229,12 +236,13 @@ def read_json(uri: str) -> Any:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file so that it appears complete or not at all."""
-    fs, path = filesystem(uri)
     if is_remote(uri):
+        fs, path = filesystem(uri)
         with fs.open_output_stream(path) as fh:  # one PUT: the object exists whole or not at all
             fh.write(data)
         return
-    write_local_atomic(Path(path), data)
+    folder, name = local_split(uri)  # a link planted at the name is replaced, never written through
+    write_local_atomic(folder / name, data)
 
 
 def write_text(uri: str, text: str) -> None:
@@ -277,14 +285,22 @@ def fsync_dir(folder: Path) -> None:
 
 
 def delete(uri: str) -> None:
-    """Remove a file or a whole folder (nothing if it does not exist)."""
+    """Remove a file or a whole folder (nothing if it does not exist). A link
+    at the name is removed itself: what it leads to is somebody else's."""
+    if not is_remote(uri):
+        folder, name = local_split(uri)
+        path = folder / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):  # a FIFO, a socket: not a folder of ours either
+            path.unlink()
+        return
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
-        if is_remote(uri):
-            fs.delete_dir(path)
-        else:
-            shutil.rmtree(path)
+        fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
 
@@ -297,11 +313,14 @@ def copy_folder(source: str, target: str) -> None:
         for rel in walk_files(source):
             write_bytes(join(target, rel), read_bytes(join(source, rel)))
         return
-    src, dst = Path(filesystem(source)[1]), Path(filesystem(target)[1])
+    folder, name = local_split(target)  # a link planted at `target` is replaced, not what it leads to
+    src, dst = Path(filesystem(source)[1]), folder / name
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         shutil.copytree(src, tmp, symlinks=True)
-        if dst.is_dir() and not dst.is_symlink():
+        if dst.is_symlink():
+            dst.unlink()
+        elif dst.is_dir():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
     except BaseException:
@@ -440,6 +459,16 @@ def local_split(uri: str | Path) -> tuple[Path, str]:
     if path.name in ("", ".", ".."):
         path = Path(check_uri(str(path)))
     return Path(check_uri(str(path.parent))), path.name
+
+
+def refuse_link(uri: str, role: str) -> None:
+    """One line when a local name vae-ray is about to write under is a link:
+    what it leads to is somebody else's."""
+    if is_remote(uri):
+        return
+    folder, name = local_split(uri)
+    if os.path.islink(folder / name):
+        raise UserError(f"{printable(str(folder / name))}: is a link; {role}, never through a link: move it")
 
 
 def _open_own_file(path: str, flags: int) -> int:

@@ -85,6 +85,20 @@ def staged(target: Path) -> Path:
     return target.with_name(f".{target.name}.new")
 
 
+def unproven(uri: str, marker: str, key: str, value: str | None = None) -> list[str]:
+    """[] when `uri` is empty or its `marker` JSON holds `key` (equal to
+    `value` when given); else [marker]: names alone prove nothing."""
+    found = storage.leaves(uri)
+    if not found:
+        return []
+    try:
+        held = storage.read_json(storage.join(uri, marker))
+    except (FileNotFoundError, ValueError, OSError):
+        return found
+    ok = isinstance(held, dict) and key in held and (value is None or held[key] == value)
+    return [] if ok else found
+
+
 def check_destination(out: str, foreign_of: Callable[[str], list[str]], what: str) -> None:
     """A whole-folder output (a report, an exported model) goes into a new or
     empty folder, or replaces a folder holding only its own files; locally the

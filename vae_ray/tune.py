@@ -65,7 +65,7 @@ from .errors import Interrupted, RunFailed, UserError, root_cause
 from .ingest import choose_ingest
 from .plots import trial_curves
 from .progress import SearchDisplay
-from .rundir import RunDir, check_ray_state
+from .rundir import RunDir, check_resumable
 from .session import SEARCH_METRICS, tune_result
 from .tracking import Tracking, mlflow_uri, search_group, wandb_target
 from .trainer import build_trainer, private_cluster_cpus, resolve
@@ -231,7 +231,7 @@ def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         if run.read_config() is None:
             run.write_config(cfg.to_dict(), setup["dataset"])
         else:
-            check_ray_state(run)  # a resumed trial: Ray will read its snapshot
+            check_resumable(run)  # a resumed trial: Ray will read its snapshot
         if run.last_epoch() >= cfg.epochs:
             # It ended before Tune recorded so (the search was stopped right
             # after its last report): nothing to train, and a trial that
