@@ -756,6 +756,8 @@ def test_group_temperatures_reach_the_images(model_run, tmp_path):
         model.sample(8, group_temperatures="1,2")
     with pytest.raises(UserError, match="gives 2 value.*has 1 latent group"):
         generate(str(model_run), 30, str(tmp_path / "never"), group_temperatures="1,1.2")
+    with pytest.raises(UserError, match="gives 2 value.*has 1 latent group"):  # all ones is no effect, not no check
+        generate(str(model_run), 30, str(tmp_path / "never"), group_temperatures="1,1")
     assert not (tmp_path / "never").exists()
     again = generate(str(model_run), 30, str(tmp_path / "hot"), shard_size=30, temperature=1.5, group_temperatures="1")
     assert again["already_complete"]

@@ -527,14 +527,15 @@ def group_scales(groups: list[tuple[int, int, int]], text: str | None, where: st
     from .genplan import canonical_group_temperatures, group_values
 
     factors = group_values(canonical_group_temperatures(text))
-    if not factors:
-        return None
-    if len(factors) != len(groups):
+    given = len(str(text).split(",")) if text is not None and str(text).strip() else 0  # all ones count too
+    if given and given != len(groups):
         shapes = ", ".join(f"dense {c}" if h == 1 else f"{c}x{h}x{w}" for h, w, c in groups)
         raise UserError(
-            f"--group-temperatures gives {len(factors)} value(s); {where} has {len(groups)} latent group(s), "
+            f"--group-temperatures gives {given} value(s); {where} has {len(groups)} latent group(s), "
             f"top first: {shapes}"
         )
+    if not factors:
+        return None
     return np.concatenate(
         [np.full(h * w * c, f, dtype=np.float32) for (h, w, c), f in zip(groups, factors, strict=True)]
     )

@@ -185,9 +185,12 @@ def search(
     # temperature against this model, then the strongest settings of the grid
     # (a gmm prior is fitted now, on the cluster, and kept in the run).
     say("checking the settings", 0, 1)
+    given = [text for text in str(group_temperatures or "").split(";") if text.strip()] or [
+        ""
+    ]  # as typed: "1,1" counts
     for pixel_temperature in grid["pixel_temperature"]:
-        for group_temperatures in grid["group_temperatures"]:
-            check_model_options(blob, group_temperatures, pixel_temperature)
+        for setting in given:
+            check_model_options(blob, setting, pixel_temperature)
     strongest = {name: values[0] for name, values in grid.items()}
     strongest |= {"prior": _strongest_prior(grid), "min_confidence": _strictest_confidence(grid["min_confidence"])}
     _generation(job, strongest, address, say)
