@@ -139,7 +139,9 @@ class Stages:
         self.bar: Progress | None = None
 
     def __enter__(self) -> Stages:
-        if self.enabled:
+        # Bars are for a person at a terminal: in a pipe or a log they leave
+        # nothing (transient) but a blank line before the command's last one.
+        if self.enabled and console.is_terminal:
             columns = [
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
