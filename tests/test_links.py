@@ -3,6 +3,7 @@ what it leads to is somebody else's and stays as it was (no Ray here)."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,23 @@ def test_an_overwrite_never_builds_its_set_through_a_link(tmp_path, victim):
     with pytest.raises(UserError, match="is a link"):
         destination.write_root(str(out), plan, "replace")
     assert intact(victim)
+
+
+def test_a_fifo_in_a_dataset_or_a_set_is_refused_before_anything_reads_it(tmp_path, tiny_data):
+    """A reader opening a FIFO waits for a writer forever, beyond SIGTERM's reach."""
+    from vae_ray.data import read_meta
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = next((data / "test").glob("*.parquet"))
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(UserError, match="not a regular file"):
+        read_meta(str(data))
+    model = make_checkpoint(tmp_path / "model")
+    out = tmp_path / "set"
+    assert runner.invoke(app, ["generate", str(model), "--num", "5", "--out", str(out)]).exit_code == 0
+    image = next(out.rglob("*.png"))
+    image.unlink()
+    os.mkfifo(image)
+    assert_one_error_line(runner.invoke(app, ["generate", "--verify", str(out)]), "FIFOs", image.name)

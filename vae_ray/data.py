@@ -438,6 +438,12 @@ def _refuse_link(root: Path, rel: str) -> None:
     path = root / rel
     if path.is_symlink():
         raise UserError(f"{path}: a link inside the dataset folder; prepare writes none and readers do not follow one")
+    try:
+        mode = path.lstat().st_mode
+    except OSError:  # missing: said where it is read
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would block its reader for good
+        raise UserError(f"{path}: not a regular file (a FIFO, socket or device); prepare writes none")
 
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:

@@ -624,7 +624,7 @@ def check_finished(out: str) -> tuple[str, dict[str, Any], Any]:
     extra = storage.foreign_leaves(root, layout.owns)  # before any file is read: links are never followed
     if extra:
         raise UserError(
-            f"{out}: holds {len(extra)} file(s) that are not this set's (links, or not in {MANIFEST}): "
+            f"{out}: holds {len(extra)} file(s) that are not this set's (links, FIFOs, or not in {MANIFEST}): "
             f"{storage.some(extra)}"
         )
     return root, manifest, layout

@@ -189,14 +189,17 @@ def leaves(uri: str) -> list[str]:
 
 def foreign_leaves(uri: str, ours: Callable[[str], bool]) -> list[str]:
     """The leaves below `uri` (see `leaves`) that `ours(relative_path)` does not
-    claim. Local links are always foreign: vae-ray's writers make none but the
-    pointers a run folder checks itself."""
+    claim. Local links, FIFOs and devices are always foreign: vae-ray's writers
+    make none but the pointers a run folder checks itself."""
     local_root = None if is_remote(uri) else Path(filesystem(uri)[1])
 
-    def linked(rel: str) -> bool:
-        return local_root is not None and (local_root / rel.rstrip("/")).is_symlink()
+    def odd(rel: str) -> bool:  # a link, a FIFO, a socket, a device: never one of our files (a FIFO blocks a reader)
+        if local_root is None:
+            return False
+        mode = os.lstat(local_root / rel.rstrip("/")).st_mode
+        return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
-    return [rel for rel in leaves(uri) if linked(rel) or not ours(rel)]
+    return [rel for rel in leaves(uri) if odd(rel) or not ours(rel)]
 
 
 def refuse_foreign(uri: str, ours: Callable[[str], bool], what: str, advice: str = "choose another --out") -> None:
