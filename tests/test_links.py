@@ -71,7 +71,13 @@ def test_pictures_are_never_written_through_a_planted_temporary_name(tmp_path, v
 
 @pytest.fixture
 def resumable_run(tmp_path, tiny_data) -> Path:
+    import torch
+
+    from vae_ray import checkpoint as ckpt
+
     run = make_checkpoint(tmp_path / "run")
+    model = ckpt.load(run).model
+    torch.save(torch.optim.Adam(model.parameters()).state_dict(), run / "checkpoint_epoch_0001" / "optimizer.pt")
     RunDir(str(run)).write_config(TrainConfig(data=str(tiny_data), epochs=3).to_dict(), {"name": "digits"})
     return run
 
@@ -145,3 +151,27 @@ def test_a_fifo_in_a_dataset_or_a_set_is_refused_before_anything_reads_it(tmp_pa
     image.unlink()
     os.mkfifo(image)
     assert_one_error_line(runner.invoke(app, ["generate", "--verify", str(out)]), "FIFOs", image.name)
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda c: (c / "state.json").write_text("garbage"), "corrupt checkpoint"),
+        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "cannot resume from it"),
+        (lambda c: (c / "optimizer.pt").unlink(), "cannot resume from it"),
+    ],
+    ids=["state.json", "optimizer.pt truncated", "optimizer.pt missing"],
+)
+def test_a_damaged_checkpoint_is_refused_before_a_resumed_run_trains(resumable_run, damage, words):
+    damage(resumable_run / "checkpoint_epoch_0001")
+    result = runner.invoke(app, ["train", "--out", str(resumable_run), "--resume", "--epochs", "3"])
+    assert_one_error_line(result, "checkpoint_epoch_0001", words)
+    assert sorted(p.name for p in resumable_run.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001"]
+
+
+def test_a_hard_linked_metrics_file_is_refused_before_a_resumed_run_trains(resumable_run, tmp_path):
+    (resumable_run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    os.link(resumable_run / "metrics.jsonl", tmp_path / "theirs.jsonl")
+    result = runner.invoke(app, ["train", "--out", str(resumable_run), "--resume", "--epochs", "3"])
+    assert_one_error_line(result, "metrics.jsonl", "hard link")
+    assert (tmp_path / "theirs.jsonl").read_text() == '{"epoch": 1}\n'

@@ -277,6 +277,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     return Loaded(model.to(device).eval(), config, dataset, state, shown, directory, exported)
 
 
+def check_restorable(path: str | Path) -> None:
+    """The checkpoint a resumed run will restore, checked before any worker
+    starts: one line naming it when any of its files is damaged."""
+    loaded = load(path)  # weights, config and state.json: one line when damaged
+    try:
+        int(loaded.state["epoch"]), int(loaded.state["global_step"])
+        torch.load(loaded.local / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
+        raise UserError(f"{loaded.path}: corrupt checkpoint, cannot resume from it ({first_line(exc, 200)})") from None
+
+
 def load_blob(path: str | Path) -> dict[str, Any]:
     """A checkpoint as one picklable dict for Ray workers: weights (loaded
     safely), config, dataset description and the weights' digest."""

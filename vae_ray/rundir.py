@@ -284,10 +284,15 @@ def merge_for_resume(run: RunDir, changes: dict[str, Any]) -> TrainConfig:
 
 def check_resumable(run: RunDir) -> None:
     """What a resume trusts before it writes: no link planted in the folder
-    (a write or a delete there would reach what it leads to), and Ray's
-    checkpoint record."""
+    (a write or a delete there would reach what it leads to), Ray's
+    checkpoint record, and the checkpoint it continues from."""
+    from .checkpoint import check_restorable
+
     _refuse_links(run)
     check_ray_state(run)
+    latest = run.latest()
+    if latest:
+        check_restorable(latest)
 
 
 def _refuse_links(run: RunDir) -> None:
@@ -301,6 +306,8 @@ def _refuse_links(run: RunDir) -> None:
                 f"{storage.printable(run.path(rel))}: is a link; vae-ray writes only into files and folders "
                 f"it made (remove the link to resume)"
             )
+        if rel == METRICS and os.lstat(root / rel).st_nlink > 1:  # appended in place: the other name would change too
+            raise UserError(f"{storage.printable(run.path(rel))}: is a hard link (another name shares the file)")
 
 
 def check_ray_state(run: RunDir) -> None:
