@@ -252,6 +252,7 @@ print(*found)
 """
 
 
+@pytest.mark.subprocess
 def test_freed_step_buffers_stay_in_the_worker_process():
     """A worker's step buffers are not handed back to the kernel and faulted
     in again every step (what made the first epoch 20% slower on CPUs)."""
