@@ -4,6 +4,7 @@ exactly-once restarts, formats, S3, class-conditional layouts, errors."""
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -147,6 +148,25 @@ def test_killed_run_restarts_to_the_same_bytes(ray_cluster, model_run, tmp_path)
     reference = generate(str(model_run), 800, str(tmp_path / "ref"), shard_size=100, seed=5, actors=2)
     assert _files(resumed) == _files(tmp_path / "ref") and len(_files(resumed)) == 800
     assert json.loads((resumed / MANIFEST).read_text())["shards"] == reference["shards"]
+
+
+@pytest.mark.subprocess
+def test_sigterm_mid_set_says_how_to_continue_and_the_same_command_does(model_run, tmp_path):
+    out = tmp_path / "set"
+    command = [str(Path(sys.executable).parent / "vae-ray"), "generate", str(model_run), "--num", "20000"]
+    command += ["--shard-size", "200", "--seed", "3", "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / ".progress").glob("*.json")) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-2000:]
+    lines = [line for line in proc.stderr.read().splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted: generation stopped by SIGTERM") and "same command again" in lines[-1]
+    assert json.loads((out / MANIFEST).read_text())["status"] == "running"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert verify(str(out))["count"] == 20000
 
 
 def test_s3_round_trip(ray_cluster, s3_bucket, model_run):

@@ -15,7 +15,9 @@ what it runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .cluster import check_address
@@ -96,7 +98,7 @@ def generate(options: dict[str, Any], *, show: bool = False, address: str | None
     from . import generate as generation
 
     check_address(address)
-    with Stages(enabled=show, rate=True) as stages:
+    with Stages(enabled=show, rate=True) as stages, continued_by_the_same_command("generation"):
         fitting = lambda done, total: stages("fitting the prior: encoding the training split", done, total)  # noqa: E731
         job = generation.Generation(**options, address=address, fitting=fitting)
         manifest = job.run(address, lambda done, total: stages("generating", done, total))
@@ -110,12 +112,26 @@ def generate(options: dict[str, Any], *, show: bool = False, address: str | None
     }
 
 
+@contextlib.contextmanager
+def continued_by_the_same_command(what: str) -> Iterator[None]:
+    """A set stopped by Ctrl-C or SIGTERM keeps its finished shards: say how to go on."""
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(
+            signum,
+            f"{what} stopped by {signal.Signals(signum).name}; the shards written are kept: "
+            f"the same command again continues the set",
+        ) from None
+
+
 def encode(options: dict[str, Any], *, show: bool = False, address: str | None = None) -> dict[str, Any]:
     from . import encode as encoding
 
     check_address(address)
     job = encoding.Encoding(**options)
-    with Stages(enabled=show, rate=True) as stages:
+    with Stages(enabled=show, rate=True) as stages, continued_by_the_same_command("encoding"):
         manifest = job.run(address, lambda done, total: stages("encoding", done, total))
     return {k: manifest.get(k) for k in ("images", "latent_dim", "splits", "seconds", "already_complete")} | {
         "out": job.out,
