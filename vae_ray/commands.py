@@ -16,7 +16,6 @@ what it runs.
 from __future__ import annotations
 
 import contextlib
-import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -118,11 +117,9 @@ def continued_by_the_same_command(what: str) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        raise Interrupted(
-            signum,
-            f"{what} stopped by {signal.Signals(signum).name}; the shards written are kept: "
-            f"the same command again continues the set",
+        raise Interrupted.restated(
+            exc,
+            lambda by: f"{what} stopped by {by}; the shards written are kept: the same command again continues the set",
         ) from None
 
 

@@ -9,6 +9,7 @@ Everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -25,6 +26,13 @@ class Interrupted(Exception):
     def __init__(self, signum: int = signal.SIGINT, what: str = ""):
         self.signum = signum
         super().__init__(what or f"interrupted by {signal.Signals(signum).name}")
+
+    @classmethod
+    def restated(cls, exc: BaseException, say: Callable[[str], str]) -> Interrupted:
+        """The same stop (a KeyboardInterrupt is SIGINT), with what it left
+        said by `say(the signal's name)`."""
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        return cls(signum, say(signal.Signals(signum).name))
 
     @property
     def exit_code(self) -> int:

@@ -42,7 +42,9 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
         array = array[..., 0]
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    storage.write_local_atomic(path, buffer.getvalue())  # a name of its own: never through a planted link
+    storage.write_local_atomic(
+        path, buffer.getvalue(), durable=False
+    )  # a name of its own: never through a planted link
     return path
 
 
@@ -233,5 +235,5 @@ def _save_fig(fig, path: str | Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    storage.write_local_atomic(Path(path), buffer.getvalue())
+    storage.write_local_atomic(Path(path), buffer.getvalue(), durable=False)
     return Path(path)

@@ -256,22 +256,25 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2) + "\n")
 
 
-def write_local_atomic(path: Path, data: bytes) -> None:
-    """Temporary name, fsync, rename, fsync of the folder: after a crash the
-    file is either the old one or the new one, never a mixture."""
+def write_local_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Temporary name of its own, fsync, rename, fsync of the folder: after a
+    crash the file is either the old one or the new one, never a mixture.
+    `durable=False` skips the fsyncs, for files drawn again on demand (pictures)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -433,11 +432,12 @@ def _follow(work, poll, run: RunDir, cfg: TrainConfig, show: bool, stop, stall_r
         stalled = display.follow(thread)
     except (KeyboardInterrupt, Interrupted) as exc:
         stop(outcome)
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        raise Interrupted(
-            signum,
-            f"training stopped by {signal.Signals(signum).name} after {run.last_epoch()} "
-            f"epoch(s); the run keeps its last checkpoint: continue it with --resume",
+        raise Interrupted.restated(
+            exc,
+            lambda by: (
+                f"training stopped by {by} after {run.last_epoch()} epoch(s); "
+                f"the run keeps its last checkpoint: continue it with --resume"
+            ),
         ) from None
     if stalled:
         reason = stall_reason()  # asked before stop(): a shut-down cluster says nothing
